@@ -1,0 +1,65 @@
+"""BEAT hyper-parameters: one dataclass; presets are named sets of overrides, not code paths."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+# Overrides of the model-card defaults. Every preset keeps embedding_size=768 because the Feast
+# feature view stores a 768-float embedding whatever model produced it.
+PRESETS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "small": {"hidden_size": 128, "num_layers": 2, "num_heads": 4},
+    "tiny": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "max_events": 64},
+}
+
+
+@dataclass
+class BeatConfig:
+    """Architecture of a BEAT model. The defaults are the model card (about 86.4M parameters)."""
+
+    name: str = "default"  # a label only: it names default model versions ("beat-small-1a2b3c4d")
+    hidden_size: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    max_events: int = 256  # newest events per user; the blocks see max_events + 1 (summary token)
+    embedding_size: int = 768  # size of the output embedding (the Feast contract)
+    mlp_ratio: int = 4
+    dropout: float = 0.1
+    action_vocab_size: int = 512  # including the reserved ids (padding, out-of-vocabulary, none)
+    property_vocab_size: int = 1024
+    window_days: float = 90.0  # the span of history a window covers; scales the time encodings
+    time_buckets: int = 64  # log-scale buckets for event ages and gaps between events
+    use_age_encoding: bool = True
+    use_gap_encoding: bool = True
+    use_periodic_encoding: bool = True
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}"
+            )
+        if self.time_buckets < 3:
+            # bucket 0 is reserved, and one bucket alone could not tell durations apart
+            raise ValueError(f"time_buckets must be at least 3, got {self.time_buckets}")
+        if self.window_days <= 0:
+            raise ValueError(f"window_days must be positive, got {self.window_days}")
+
+    @classmethod
+    def preset(cls, name: str) -> BeatConfig:
+        if name not in PRESETS:
+            raise ValueError(f"unknown BEAT preset {name!r}; choose one of {sorted(PRESETS)}")
+        return cls(name=name, **PRESETS[name])
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> BeatConfig:
+        # Refuse unknown keys: they mean the file was written by a newer BEAT whose architecture
+        # this code cannot build. Missing keys take the defaults.
+        unknown = set(values) - {field.name for field in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown BEAT config keys: {sorted(unknown)}")
+        return cls(**values)

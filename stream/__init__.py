@@ -1,0 +1,1 @@
+"""beatstream on Kafka: event codec, broker, stream and encoder workers, Feast sink."""

@@ -1,0 +1,157 @@
+"""The `beat` command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from stream.config import ConfigError, Settings, load_settings
+
+DEMO_USERS = 2_000
+DEMO_MODEL_DIR = Path("data/demo-model")
+
+
+def _synthetic(users: int, seed: int):  # noqa: ANN202
+    from stream.events import SyntheticEvents
+
+    return SyntheticEvents(n_users=users, seed=seed)
+
+
+def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
+    from stream.demo import run_demo
+
+    model_dir = args.model_dir or settings.data_dir / "demo-model"
+    if not (model_dir / "config.json").exists():
+        from model import init_model_dir
+
+        catalog = _synthetic(args.users, args.seed)
+        version = init_model_dir(model_dir, args.preset, catalog.actions, catalog.properties, seed=args.seed)
+        print(f"initialised {args.preset} BEAT model {version} in {model_dir} (untrained: run `beat pretrain` for a real one)")
+    summary = run_demo(settings, args.duration, args.rate, args.users, model_dir)
+    return 0 if summary.get("interrupted") or summary.get("users_encoded") else 1
+
+
+def cmd_produce(args: argparse.Namespace, settings: Settings) -> int:
+    from stream.producer import produce
+
+    if args.file:
+        from stream.events import read_event_file
+
+        mapping = dict(pair.split("=", 1) for pair in args.column)
+        batches = read_event_file(args.file, mapping or None)
+    else:
+        batches = _synthetic(args.users, args.seed).live(args.rate)
+    sent = produce(settings, batches, rate_per_s=args.rate, duration_s=args.duration, limit=args.limit)
+    print(f"produced {sent} events to {settings.events_topic}")
+    return 0
+
+
+def cmd_stream(args: argparse.Namespace, settings: Settings) -> int:
+    from stream.stream_worker import run_worker
+
+    run_worker(settings, loglevel=args.loglevel)
+    return 0
+
+
+def cmd_encode(args: argparse.Namespace, settings: Settings) -> int:
+    from stream.encoder_worker import run_worker
+
+    run_worker(settings)
+    return 0
+
+
+def cmd_topics(args: argparse.Namespace, settings: Settings) -> int:
+    from stream.broker import ensure_topics
+
+    ensure_topics(settings)
+    print(f"topics ready on {settings.bootstrap_servers}")
+    return 0
+
+
+def cmd_model_init(args: argparse.Namespace, settings: Settings) -> int:
+    from model import init_model_dir
+
+    catalog = _synthetic(DEMO_USERS, args.seed)
+    print(init_model_dir(args.dir, args.preset, catalog.actions, catalog.properties, seed=args.seed))
+    return 0
+
+
+def cmd_model_info(args: argparse.Namespace, settings: Settings) -> int:
+    from model import Beat, BeatConfig
+
+    if args.dir:
+        model = Beat.from_pretrained(args.dir)
+    else:
+        model = Beat(BeatConfig.preset(args.preset))
+    for key, value in model.config.to_dict().items():
+        print(f"{key:24} {value}")
+    print(f"{'parameters':24} {model.num_parameters():,}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="beat", description="beatstream: fresh BEAT user embeddings in Feast")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="the whole platform on the embedded stack for about a minute")
+    demo.add_argument("--duration", type=float, default=60.0, help="seconds of producing (default 60)")
+    demo.add_argument("--rate", type=float, default=1_000.0, help="events per second (default 1000)")
+    demo.add_argument("--users", type=int, default=DEMO_USERS)
+    demo.add_argument("--preset", default="small", help="model preset when no model dir exists yet")
+    demo.add_argument("--model-dir", type=Path)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(run=cmd_demo)
+
+    produce = sub.add_parser("produce", help="write events to beat.events")
+    source = produce.add_mutually_exclusive_group(required=True)
+    source.add_argument("--synthetic", action="store_true", help="generated users with planted personas")
+    source.add_argument("--file", type=Path, help="CSV, Parquet or JSONL events")
+    produce.add_argument("--column", action="append", default=[], metavar="FIELD=COLUMN",
+                         help="map a schema field to a file column, e.g. --column user_id=customer")
+    produce.add_argument("--users", type=int, default=DEMO_USERS)
+    produce.add_argument("--rate", type=float, help="events per second (default: as fast as possible)")
+    produce.add_argument("--duration", type=float, help="stop after this many seconds")
+    produce.add_argument("--limit", type=int, help="stop after this many events")
+    produce.add_argument("--seed", type=int, default=0)
+    produce.set_defaults(run=cmd_produce)
+
+    stream = sub.add_parser("stream", help="run a stream worker (rolling windows)")
+    stream.add_argument("--loglevel", default="info", choices=["crit", "error", "warn", "info", "debug"])
+    stream.set_defaults(run=cmd_stream)
+
+    encode = sub.add_parser("encode", help="run an encoder worker (BEAT embeddings to Feast)")
+    encode.add_argument("--model-dir", type=Path, help="overrides BEAT_MODEL_DIR")
+    encode.set_defaults(run=cmd_encode)
+
+    topics = sub.add_parser("topics", help="create beatstream's topics")
+    topics.set_defaults(run=cmd_topics)
+
+    model = sub.add_parser("model", help="BEAT model directories")
+    model_sub = model.add_subparsers(dest="model_command", required=True)
+    init = model_sub.add_parser("init", help="write a randomly initialised model directory")
+    init.add_argument("dir", type=Path)
+    init.add_argument("--preset", default="small")
+    init.add_argument("--seed", type=int, default=0)
+    init.set_defaults(run=cmd_model_init)
+    info = model_sub.add_parser("info", help="configuration and parameter count")
+    info.add_argument("dir", type=Path, nargs="?")
+    info.add_argument("--preset", default="default", help="when no dir is given")
+    info.set_defaults(run=cmd_model_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        settings = load_settings(model_dir=getattr(args, "model_dir", None))
+    except ConfigError as err:
+        print(err, file=sys.stderr)
+        return 2
+    return args.run(args, settings)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

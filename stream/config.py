@@ -1,0 +1,108 @@
+"""Every setting of the platform in one place, read from the environment.
+
+Each field can be set as ``BEAT_<FIELD>`` (for example ``BEAT_FLUSH_INTERVAL_MS=250``);
+the two settings shared with the rest of a Kafka shop keep their usual names:
+``KAFKA_BOOTSTRAP_SERVERS`` and ``SCHEMA_REGISTRY_URL``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field, ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class ConfigError(ValueError):
+    """A setting is missing or wrong; the message names the setting and the fix."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="BEAT_", extra="ignore", frozen=True, populate_by_name=True)
+
+    # Kafka
+    bootstrap_servers: str | None = Field(
+        None,
+        validation_alias=AliasChoices("KAFKA_BOOTSTRAP_SERVERS", "BEAT_BOOTSTRAP_SERVERS"),
+        description="host:port list of the Kafka cluster; unset: start the embedded broker",
+    )
+    schema_registry_url: str | None = Field(
+        None,
+        validation_alias=AliasChoices("SCHEMA_REGISTRY_URL", "BEAT_SCHEMA_REGISTRY_URL"),
+        description="Confluent schema registry; unset: Avro single-object encoding",
+    )
+    events_topic: str = "beat.events"
+    windows_topic: str = "beat.windows"
+    embeddings_topic: str = "beat.embeddings"
+    dead_letter_topic: str = "beat.events.dlq"
+    partitions: int = Field(4, ge=1)
+    # Tansu (and some managed Kafkas) hold a fetch for its whole max wait; a short wait
+    # keeps end-to-end latency low at the cost of more, mostly empty, fetch requests.
+    fetch_max_wait_ms: int = Field(10, ge=1)
+    # A new consumer-group member waits about half the session timeout before it gets
+    # partitions, and a dead member's partitions move after a whole one.
+    session_timeout_ms: int = Field(6000, ge=1000)
+
+    # Stream workers: the rolling window
+    max_events: int = Field(256, ge=1)
+    window_days: float = Field(90.0, gt=0)
+    flush_interval_ms: int = Field(100, ge=1)
+    state_store: str = Field("memory://", description="faust store URL: memory:// or rocksdb://")
+    data_dir: Path = REPO_ROOT / "data"
+
+    # Encoder workers
+    model_dir: Path | None = None
+    max_batch: int = Field(256, ge=1, description="window messages per micro-batch")
+    # Windows per BEAT forward pass: small batches of similar length waste the least
+    # padding; on CPU 16-32 measured fastest, on a GPU use hundreds.
+    encode_batch: int = Field(32, ge=1)
+    max_wait_ms: int = Field(50, ge=0)
+    device: str = "cpu"
+
+    # Feast
+    feature_repo: Path = REPO_ROOT / "feature_repo"
+    online_store: Literal["sqlite", "redis"] = "sqlite"
+    redis_url: str = "127.0.0.1:6379"
+    feast_project: str = "beatstream"
+    feast_data_dir: Path | None = Field(None, description="registry and sqlite store; unset: feature_repo/data")
+
+    @model_validator(mode="after")
+    def _check_paths(self) -> "Settings":
+        if not (self.feature_repo / "feature_store.yaml").is_file():
+            raise ValueError(
+                f"feature_repo={self.feature_repo} has no feature_store.yaml; "
+                "point BEAT_FEATURE_REPO at the beatstream feature_repo/ folder"
+            )
+        return self
+
+    def to_env(self) -> dict[str, str]:
+        """These settings as environment variables, for child processes."""
+        env = {f"BEAT_{name.upper()}": str(value) for name, value in self.model_dump().items() if value is not None}
+        if self.bootstrap_servers:
+            env["KAFKA_BOOTSTRAP_SERVERS"] = self.bootstrap_servers
+        if self.schema_registry_url:
+            env["SCHEMA_REGISTRY_URL"] = self.schema_registry_url
+        return env
+
+    @property
+    def window_ms(self) -> int:
+        return int(self.window_days * 86_400_000)
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Settings from the environment, with explicit overrides winning.
+
+    Raises ConfigError naming each bad setting as its environment variable.
+    """
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as err:
+        problems = []
+        for e in err.errors():
+            field = ".".join(str(p) for p in e["loc"])
+            where = f"BEAT_{field.upper()}: " if field else ""
+            problems.append(f"  {where}{e['msg']}" + (f" (got {e['input']!r})" if field else ""))
+        raise ConfigError("invalid beatstream settings:\n" + "\n".join(problems)) from None

@@ -1,0 +1,150 @@
+"""Encoder workers: re-encode every updated user with BEAT and publish the embeddings.
+
+A consumer-group member on ``beat.windows``. Each micro-batch is up to ``max_batch``
+messages or ``max_wait_ms``; only the latest window per user is encoded. Embeddings go
+to the Feast online store and to ``beat.embeddings``; the batch's offsets are committed
+only after both writes (at-least-once; the writes are idempotent per user and time).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+from confluent_kafka import Consumer, KafkaError, Message, Producer
+
+from model import BeatEncoder, EventWindow
+from stream.broker import consumer_config, dead_letter_headers, producer_config
+from stream.codec import AvroCodec, DecodeError
+from stream.config import Settings
+from stream.feast_sink import EmbeddingRows, FeatureSink, utc_now
+
+log = logging.getLogger(__name__)
+
+GROUP_ID = "beat-encoders"
+
+
+@dataclass
+class EncoderStats:
+    users: int = 0
+    batches: int = 0
+    dead_letters: int = 0
+    freshness_ms: list[float] = field(default_factory=list)
+
+    def summary(self) -> str:
+        p50, p99 = np.percentile(self.freshness_ms, [50, 99]) if self.freshness_ms else (0.0, 0.0)
+        self.freshness_ms.clear()
+        return (
+            f"users={self.users} batches={self.batches} dead_letters={self.dead_letters} "
+            f"freshness p50={p50:.0f}ms p99={p99:.0f}ms"
+        )
+
+
+class EncoderWorker:
+    def __init__(self, settings: Settings, encoder: BeatEncoder, sink: FeatureSink) -> None:
+        self.settings = settings
+        self.encoder = encoder
+        self.sink = sink
+        self.window_codec = AvroCodec("user_window", settings.windows_topic, settings.schema_registry_url)
+        self.embedding_codec = AvroCodec("user_embedding", settings.embeddings_topic, settings.schema_registry_url)
+        self.consumer = Consumer(consumer_config(settings, GROUP_ID))
+        self.producer = Producer(producer_config(settings))
+        self.stats = EncoderStats()
+        self.stopping = threading.Event()
+
+    def run(self, report_every_s: float = 10.0) -> None:
+        """Encode until stop() (or SIGINT/SIGTERM when run from the CLI)."""
+        self.consumer.subscribe([self.settings.windows_topic])
+        next_report = time.monotonic() + report_every_s
+        try:
+            while not self.stopping.is_set():
+                messages = self.consumer.consume(self.settings.max_batch, self.settings.max_wait_ms / 1000)
+                if messages:
+                    self.process(messages)
+                if time.monotonic() >= next_report:
+                    log.info("encoder worker: %s", self.stats.summary())
+                    next_report += report_every_s
+        finally:
+            self.consumer.close()
+            self.producer.flush(10)
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    def process(self, messages: list[Message]) -> None:
+        latest = self._latest_windows(messages)
+        if latest:
+            self._encode_and_write(list(latest.values()))
+        self.producer.flush()
+        self.consumer.commit(asynchronous=False)
+
+    def _latest_windows(self, messages: list[Message]) -> dict[str, dict]:
+        """Decoded windows, the newest message per user (later offsets win)."""
+        latest: dict[str, dict] = {}
+        for message in messages:
+            if message.error():
+                if message.error().code() != KafkaError._PARTITION_EOF:
+                    log.warning("consume error: %s", message.error())
+                continue
+            try:
+                record = self.window_codec.decode(message.value())
+            except DecodeError as err:
+                self._dead_letter(message, str(err))
+                continue
+            if not record["event_time"]:
+                self._dead_letter(message, "window has no events")
+                continue
+            latest[record["user_id"]] = record
+        return latest
+
+    def _encode_and_write(self, windows: list[dict]) -> None:
+        embeddings = self.encoder.encode(
+            [EventWindow(w["event_time"], w["action"], w["property"]) for w in windows]
+        )
+        updated_at = utc_now()
+        rows = EmbeddingRows(
+            user_id=[w["user_id"] for w in windows],
+            embedding=embeddings,
+            model_version=self.encoder.model_version,
+            event_count=np.array([len(w["event_time"]) for w in windows], np.int64),
+            last_event_time_ms=np.array([w["event_time"][-1] for w in windows], np.int64),
+            updated_at=updated_at,
+        )
+        self.sink.write(rows)
+        updated_ms = int(updated_at.timestamp() * 1000)
+        for i, user_id in enumerate(rows.user_id):
+            value = self.embedding_codec.encode({
+                "user_id": user_id,
+                "model_version": rows.model_version,
+                "embedding": embeddings[i].tolist(),
+                "event_count": int(rows.event_count[i]),
+                "last_event_time": int(rows.last_event_time_ms[i]),
+                "updated_at": updated_ms,
+            })
+            self.producer.produce(self.settings.embeddings_topic, key=user_id.encode(), value=value)
+        self.stats.users += len(windows)
+        self.stats.batches += 1
+        self.stats.freshness_ms.extend((updated_ms - rows.last_event_time_ms).tolist())
+
+    def _dead_letter(self, message: Message, reason: str) -> None:
+        self.stats.dead_letters += 1
+        self.producer.produce(
+            self.settings.dead_letter_topic, key=message.key(), value=message.value(),
+            headers=dead_letter_headers(reason, message.topic(), message.partition(), message.offset()),
+        )
+
+
+def run_worker(settings: Settings) -> None:
+    """Load the model and Feast, then encode until SIGINT/SIGTERM."""
+    if settings.model_dir is None:
+        raise SystemExit("no model: set BEAT_MODEL_DIR or pass --model-dir (see `beat model init`)")
+    encoder = BeatEncoder.from_pretrained(settings.model_dir, device=settings.device, max_batch=settings.encode_batch)
+    worker = EncoderWorker(settings, encoder, FeatureSink(settings))
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: worker.stop())
+    log.info("encoder worker: model %s on %s", encoder.model_version, settings.device)
+    worker.run()

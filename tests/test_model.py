@@ -1,0 +1,305 @@
+"""BEAT model package: architecture, padding invariance, model directories, serving encoder."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from model import Beat, BeatConfig, BeatEncoder, EventWindow, Vocabulary, init_model_dir
+from model.beat import GapEncoding, log_bucket
+from model.vocab import NONE_ID, OOV_ID, PAD_ID
+
+ACTIONS = ["page_view", "search", "add_to_cart", "purchase", "login", "card_payment"]
+PROPERTIES = ["web", "ios", "android", "store_12", "store_40"]
+T0 = 1_735_689_600_000  # 2025-01-01T00:00:00Z in unix ms
+DAY = 86_400_000
+
+
+def make_window(rng: np.random.Generator, n: int) -> EventWindow:
+    gaps = rng.exponential(scale=DAY / 4, size=n).astype(np.int64)
+    properties = rng.choice(np.array(PROPERTIES + [None], dtype=object), size=n)
+    return EventWindow(
+        event_time_ms=T0 + np.cumsum(gaps),
+        action=rng.choice(np.array(ACTIONS, dtype=object), size=n),
+        property=properties,
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory):
+    directory = tmp_path_factory.mktemp("beat-tiny")
+    init_model_dir(directory, "tiny", ACTIONS * 3 + ["search"], PROPERTIES, seed=1)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def encoder(tiny_dir) -> BeatEncoder:
+    return BeatEncoder.from_pretrained(tiny_dir, device="cpu", max_batch=4)
+
+
+def random_batch(config: BeatConfig, B: int, L: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    action_ids = torch.randint(1, config.action_vocab_size, (B, L), generator=g)
+    property_ids = torch.randint(1, config.property_vocab_size, (B, L), generator=g)
+    # ascending event times → ages counted back from each row's newest event
+    times = T0 + torch.cumsum(torch.randint(1, DAY, (B, L), generator=g), dim=1)
+    time_gaps = (times[:, -1:] - times).double() / DAY
+    return action_ids, property_ids, time_gaps, times
+
+
+# --- configuration -------------------------------------------------------------------------
+
+
+def test_default_config_matches_model_card_size():
+    config = BeatConfig()
+    shape = (config.hidden_size, config.num_layers, config.num_heads, config.max_events)
+    assert shape == (768, 12, 12, 256)
+    with torch.device("meta"):
+        model = Beat(config)
+    assert abs(model.num_parameters() - 86.4e6) / 86.4e6 < 0.01, model.num_parameters()
+
+
+def test_presets_are_configs_with_the_feast_embedding_size():
+    small = BeatConfig.preset("small")
+    assert small.hidden_size < 768 and small.embedding_size == 768 and small.name == "small"
+    with torch.device("meta"):
+        assert Beat(small).num_parameters() < 2_000_000
+    with pytest.raises(ValueError, match="unknown BEAT preset"):
+        BeatConfig.preset("huge")
+
+
+def test_config_json_round_trip_and_unknown_keys():
+    config = BeatConfig.preset("small")
+    config.use_gap_encoding = False
+    assert BeatConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    with pytest.raises(ValueError, match="rotary"):
+        BeatConfig.from_dict({**config.to_dict(), "rotary": True})
+    with pytest.raises(ValueError, match="divisible"):
+        BeatConfig(hidden_size=100, num_heads=3)
+
+
+# --- vocabulary ----------------------------------------------------------------------------
+
+
+def test_vocabulary_orders_by_frequency_and_maps_unknowns(tmp_path):
+    vocab = Vocabulary.build(["b", "a", "c", "a", None, "b", "a", "d"], max_size=5)
+    assert vocab.tokens == ["a", "b"]  # 3 reserved ids + the 2 most frequent; ties cut by value
+    ids = vocab.lookup(np.array(["a", "b", "zzz", None, "<pad>"], dtype=object))
+    assert ids.dtype == np.int64
+    assert ids.tolist() == [3, 4, OOV_ID, NONE_ID, OOV_ID]  # "<pad>" the string is not padding
+    assert PAD_ID not in ids
+    assert vocab.lookup(np.array([["a"], ["b"]])).shape == (2, 1)  # numpy str arrays work too
+    vocab.save(tmp_path / "v.json")
+    assert Vocabulary.load(tmp_path / "v.json") == vocab
+
+
+# --- the model -----------------------------------------------------------------------------
+
+
+def test_output_shapes_and_zeroed_padding_states():
+    config = BeatConfig.preset("tiny")
+    model = Beat(config).eval()
+    action_ids, property_ids, time_gaps, times = random_batch(config, B=3, L=7)
+    action_ids[1, 4:] = 0
+    out = model(action_ids, property_ids, time_gaps, event_times=times)
+    assert out["embedding"].shape == (3, config.embedding_size)
+    assert out["hidden_states"].shape == (3, 7, config.hidden_size)
+    assert torch.all(out["hidden_states"][1, 4:] == 0)
+    assert torch.all(out["hidden_states"][1, :4].abs().sum(-1) > 0)
+    with pytest.raises(ValueError, match="at most"):
+        model(*random_batch(config, B=1, L=config.max_events + 1)[:3])
+
+
+def test_padding_and_batch_do_not_change_the_embedding():
+    config = BeatConfig.preset("tiny")
+    model = Beat(config).eval()
+    action_ids, property_ids, time_gaps, times = random_batch(config, B=1, L=9)
+    alone = model(action_ids, property_ids, time_gaps, event_times=times)["embedding"][0]
+
+    # The same sequence, right-padded to 30 with garbage (NaN ages) in the padded slots, next to
+    # a full row and a fully padded row.
+    others = random_batch(config, B=3, L=30, seed=5)
+    batch = [t.clone() for t in others]
+    for column, value in zip(batch, (action_ids, property_ids, time_gaps, times)):
+        column[0, :9] = value[0]
+    batch[2][0, 9:] = float("nan")
+    mask = torch.zeros(3, 30, dtype=torch.bool)
+    mask[0, :9] = True
+    mask[1] = True
+    out = model(batch[0], batch[1], batch[2], padding_mask=mask, event_times=batch[3])
+    torch.testing.assert_close(out["embedding"][0], alone, atol=1e-5, rtol=0)
+    assert torch.isfinite(out["embedding"]).all()
+
+
+def test_temporal_flags_switch_the_time_signals_off():
+    config = BeatConfig.preset("tiny")
+    action_ids, property_ids, time_gaps, times = random_batch(config, B=2, L=6)
+    stretched = time_gaps * 3  # same order, different ages and gaps
+    shifted = times + 3 * 3_600_000  # three hours later: same ages, other hours of the day
+
+    def embed(model: Beat, gaps: torch.Tensor, event_times: torch.Tensor) -> torch.Tensor:
+        return model(action_ids, property_ids, gaps, event_times=event_times)["embedding"]
+
+    model = Beat(config).eval()
+    base = embed(model, time_gaps, times)
+    assert not torch.allclose(base, embed(model, stretched, times))
+    assert not torch.allclose(base, embed(model, time_gaps, shifted))
+
+    off = BeatConfig.preset("tiny")
+    off.use_age_encoding = off.use_gap_encoding = off.use_periodic_encoding = False
+    blind = Beat(off).eval()
+    assert blind.num_parameters() < model.num_parameters()
+    torch.testing.assert_close(embed(blind, time_gaps, times), embed(blind, stretched, shifted))
+
+
+def test_log_buckets_are_monotone_and_reserve_zero():
+    days = torch.tensor([0.0, 1e-6, 1 / 86400, 1 / 24, 1.0, 30.0, 90.0, 400.0], dtype=torch.float64)
+    buckets = log_bucket(days, num_buckets=64, window_days=90.0)
+    assert buckets.min() >= 1 and buckets.max() == 63
+    assert torch.all(buckets[1:] >= buckets[:-1])
+    assert len(set(buckets[2:7].tolist())) == 5  # second, hour, day, month, window all differ
+
+
+def test_gap_to_previous_event_skips_padding_wherever_it_sits():
+    config = BeatConfig.preset("tiny")
+    gap = GapEncoding(config)
+    with torch.no_grad():  # make the embedding read out its bucket id in channel 0
+        gap.buckets.weight.zero_()
+        gap.buckets.weight[:, 0] = torch.arange(config.time_buckets, dtype=torch.float32)
+    # ages 5, 2, 2, 0 days → gaps: none, 3 days, 0, 2 days; once left- and once middle-padded
+    age = torch.tensor([[0.0, 5, 2, 2, 0], [5, 2, 0, 2, 0]], dtype=torch.float64)
+    mask = torch.tensor([[False, True, True, True, True], [True, True, False, True, True]])
+    buckets = gap(age, mask)[..., 0].long()
+    gaps = torch.tensor([3.0, 0.0, 2.0], dtype=torch.float64)
+    expected = log_bucket(gaps, config.time_buckets, config.window_days)
+    assert buckets[0].tolist() == [0, 0, *expected.tolist()]
+    assert buckets[1].tolist() == [0, expected[0].item(), 0, *expected[1:].tolist()]
+
+
+# --- model directories ---------------------------------------------------------------------
+
+
+def test_model_dir_round_trip_gives_identical_embeddings(tmp_path):
+    config = BeatConfig.preset("tiny")
+    model = Beat(config).eval()
+    actions, properties = Vocabulary.build(ACTIONS, 64), Vocabulary.build(PROPERTIES, 64)
+    version = model.save_pretrained(tmp_path, actions, properties)
+    assert version.startswith("beat-tiny-") and len(version) == len("beat-tiny-") + 8
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "config.json", "model.safetensors", "vocab_actions.json", "vocab_properties.json",
+    ]
+    document = json.loads((tmp_path / "config.json").read_text())
+    assert document["format_version"] == 1 and document["model_version"] == version
+
+    loaded = Beat.from_pretrained(tmp_path)
+    inputs = random_batch(config, B=2, L=8)
+    expected = model(*inputs[:3], event_times=inputs[3])["embedding"]
+    assert torch.equal(loaded(*inputs[:3], event_times=inputs[3])["embedding"], expected)
+    # same content → same version; an explicit version is kept as given
+    assert model.save_pretrained(tmp_path / "again", actions, properties) == version
+    assert model.save_pretrained(tmp_path / "named", actions, properties, "v7") == "v7"
+    assert BeatEncoder.from_pretrained(tmp_path / "named").model_version == "v7"
+
+
+def test_loading_a_wrong_shaped_tensor_names_it(tiny_dir, tmp_path):
+    for file in tiny_dir.iterdir():
+        (tmp_path / file.name).write_bytes(file.read_bytes())
+    tensors = load_file(tmp_path / "model.safetensors")
+    tensors["blocks.0.mlp.fc.weight"] = torch.zeros(5, 5)
+    save_file(tensors, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match=r"blocks\.0\.mlp\.fc\.weight"):
+        Beat.from_pretrained(tmp_path)
+
+    del tensors["blocks.0.mlp.fc.weight"]
+    save_file(tensors, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match=r"blocks\.0\.mlp\.fc\.weight.*missing"):
+        BeatEncoder.from_pretrained(tmp_path)
+
+    (tmp_path / "vocab_properties.json").unlink()
+    with pytest.raises(ValueError, match="vocab_properties.json"):
+        Beat.from_pretrained(tmp_path)
+
+
+def test_vocabulary_larger_than_the_embedding_table_is_refused(tmp_path):
+    config = BeatConfig.preset("tiny")
+    too_many = Vocabulary(f"a{i}" for i in range(config.action_vocab_size))
+    with pytest.raises(ValueError, match="vocab_actions.json"):
+        Beat(config).save_pretrained(tmp_path, too_many, Vocabulary([]))
+
+
+# --- serving encoder -----------------------------------------------------------------------
+
+
+def test_encoder_batching_keeps_order_and_matches_one_at_a_time(encoder):
+    rng = np.random.default_rng(0)
+    windows = [make_window(rng, n) for n in (13, 1, 64, 0, 40, 7, 64, 2, 25, 50)]
+    batched = encoder.encode(windows)
+    assert batched.shape == (len(windows), 768) and batched.dtype == np.float32
+    assert np.isfinite(batched).all()
+    single = np.concatenate([encoder.encode([window]) for window in windows])
+    np.testing.assert_allclose(batched, single, atol=1e-5, rtol=0)
+    assert not np.allclose(batched[0], batched[2], atol=1e-3)  # different users differ
+
+
+def test_encoder_reads_the_newest_max_events_within_the_window(encoder):
+    rng = np.random.default_rng(1)
+    max_events = encoder.model.config.max_events
+    long = make_window(rng, max_events + 30)
+    newest = EventWindow(
+        long.event_time_ms[-max_events:], long.action[-max_events:], long.property[-max_events:]
+    )
+    np.testing.assert_allclose(encoder.encode([long]), encoder.encode([newest]), atol=1e-5, rtol=0)
+
+    # an event older than window_days before the newest one is dropped
+    recent = make_window(rng, 5)
+    stale = EventWindow(
+        np.concatenate([[recent.event_time_ms[-1] - 91 * DAY], recent.event_time_ms]),
+        np.concatenate([np.array(["purchase"], dtype=object), recent.action]),
+        np.concatenate([np.array(["web"], dtype=object), recent.property]),
+    )
+    np.testing.assert_allclose(encoder.encode([stale]), encoder.encode([recent]), atol=1e-5, rtol=0)
+
+
+def test_encoder_uses_relative_ages_and_unordered_input(encoder):
+    window = make_window(np.random.default_rng(2), 20)
+    week_later = EventWindow(window.event_time_ms + 7 * DAY, window.action, window.property)
+    reversed_ = EventWindow(window.event_time_ms[::-1], window.action[::-1], window.property[::-1])
+    base = encoder.encode([window])
+    np.testing.assert_allclose(encoder.encode([week_later]), base, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(encoder.encode([reversed_]), base, atol=1e-5, rtol=0)
+
+
+def test_unknown_actions_and_properties_encode_as_oov(encoder):
+    window = make_window(np.random.default_rng(3), 6)
+    unseen = EventWindow(
+        window.event_time_ms,
+        np.array(["teleport", "page_view", "???", "login", "x", "y"], dtype=object),
+        np.array([None, "moon_base", "web", None, "store_99", "ios"], dtype=object),
+    )
+    assert encoder.actions.lookup(unseen.action).tolist()[0] == OOV_ID
+    assert encoder.properties.lookup(unseen.property).tolist()[:2] == [NONE_ID, OOV_ID]
+    embedding = encoder.encode([unseen, window])
+    assert np.isfinite(embedding).all()
+    # two different unseen values are the same OOV token
+    renamed_actions = np.array(["warp", "page_view", "!!", "login", "p", "q"], dtype=object)
+    renamed = EventWindow(unseen.event_time_ms, renamed_actions, unseen.property)
+    np.testing.assert_allclose(encoder.encode([renamed])[0], embedding[0], atol=1e-5, rtol=0)
+
+
+def test_model_package_imports_no_kafka_feast_or_stream():
+    code = (
+        "import sys, model; "
+        "bad = [m for m in sys.modules if m.split('.')[0] in "
+        "('stream', 'feast', 'faust', 'confluent_kafka', 'kafka', 'redis')]; "
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    repo = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=repo)
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -1,0 +1,178 @@
+"""End to end on a real broker and real Feast stores: events -> windows -> embeddings.
+
+The expected windows are computed here, independently of stream.window, from the whole
+event history of each user.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+import subprocess
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from model import BeatEncoder, EventWindow, init_model_dir
+from stream.codec import AvroCodec
+from stream.config import Settings
+from stream.encoder_worker import EncoderWorker
+from stream.feast_sink import FeatureSink
+from stream.producer import EventProducer
+
+from conftest import read_topic, running, stream_worker
+
+T0 = datetime(2026, 6, 1, 12, 0, tzinfo=timezone.utc)
+ACTIONS = ["page_view", "search", "add_to_cart", "purchase", "login"]
+PROPERTIES = ["books", "games", "travel", None]
+
+
+def event(user: str, n: int, at: datetime, action: str | None = None) -> dict:
+    return {
+        "user_id": user,
+        "event_id": f"{user}-{n}",
+        "event_time": at,
+        "action": action or ACTIONS[n % len(ACTIONS)],
+        "property": PROPERTIES[n % len(PROPERTIES)],
+        "value": 9.5 * n if n % 3 == 0 else None,
+        "attributes": {"n": str(n)},
+    }
+
+
+def history() -> list[dict]:
+    """A handful of users whose windows exercise ordering, duplicates, age and length."""
+    rng = random.Random(7)
+    events = []
+    events += [event("in_order", n, T0 + timedelta(minutes=n)) for n in range(12)]
+    shuffled = [event("out_of_order", n, T0 + timedelta(hours=n)) for n in range(20)]
+    rng.shuffle(shuffled)
+    events += shuffled
+    dupes = [event("duplicates", n, T0 + timedelta(seconds=30 * n)) for n in range(10)]
+    events += dupes + dupes[2:6]  # re-delivered copies of four events
+    # Six events 100-130 days before the user's newest one: outside the 90-day window.
+    events += [event("old_and_new", n, T0 - timedelta(days=130 - 5 * n)) for n in range(6)]
+    events += [event("old_and_new", 10 + n, T0 + timedelta(days=n)) for n in range(5)]
+    events += [event("long", n, T0 + timedelta(seconds=n)) for n in range(300)]  # over 256
+    return events
+
+
+def expected_windows(events: list[dict], max_events: int = 256, window_days: float = 90) -> dict[str, list[dict]]:
+    by_user: dict[str, dict[str, dict]] = {}
+    for e in events:
+        by_user.setdefault(e["user_id"], {}).setdefault(e["event_id"], e)
+    windows = {}
+    for user, unique in by_user.items():
+        ordered = sorted(unique.values(), key=lambda e: (e["event_time"], e["event_id"]))
+        newest = ordered[-1]["event_time"]
+        recent = [e for e in ordered if e["event_time"] >= newest - timedelta(days=window_days)]
+        windows[user] = recent[-max_events:]
+    return windows
+
+
+def ms(at: datetime) -> int:
+    return int(at.timestamp() * 1000)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("model")
+    init_model_dir(directory, "tiny", ACTIONS, [p for p in PROPERTIES if p], seed=3)
+    return directory
+
+
+@pytest.mark.parametrize("online_store", ["sqlite", "redis"])
+def test_events_become_windows_and_embeddings_in_feast(
+    settings: Settings, model_dir: Path, online_store: str, tmp_path: Path, redis_url: str
+) -> None:
+    settings = settings.model_copy(update={"online_store": online_store, "redis_url": redis_url})
+    events = history()
+    expected = expected_windows(events)
+    encoder = BeatEncoder.from_pretrained(model_dir, device="cpu")
+    worker = EncoderWorker(settings, encoder, FeatureSink(settings))
+    producer = EventProducer(settings)
+
+    with stream_worker(settings, tmp_path / "stream.log") as windows_process, running(worker):
+        # Two deliveries a few flush intervals apart, so windows merge across batches.
+        half = len(events) // 2
+        producer.send(events[:half])
+        producer.flush()
+        time.sleep(1.0)
+        producer.send(events[half:])
+        producer.flush()
+
+        codec = AvroCodec("user_embedding", settings.embeddings_topic)
+
+        def all_users_final(messages: list) -> bool:
+            assert windows_process.poll() is None, f"stream worker died: {(tmp_path / 'stream.log').read_text()[-3000:]}"
+            latest = {}
+            for m in messages:
+                record = codec.decode(m.value())
+                latest[record["user_id"]] = record
+            return all(
+                u in latest and latest[u]["event_count"] == len(w) and latest[u]["last_event_time"] == w[-1]["event_time"]
+                for u, w in expected.items()
+            )
+
+        read_topic(settings, settings.embeddings_topic, until=all_users_final, timeout_s=90)
+
+    window_codec = AvroCodec("user_window", settings.windows_topic)
+    latest_windows = {}
+    for message in read_topic(settings, settings.windows_topic):
+        record = window_codec.decode(message.value())
+        latest_windows[record["user_id"]] = record
+    for user, window in expected.items():
+        got = latest_windows[user]
+        assert got["event_id"] == [e["event_id"] for e in window], user
+        assert got["event_time"] == [ms(e["event_time"]) for e in window], user
+        assert got["action"] == [e["action"] for e in window], user
+        assert got["property"] == [e["property"] for e in window], user
+        assert got["value"] == [e["value"] for e in window], user
+    assert len(latest_windows["long"]["event_id"]) == 256
+    assert len(latest_windows["old_and_new"]["event_id"]) == 5
+
+    users = sorted(expected)
+    stored = FeatureSink(settings).read(users)
+    direct = encoder.encode([
+        EventWindow(
+            np.array([ms(e["event_time"]) for e in expected[u]]),
+            np.array([e["action"] for e in expected[u]], dtype=object),
+            np.array([e["property"] for e in expected[u]], dtype=object),
+        )
+        for u in users
+    ])
+    for i, user in enumerate(users):
+        assert stored["model_version"][i] == encoder.model_version
+        assert stored["event_count"][i] == len(expected[user])
+        np.testing.assert_allclose(np.array(stored["embedding"][i], np.float32), direct[i], rtol=1e-4, atol=1e-5)
+    # Different users have different embeddings: the store did not keep one row for all.
+    assert not np.allclose(stored["embedding"][0], stored["embedding"][1])
+
+
+@pytest.fixture
+def redis_url(request: pytest.FixtureRequest) -> str:
+    """127.0.0.1:6379, started here if a redis-server binary exists and none is running."""
+    url = "127.0.0.1:6379"
+    if "online_store" in request.fixturenames and request.getfixturevalue("online_store") != "redis":
+        return url
+    import redis
+
+    client = redis.Redis(host="127.0.0.1", port=6379, socket_connect_timeout=1)
+    try:
+        client.ping()
+        return url
+    except redis.ConnectionError:
+        server = shutil.which("redis-server")
+        if not server:
+            pytest.skip("no Redis on 127.0.0.1:6379 and no redis-server binary to start one")
+        subprocess.run([server, "--daemonize", "yes", "--bind", "127.0.0.1", "--port", "6379",
+                        "--save", "", "--appendonly", "no"], check=True)
+        for _ in range(50):
+            try:
+                client.ping()
+                return url
+            except redis.ConnectionError:
+                time.sleep(0.1)
+        pytest.skip("redis-server was started but does not answer on 127.0.0.1:6379")
