@@ -89,13 +89,24 @@ class SingleObjectFraming:
         return self._known[fp], 10
 
 
+@cache
+def registry_client(url: str) -> "SchemaRegistryClient":  # noqa: F821
+    """One client per registry and process, so every codec shares its schema cache.
+
+    ``mock://<name>`` is confluent-kafka's in-process registry, for tests.
+    """
+    from confluent_kafka.schema_registry import SchemaRegistryClient
+
+    return SchemaRegistryClient.new_client({"url": url})
+
+
 class ConfluentFraming:
-    """Confluent wire format backed by a schema registry (``mock://`` works in tests)."""
+    """Confluent wire format backed by a schema registry."""
 
     def __init__(self, schema: dict, registry_url: str, subject: str) -> None:
-        from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
+        from confluent_kafka.schema_registry import Schema
 
-        self._client = SchemaRegistryClient({"url": registry_url})
+        self._client = registry_client(registry_url)
         canonical = to_parsing_canonical_form(schema)
         self._id = self._client.register_schema(subject, Schema(canonical, "AVRO"))
         self._by_id: dict[int, dict] = {self._id: schema}

@@ -39,6 +39,9 @@ class Settings(BaseSettings):
     embeddings_topic: str = "beat.embeddings"
     dead_letter_topic: str = "beat.events.dlq"
     partitions: int = Field(4, ge=1)
+    # Consumer groups (and the faust app id, which names the state changelog topic)
+    # are "<prefix>-windows" and "<prefix>-encoders": one prefix per deployment.
+    group_prefix: str = "beat"
     # Tansu (and some managed Kafkas) hold a fetch for its whole max wait; a short wait
     # keeps end-to-end latency low at the cost of more, mostly empty, fetch requests.
     fetch_max_wait_ms: int = Field(10, ge=1)
@@ -86,6 +89,14 @@ class Settings(BaseSettings):
         if self.schema_registry_url:
             env["SCHEMA_REGISTRY_URL"] = self.schema_registry_url
         return env
+
+    @property
+    def stream_group(self) -> str:
+        return f"{self.group_prefix}-windows"
+
+    @property
+    def encoder_group(self) -> str:
+        return f"{self.group_prefix}-encoders"
 
     @property
     def window_ms(self) -> int:

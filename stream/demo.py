@@ -28,8 +28,6 @@ from rich.table import Table
 from stream.broker import EmbeddedBroker, client_config, ensure_topics
 from stream.codec import AvroCodec
 from stream.config import Settings
-from stream.encoder_worker import GROUP_ID as ENCODER_GROUP
-from stream.stream_worker import APP_ID as STREAM_GROUP
 
 console = Console()
 
@@ -176,7 +174,7 @@ def _run(stack: ExitStack, settings: Settings, duration_s: float, rate_per_s: fl
     start = time.monotonic()
     with Live(console=console, refresh_per_second=2) as live:
         _wait(live, monitor, settings, start, "starting workers", lambda: all(
-            monitor.group_ready(g) for g in (STREAM_GROUP, ENCODER_GROUP)), workers, timeout_s=120)
+            monitor.group_ready(g) for g in (settings.stream_group, settings.encoder_group)), workers, timeout_s=120)
         producer = _spawn(["produce", "--synthetic", "--users", str(users), "--rate", str(rate_per_s),
                            "--duration", str(duration_s)], env, workdir / "producer.log")
         stack.callback(_stop, producer)
@@ -184,8 +182,8 @@ def _run(stack: ExitStack, settings: Settings, duration_s: float, rate_per_s: fl
         _wait(live, monitor, settings, start, "producing", lambda: producer.poll() is not None, workers,
               timeout_s=duration_s + 60)
         produce_s = time.monotonic() - produce_start
-        _wait(live, monitor, settings, start, "draining", lambda: monitor.lag(STREAM_GROUP, settings.events_topic) == 0
-              and monitor.lag(ENCODER_GROUP, settings.windows_topic) == 0, workers, timeout_s=60)
+        _wait(live, monitor, settings, start, "draining", lambda: monitor.lag(settings.stream_group, settings.events_topic) == 0
+              and monitor.lag(settings.encoder_group, settings.windows_topic) == 0, workers, timeout_s=60)
         observed = monitor.poll()
     for process in workers.values():
         _stop(process)

@@ -25,8 +25,6 @@ from stream.feast_sink import EmbeddingRows, FeatureSink, utc_now
 
 log = logging.getLogger(__name__)
 
-GROUP_ID = "beat-encoders"
-
 
 @dataclass
 class EncoderStats:
@@ -51,7 +49,7 @@ class EncoderWorker:
         self.sink = sink
         self.window_codec = AvroCodec("user_window", settings.windows_topic, settings.schema_registry_url)
         self.embedding_codec = AvroCodec("user_embedding", settings.embeddings_topic, settings.schema_registry_url)
-        self.consumer = Consumer(consumer_config(settings, GROUP_ID))
+        self.consumer = Consumer(consumer_config(settings, settings.encoder_group))
         self.producer = Producer(producer_config(settings))
         self.stats = EncoderStats()
         self.stopping = threading.Event()

@@ -24,7 +24,6 @@ from stream.window import Window, merge
 
 log = logging.getLogger(__name__)
 
-APP_ID = "beat-windows"
 STATE_TABLE = "user-windows"
 MAX_BATCH_EVENTS = 50_000
 
@@ -67,7 +66,7 @@ def create_app(settings: Settings, future_tolerance_ms: int = 3_600_000) -> faus
     datadir = settings.data_dir / "stream-worker"
     datadir.mkdir(parents=True, exist_ok=True)
     app = faust.App(
-        APP_ID,
+        settings.stream_group,
         broker=broker_url(settings.bootstrap_servers, settings.fetch_max_wait_ms),
         store=settings.state_store,
         datadir=str(datadir),

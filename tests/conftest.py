@@ -21,15 +21,38 @@ from stream.config import Settings, load_settings
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture
-def bootstrap_servers() -> Iterator[str]:
-    """A broker of this test's own: Tansu starts in milliseconds, so nothing is shared.
+def _docker_engine() -> bool:
+    try:
+        import docker
 
-    KAFKA_BOOTSTRAP_SERVERS points the suite at an external broker instead.
+        docker.from_env().ping()
+        return True
+    except Exception:  # no client library, no socket, no daemon: all mean "no engine"
+        return False
+
+
+@pytest.fixture(scope="session")
+def apache_kafka() -> Iterator[str | None]:
+    """Apache Kafka in KRaft mode through testcontainers, where a Docker engine runs."""
+    if os.environ.get("KAFKA_BOOTSTRAP_SERVERS") or os.environ.get("BEAT_TEST_BROKER") == "tansu" or not _docker_engine():
+        yield None
+        return
+    from testcontainers.kafka import KafkaContainer
+
+    with KafkaContainer("apache/kafka:3.9.1").with_kraft() as kafka:
+        yield kafka.get_bootstrap_server()
+
+
+@pytest.fixture
+def bootstrap_servers(apache_kafka: str | None) -> Iterator[str]:
+    """The broker under test, in this order: KAFKA_BOOTSTRAP_SERVERS, Apache Kafka in
+    Docker (testcontainers) when an engine runs, else a Tansu broker of this test's own
+    (it starts in milliseconds, so nothing is shared between tests). Tests use topic
+    names of their own, so a shared broker is fine too.
     """
-    external = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
-    if external:
-        yield external
+    shared = os.environ.get("KAFKA_BOOTSTRAP_SERVERS") or apache_kafka
+    if shared:
+        yield shared
         return
     with EmbeddedBroker() as broker:
         yield broker.bootstrap_servers
@@ -45,6 +68,7 @@ def settings(bootstrap_servers: str, tmp_path: Path) -> Settings:
         windows_topic=f"beat.windows.{run}",
         embeddings_topic=f"beat.embeddings.{run}",
         dead_letter_topic=f"beat.events.dlq.{run}",
+        group_prefix=f"beat-test-{run}",
         feast_project=f"beat_test_{run}",
         feast_data_dir=tmp_path / "feast",
         data_dir=tmp_path / "data",

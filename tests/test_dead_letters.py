@@ -1,0 +1,64 @@
+"""Bad input goes to the dead-letter topic with a reason, and the stream goes on."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+from confluent_kafka import Producer
+
+from stream.broker import producer_config
+from stream.codec import AvroCodec
+from stream.config import Settings
+
+from conftest import read_topic, stream_worker
+
+NOW = datetime.now(timezone.utc).replace(microsecond=0)
+
+
+def event(user: str, n: int, at: datetime = NOW) -> dict:
+    return {"user_id": user, "event_id": f"{user}-{n}", "event_time": at - timedelta(minutes=10 - n),
+            "action": "login", "property": None, "value": None, "attributes": {}}
+
+
+def test_bad_events_are_dead_lettered_and_later_events_processed(settings: Settings, tmp_path: Path) -> None:
+    codec = AvroCodec("behavior_event", settings.events_topic)
+    sends = [
+        (b"alice", codec.encode(event("alice", 0))),
+        (b"alice", b"\x7bnot avro at all"),
+        (b"", codec.encode(event("", 1))),
+        (b"mallory", codec.encode(event("alice", 2))),
+        (b"bob", codec.encode(event("bob", 3, at=NOW + timedelta(days=2)))),
+        (b"alice", codec.encode(event("alice", 4))),
+        (b"bob", codec.encode(event("bob", 5))),
+    ]
+    producer = Producer(producer_config(settings))
+    for key, value in sends:
+        producer.produce(settings.events_topic, key=key, value=value)
+    producer.flush(10)
+
+    with stream_worker(settings, tmp_path / "stream.log"):
+        dead = read_topic(settings, settings.dead_letter_topic, until=lambda m: len(m) >= 4, timeout_s=60)
+        window_codec = AvroCodec("user_window", settings.windows_topic)
+
+        def windows_done(messages: list) -> bool:
+            users = {window_codec.decode(m.value())["user_id"]: m for m in messages}
+            return set(users) == {"alice", "bob"} and len(window_codec.decode(users["alice"].value())["event_id"]) == 2
+
+        windows = read_topic(settings, settings.windows_topic, until=windows_done, timeout_s=30)
+
+    reasons = {m.value(): dict(m.headers())["dlq.reason"].decode() for m in dead}
+    assert len(dead) == 4
+    assert "not Avro single-object encoded" in reasons[b"\x7bnot avro at all"]
+    assert reasons[sends[2][1]] == "missing user_id"
+    assert "is not the event's user_id 'alice'" in reasons[sends[3][1]]
+    assert "in the future" in reasons[sends[4][1]]
+    for message in dead:
+        headers = dict(message.headers())
+        assert headers["dlq.topic"].decode() == settings.events_topic
+        assert int(headers["dlq.offset"]) >= 0
+    latest = {}
+    for message in windows:
+        record = window_codec.decode(message.value())
+        latest[record["user_id"]] = record["event_id"]
+    assert latest == {"alice": ["alice-0", "alice-4"], "bob": ["bob-5"]}
