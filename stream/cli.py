@@ -9,7 +9,9 @@ from pathlib import Path
 
 from stream.config import ConfigError, Settings, load_settings
 
-DEMO_USERS = 2_000
+# Some synthetic users are churners who stay silent, and light users may not act within a
+# minute: 3,000 users give over 2,000 active ones.
+DEMO_USERS = 3_000
 DEMO_MODEL_DIR = Path("data/demo-model")
 
 
@@ -51,14 +53,14 @@ def cmd_produce(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_stream(args: argparse.Namespace, settings: Settings) -> int:
     from stream.stream_worker import run_worker
 
-    run_worker(settings, loglevel=args.loglevel)
+    run_worker(settings, loglevel=args.loglevel, ready_file=args.ready_file)
     return 0
 
 
 def cmd_encode(args: argparse.Namespace, settings: Settings) -> int:
     from stream.encoder_worker import run_worker
 
-    run_worker(settings)
+    run_worker(settings, ready_file=args.ready_file)
     return 0
 
 
@@ -67,6 +69,15 @@ def cmd_topics(args: argparse.Namespace, settings: Settings) -> int:
 
     ensure_topics(settings)
     print(f"topics ready on {settings.bootstrap_servers}")
+    return 0
+
+
+def cmd_feast_config(args: argparse.Namespace, settings: Settings) -> int:
+    import yaml
+
+    from stream.feast_sink import feature_store_yaml
+
+    print(yaml.safe_dump(feature_store_yaml(settings), sort_keys=False), end="")
     return 0
 
 
@@ -119,14 +130,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     stream = sub.add_parser("stream", help="run a stream worker (rolling windows)")
     stream.add_argument("--loglevel", default="info", choices=["crit", "error", "warn", "info", "debug"])
+    stream.add_argument("--ready-file", type=Path, help="created once the worker holds partitions")
     stream.set_defaults(run=cmd_stream)
 
     encode = sub.add_parser("encode", help="run an encoder worker (BEAT embeddings to Feast)")
     encode.add_argument("--model-dir", type=Path, help="overrides BEAT_MODEL_DIR")
+    encode.add_argument("--ready-file", type=Path, help="created once the worker holds partitions")
     encode.set_defaults(run=cmd_encode)
 
     topics = sub.add_parser("topics", help="create beatstream's topics")
     topics.set_defaults(run=cmd_topics)
+
+    feast_config = sub.add_parser("feast-config", help="print this deployment's feature_store.yaml, for `feast -f`")
+    feast_config.set_defaults(run=cmd_feast_config)
 
     model = sub.add_parser("model", help="BEAT model directories")
     model_sub = model.add_subparsers(dest="model_command", required=True)
@@ -145,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("feast").setLevel(logging.WARNING)  # it logs every registry refresh
     try:
         settings = load_settings(model_dir=getattr(args, "model_dir", None))
     except ConfigError as err:

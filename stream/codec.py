@@ -139,7 +139,8 @@ class AvroCodec:
     (reader) schema, so producers may lag behind compatible schema evolutions.
     """
 
-    def __init__(self, schema_name: str, topic: str, registry_url: str | None = None) -> None:
+    def __init__(self, schema_name: str, topic: str, registry_url: str | None = None,
+                 fields: tuple[str, ...] | None = None) -> None:
         self.schema = load_schema(schema_name)
         self.framing: Framing = (
             ConfluentFraming(self.schema, registry_url, f"{topic}-value")
@@ -147,6 +148,8 @@ class AvroCodec:
             else SingleObjectFraming(self.schema)
         )
         self._header = self.framing.header()
+        # With fields, decode() returns only those and skips the rest of each body.
+        self._reader = _projection(self.schema, fields) if fields else self.schema
 
     def encode(self, record: dict) -> bytes:
         return self._header + _write_body(self.schema, record)
@@ -155,8 +158,15 @@ class AvroCodec:
         if not payload:
             raise DecodeError("empty message value")
         writer, start = self.framing.writer_schema(payload)
-        reader = None if writer is self.schema else self.schema
+        reader = None if writer is self._reader else self._reader
         return _read_body(writer, payload[start:], reader)
+
+
+def _projection(schema: dict, fields: tuple[str, ...]) -> dict:
+    unknown = set(fields) - {f["name"] for f in schema["fields"]}
+    if unknown:
+        raise ValueError(f"{schema['name']} has no fields {sorted(unknown)}")
+    return fastavro.parse_schema({**schema, "fields": [f for f in schema["fields"] if f["name"] in fields]})
 
 
 def encode_state(schema_name: str, record: dict) -> bytes:

@@ -58,12 +58,17 @@ class Settings(BaseSettings):
 
     # Encoder workers
     model_dir: Path | None = None
-    max_batch: int = Field(256, ge=1, description="window messages per micro-batch")
+    # Window messages per micro-batch. Large, because the latest window per user wins:
+    # when the encoder falls behind, bigger batches coalesce more and it catches up.
+    max_batch: int = Field(1024, ge=1)
     # Windows per BEAT forward pass: small batches of similar length waste the least
     # padding; on CPU 16-32 measured fastest, on a GPU use hundreds.
     encode_batch: int = Field(32, ge=1)
     max_wait_ms: int = Field(50, ge=0)
     device: str = "cpu"
+    # torch CPU threads; 0 lets torch choose. On a CPU shared with other workers, 1 is
+    # faster overall: idle OpenMP threads spin and steal the others' cores.
+    torch_threads: int = Field(0, ge=0)
 
     # Feast
     feature_repo: Path = REPO_ROOT / "feature_repo"

@@ -12,7 +12,11 @@ import logging
 import signal
 import threading
 import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 from confluent_kafka import Consumer, KafkaError, Message, Producer
@@ -28,17 +32,30 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class EncoderStats:
+    """Totals since start; freshness and stage times since the last summary."""
+
     users: int = 0
     batches: int = 0
     dead_letters: int = 0
     freshness_ms: list[float] = field(default_factory=list)
+    stage_s: Counter = field(default_factory=Counter)
+    interval_batches: int = 0
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        yield
+        self.stage_s[name] += time.perf_counter() - start
 
     def summary(self) -> str:
         p50, p99 = np.percentile(self.freshness_ms, [50, 99]) if self.freshness_ms else (0.0, 0.0)
+        per_batch = " ".join(f"{k}={v * 1000 / max(1, self.interval_batches):.0f}" for k, v in self.stage_s.items())
         self.freshness_ms.clear()
+        self.stage_s.clear()
+        self.interval_batches = 0
         return (
             f"users={self.users} batches={self.batches} dead_letters={self.dead_letters} "
-            f"freshness p50={p50:.0f}ms p99={p99:.0f}ms"
+            f"freshness p50={p50:.0f}ms p99={p99:.0f}ms; ms per batch: {per_batch}"
         )
 
 
@@ -54,9 +71,16 @@ class EncoderWorker:
         self.stats = EncoderStats()
         self.stopping = threading.Event()
 
-    def run(self, report_every_s: float = 10.0) -> None:
-        """Encode until stop() (or SIGINT/SIGTERM when run from the CLI)."""
-        self.consumer.subscribe([self.settings.windows_topic])
+    def run(self, report_every_s: float = 10.0, ready_file: Path | None = None) -> None:
+        """Encode until stop() (or SIGINT/SIGTERM when run from the CLI).
+
+        ready_file is created once the worker has joined its group and holds partitions.
+        """
+        def on_assign(consumer: Consumer, partitions: list) -> None:
+            if ready_file:
+                ready_file.touch()
+
+        self.consumer.subscribe([self.settings.windows_topic], on_assign=on_assign)
         next_report = time.monotonic() + report_every_s
         try:
             while not self.stopping.is_set():
@@ -74,11 +98,14 @@ class EncoderWorker:
         self.stopping.set()
 
     def process(self, messages: list[Message]) -> None:
-        latest = self._latest_windows(messages)
-        if latest:
-            self._encode_and_write(list(latest.values()))
-        self.producer.flush()
-        self.consumer.commit(asynchronous=False)
+        with self.stats.stage("decode"):
+            windows = list(self._latest_windows(messages).values())
+        if windows:
+            self._encode_and_write(windows)
+        with self.stats.stage("commit"):
+            self.producer.flush()
+            self.consumer.commit(asynchronous=False)
+        self.stats.interval_batches += 1
 
     def _latest_windows(self, messages: list[Message]) -> dict[str, dict]:
         """Decoded windows, the newest message per user (later offsets win)."""
@@ -100,9 +127,10 @@ class EncoderWorker:
         return latest
 
     def _encode_and_write(self, windows: list[dict]) -> None:
-        embeddings = self.encoder.encode(
-            [EventWindow(w["event_time"], w["action"], w["property"]) for w in windows]
-        )
+        with self.stats.stage("encode"):
+            embeddings = self.encoder.encode(
+                [EventWindow(w["event_time"], w["action"], w["property"]) for w in windows]
+            )
         updated_at = utc_now()
         rows = EmbeddingRows(
             user_id=[w["user_id"] for w in windows],
@@ -112,21 +140,27 @@ class EncoderWorker:
             last_event_time_ms=np.array([w["event_time"][-1] for w in windows], np.int64),
             updated_at=updated_at,
         )
-        self.sink.write(rows)
+        with self.stats.stage("feast"):
+            self.sink.write(rows)
+        with self.stats.stage("publish"):
+            self._publish(rows)
+        self.stats.users += len(windows)
+        self.stats.batches += 1
         updated_ms = int(updated_at.timestamp() * 1000)
+        self.stats.freshness_ms.extend((updated_ms - rows.last_event_time_ms).tolist())
+
+    def _publish(self, rows: EmbeddingRows) -> None:
+        updated_ms = int(rows.updated_at.timestamp() * 1000)
         for i, user_id in enumerate(rows.user_id):
             value = self.embedding_codec.encode({
                 "user_id": user_id,
                 "model_version": rows.model_version,
-                "embedding": embeddings[i].tolist(),
+                "embedding": rows.embedding[i].tolist(),
                 "event_count": int(rows.event_count[i]),
                 "last_event_time": int(rows.last_event_time_ms[i]),
                 "updated_at": updated_ms,
             })
             self.producer.produce(self.settings.embeddings_topic, key=user_id.encode(), value=value)
-        self.stats.users += len(windows)
-        self.stats.batches += 1
-        self.stats.freshness_ms.extend((updated_ms - rows.last_event_time_ms).tolist())
 
     def _dead_letter(self, message: Message, reason: str) -> None:
         self.stats.dead_letters += 1
@@ -136,13 +170,17 @@ class EncoderWorker:
         )
 
 
-def run_worker(settings: Settings) -> None:
+def run_worker(settings: Settings, ready_file: Path | None = None) -> None:
     """Load the model and Feast, then encode until SIGINT/SIGTERM."""
     if settings.model_dir is None:
         raise SystemExit("no model: set BEAT_MODEL_DIR or pass --model-dir (see `beat model init`)")
+    if settings.torch_threads:
+        import torch
+
+        torch.set_num_threads(settings.torch_threads)
     encoder = BeatEncoder.from_pretrained(settings.model_dir, device=settings.device, max_batch=settings.encode_batch)
     worker = EncoderWorker(settings, encoder, FeatureSink(settings))
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: worker.stop())
     log.info("encoder worker: model %s on %s", encoder.model_version, settings.device)
-    worker.run()
+    worker.run(ready_file=ready_file)

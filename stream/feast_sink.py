@@ -33,9 +33,8 @@ class EmbeddingRows:
     updated_at: datetime
 
 
-def repo_config(settings: Settings) -> "feast.RepoConfig":  # noqa: F821
-    from feast import RepoConfig
-
+def feature_store_yaml(settings: Settings) -> dict:
+    """The effective feature_store.yaml of this deployment (`beat feast-config` prints it)."""
     repo = settings.feature_repo
     with open(repo / "feature_store.yaml") as f:
         config = yaml.safe_load(f)
@@ -49,7 +48,13 @@ def repo_config(settings: Settings) -> "feast.RepoConfig":  # noqa: F821
         config["online_store"] = {"type": "redis", "connection_string": settings.redis_url}
     else:
         config["online_store"] = {"type": "sqlite", "path": str(data_dir / "online_store.db")}
-    return RepoConfig(repo_path=repo, **config)
+    return config
+
+
+def repo_config(settings: Settings) -> "feast.RepoConfig":  # noqa: F821
+    from feast import RepoConfig
+
+    return RepoConfig(repo_path=settings.feature_repo, **feature_store_yaml(settings))
 
 
 def feast_objects(settings: Settings) -> list:

@@ -13,6 +13,7 @@ import logging
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import faust
 
@@ -131,8 +132,15 @@ def create_app(settings: Settings, future_tolerance_ms: int = 3_600_000) -> faus
     return app
 
 
-def run_worker(settings: Settings, loglevel: str = "warn") -> None:
-    """Run a stream worker until SIGINT/SIGTERM (faust handles both gracefully)."""
+def run_worker(settings: Settings, loglevel: str = "warn", ready_file: Path | None = None) -> None:
+    """Run a stream worker until SIGINT/SIGTERM (faust handles both gracefully).
+
+    ready_file is created once the worker holds partitions and has recovered its state.
+    """
     app = create_app(settings)
+    if ready_file:
+        @app.on_rebalance_complete.connect
+        async def _mark_ready(sender: faust.App, **kwargs: object) -> None:
+            ready_file.touch()
     worker = faust.Worker(app, loglevel=loglevel, quiet=True)
     worker.execute_from_commandline()
