@@ -15,8 +15,8 @@ user = Entity(
     description="A user of the product; the key of beat.events.",
 )
 
-# Where pushed embeddings also go for point-in-time training sets; the online store is
-# written directly by the encoder workers through this push source's feature view.
+# The offline side of the push source, for point-in-time training sets. The encoder
+# workers write the online store directly; they do not write this history yet.
 embedding_history = FileSource(
     name="user_embedding_history",
     path="data/user_embedding_history.parquet",

@@ -38,10 +38,11 @@ def validate(event: dict, key: bytes | None, now_ms: int, future_tolerance_ms: i
     for required in ("user_id", "event_id", "action"):
         if not event[required]:
             raise InvalidEvent(f"missing {required}")
-    if key is not None and key.decode("utf-8", "replace") != event["user_id"]:
+    # A user's events must share a partition: the window state lives with the partition.
+    if key is None or key.decode("utf-8", "replace") != event["user_id"]:
         raise InvalidEvent(
-            f"message key {key[:64]!r} is not the event's user_id {event['user_id']!r}; "
-            "produce events keyed by user_id so each user's events share a partition"
+            f"message key {None if key is None else key[:64]!r} is not the event's user_id "
+            f"{event['user_id']!r}; produce events keyed by user_id"
         )
     event_ms = round(event["event_time"].timestamp() * 1000)
     if event_ms > now_ms + future_tolerance_ms:

@@ -29,6 +29,7 @@ def test_bad_events_are_dead_lettered_and_later_events_processed(settings: Setti
         (b"", codec.encode(event("", 1))),
         (b"mallory", codec.encode(event("alice", 2))),
         (b"bob", codec.encode(event("bob", 3, at=NOW + timedelta(days=2)))),
+        (None, codec.encode(event("bob", 6))),
         (b"alice", codec.encode(event("alice", 4))),
         (b"bob", codec.encode(event("bob", 5))),
     ]
@@ -38,7 +39,7 @@ def test_bad_events_are_dead_lettered_and_later_events_processed(settings: Setti
     producer.flush(10)
 
     with stream_worker(settings, tmp_path / "stream.log"):
-        dead = read_topic(settings, settings.dead_letter_topic, until=lambda m: len(m) >= 4, timeout_s=60)
+        dead = read_topic(settings, settings.dead_letter_topic, until=lambda m: len(m) >= 5, timeout_s=60)
         window_codec = AvroCodec("user_window", settings.windows_topic)
 
         def windows_done(messages: list) -> bool:
@@ -48,11 +49,12 @@ def test_bad_events_are_dead_lettered_and_later_events_processed(settings: Setti
         windows = read_topic(settings, settings.windows_topic, until=windows_done, timeout_s=30)
 
     reasons = {m.value(): dict(m.headers())["dlq.reason"].decode() for m in dead}
-    assert len(dead) == 4
+    assert len(dead) == 5
     assert "not Avro single-object encoded" in reasons[b"\x7bnot avro at all"]
     assert reasons[sends[2][1]] == "missing user_id"
     assert "is not the event's user_id 'alice'" in reasons[sends[3][1]]
     assert "in the future" in reasons[sends[4][1]]
+    assert "message key None is not the event's user_id 'bob'" in reasons[sends[5][1]]
     for message in dead:
         headers = dict(message.headers())
         assert headers["dlq.topic"].decode() == settings.events_topic
