@@ -42,7 +42,11 @@ def cmd_produce(args: argparse.Namespace, settings: Settings) -> int:
         from stream.events import read_event_file
 
         mapping = dict(pair.split("=", 1) for pair in args.column)
-        batches = read_event_file(args.file, mapping or None)
+        try:
+            batches = read_event_file(args.file, mapping or None)
+        except (ValueError, FileNotFoundError) as err:  # a file that does not fit: say why, no traceback
+            print(err, file=sys.stderr)
+            return 2
     else:
         batches = _synthetic(args.users, args.seed).live(args.rate)
     sent = produce(settings, batches, rate_per_s=args.rate, duration_s=args.duration, limit=args.limit)
@@ -158,6 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+NEEDS_BROKER = {cmd_produce, cmd_stream, cmd_encode, cmd_topics}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -166,6 +173,10 @@ def main(argv: list[str] | None = None) -> int:
         settings = load_settings(model_dir=getattr(args, "model_dir", None))
     except ConfigError as err:
         print(err, file=sys.stderr)
+        return 2
+    if args.run in NEEDS_BROKER and not settings.bootstrap_servers:
+        print("KAFKA_BOOTSTRAP_SERVERS is not set: point it at your Kafka cluster "
+              "(only `beat demo` starts an embedded broker)", file=sys.stderr)
         return 2
     return args.run(args, settings)
 
