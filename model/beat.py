@@ -155,8 +155,8 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(config.hidden_size, config.hidden_size)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: Tensor, keep: Tensor) -> Tensor:
-        # x: [B, T, H]; keep: [B, 1, 1, T] bool, True where a key may be attended to
+    def forward(self, x: Tensor, keep: Tensor | None) -> Tensor:
+        # x: [B, T, H]; keep: [B, 1, 1, T] bool, True where a key may be attended to; None: all
         B, T, H = x.shape
         q, k, v = self.qkv(x).split(H, dim=2)  # each [B, T, H]
         head_size = H // self.num_heads
@@ -190,7 +190,7 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.hidden_size)
         self.mlp = MLP(config)
 
-    def forward(self, x: Tensor, keep: Tensor) -> Tensor:
+    def forward(self, x: Tensor, keep: Tensor | None) -> Tensor:
         x = x + self.attn(self.ln_1(x), keep)
         return x + self.mlp(self.ln_2(x))
 
@@ -246,8 +246,11 @@ class Beat(nn.Module):
 
         x = self.embed(action_ids, property_ids, time_gaps, padding_mask, event_times)  # [B, L, H]
         x = torch.cat([self.summary.expand(B, -1, -1), x], dim=1)  # [B, 1+L, H]
-        keep = F.pad(padding_mask, (1, 0), value=True)  # [B, 1+L], the summary is always kept
-        keep = keep[:, None, None, :]  # [B, 1, 1, 1+L]: same keys for every head and query
+        # Keys to attend to, [B, 1, 1, 1+L]: the same for every head and query; the summary is
+        # always kept. None when nothing is padded, so that SDPA may pick its flash kernels.
+        keep = None
+        if not bool(padding_mask.all()):
+            keep = F.pad(padding_mask, (1, 0), value=True)[:, None, None, :]
         for block in self.blocks:
             x = block(x, keep)
         x = self.ln_f(x)

@@ -1,7 +1,9 @@
 """Model directories: everything that defines one model version, and nothing pickled.
 
     model.safetensors       weights (safetensors)
-    config.json             {"format_version": 1, "model_version": "...", "config": {...}}
+    config.json             {"format_version": 1, "model_type": "beat", "model_version": "...",
+                             "config": {...}}; model_type lets transformers' AutoConfig find
+                             BEAT (see model/hf.py)
     vocab_actions.json      Vocabulary of event actions
     vocab_properties.json   Vocabulary of event properties
 """
@@ -26,6 +28,7 @@ WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 ACTIONS_FILE = "vocab_actions.json"
 PROPERTIES_FILE = "vocab_properties.json"
+MODEL_TYPE = "beat"
 
 
 @dataclass
@@ -75,6 +78,7 @@ def save_model_dir(
     save_file(weights, str(directory / WEIGHTS_FILE), metadata={"model_version": model_version})
     document = {
         "format_version": FORMAT_VERSION,
+        "model_type": MODEL_TYPE,
         "model_version": model_version,
         "config": config.to_dict(),
     }

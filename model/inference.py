@@ -3,45 +3,31 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from model.batch import EventBatch, EventWindow
 from model.beat import MS_PER_DAY, Beat
 from model.checkpoint import load_model_dir
 from model.config import BeatConfig
 from model.vocab import Vocabulary
 
 
-@dataclass
-class EventWindow:
-    """One user's recent events as columns, oldest first.
+def length_batches(lengths: np.ndarray, max_batch: int, bucket_width: int) -> list[np.ndarray]:
+    """Row indices of each batch: windows sorted by length, grouped by length bucket
+    (ceil(length / bucket_width)), at most max_batch per batch.
 
-    event_time_ms: int64 [n] unix milliseconds, ascending
-    action:        str/object [n]
-    property:      object [n]; None where an event has no property
+    A batch is padded to its longest window, so a batch never pads a row by bucket_width or
+    more: compute goes to real events, and short windows never wait for long ones.
     """
-
-    event_time_ms: np.ndarray
-    action: np.ndarray
-    property: np.ndarray
-
-    def __post_init__(self) -> None:
-        self.event_time_ms = np.asarray(self.event_time_ms, dtype=np.int64)
-        self.action = np.asarray(self.action, dtype=object)
-        self.property = np.asarray(self.property, dtype=object)
-        n = len(self.event_time_ms)
-        if self.event_time_ms.ndim != 1 or len(self.action) != n or len(self.property) != n:
-            raise ValueError(
-                "EventWindow columns must be 1-d and of one length; got event_time_ms "
-                f"{self.event_time_ms.shape}, action {self.action.shape}, "
-                f"property {self.property.shape}"
-            )
-
-    def __len__(self) -> int:
-        return len(self.event_time_ms)
+    order = np.argsort(lengths, kind="stable")  # [N]
+    bucket = -(-lengths[order] // bucket_width)  # [N], ascending
+    batches = []
+    for same in np.split(order, np.flatnonzero(np.diff(bucket)) + 1):
+        batches += [same[i : i + max_batch] for i in range(0, len(same), max_batch)]
+    return batches
 
 
 class BeatEncoder:
@@ -55,26 +41,39 @@ class BeatEncoder:
         model_version: str,
         device: str | torch.device = "cpu",
         max_batch: int = 64,
+        compile: bool = False,
+        bucket_width: int = 16,
     ) -> None:
-        if max_batch < 1:
-            raise ValueError(f"max_batch must be at least 1, got {max_batch}")
+        if max_batch < 1 or bucket_width < 1:
+            raise ValueError(
+                f"max_batch and bucket_width must be at least 1, got {max_batch}, {bucket_width}"
+            )
         self.model = model.to(device).eval()
         self.actions = actions
         self.properties = properties
         self.device = torch.device(device)
         self.max_batch = max_batch
+        self.bucket_width = bucket_width
         self._model_version = model_version
+        # dynamic=True: batches come in every width up to max_events, compile once for all.
+        self._forward = torch.compile(self.model, dynamic=True) if compile else self.model
 
     @classmethod
     def from_pretrained(
-        cls, directory: str | Path, device: str | torch.device | None = None, max_batch: int = 64
+        cls,
+        directory: str | Path,
+        device: str | torch.device | None = None,
+        max_batch: int = 64,
+        compile: bool = False,
     ) -> BeatEncoder:
         """Load a model directory; device defaults to CUDA when present, else CPU."""
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         saved = load_model_dir(directory)
         model = Beat.from_tensors(saved.config, saved.tensors, source=str(directory))
-        return cls(model, saved.actions, saved.properties, saved.model_version, device, max_batch)
+        return cls(
+            model, saved.actions, saved.properties, saved.model_version, device, max_batch, compile
+        )
 
     @property
     def model_version(self) -> str:
@@ -88,15 +87,13 @@ class BeatEncoder:
         """Embeddings float32 [N, embedding_size], in the order of `windows`.
 
         Each window is first cut to what the model reads: events within window_days of its
-        newest event, then the newest max_events of those. Windows are sorted by length and
-        encoded in batches of up to max_batch, each padded only to its own longest window, so
-        short windows do not pay for long ones.
+        newest event, then the newest max_events of those. Windows are then encoded in
+        length-aware batches (see length_batches), each padded only to its own longest window.
         """
         clipped = [self._clip(window) for window in windows]
         embeddings = np.empty((len(clipped), self.embedding_size), dtype=np.float32)
-        order = np.argsort([len(window) for window in clipped], kind="stable")
-        for start in range(0, len(order), self.max_batch):
-            rows = order[start : start + self.max_batch]
+        lengths = np.array([len(window) for window in clipped], dtype=np.int64)
+        for rows in length_batches(lengths, self.max_batch, self.bucket_width):
             embeddings[rows] = self._encode_batch([clipped[i] for i in rows])
         return embeddings
 
@@ -115,37 +112,17 @@ class BeatEncoder:
         start = max(first_in_window, len(times) - config.max_events)
         return EventWindow(times[start:], window.action[start:], window.property[start:])
 
-    @torch.inference_mode()
     def _encode_batch(self, windows: list[EventWindow]) -> np.ndarray:
-        lengths = np.array([len(window) for window in windows])
-        # Pad to at least one slot: an empty window is all padding, and the model still reads
-        # its summary token.
-        width = max(int(lengths.max()), 1)
-        real = np.arange(width) < lengths[:, None]  # [b, width] bool, right-padded
-        times = np.zeros((len(windows), width), dtype=np.int64)
-        actions = np.zeros((len(windows), width), dtype=np.int64)
-        properties = np.zeros((len(windows), width), dtype=np.int64)
-        ages = np.zeros((len(windows), width), dtype=np.float64)
+        batch = EventBatch.from_windows(windows, self.actions, self.properties)
+        return self.embed(batch).cpu().numpy()
 
-        # Boolean-mask assignment fills row by row, matching the order of the concatenation.
-        flat_times = np.concatenate([window.event_time_ms for window in windows])
-        times[real] = flat_times
-        newest = np.repeat([w.event_time_ms[-1] if len(w) else 0 for w in windows], lengths)
-        ages[real] = (newest - flat_times) / MS_PER_DAY
-        actions[real] = self.actions.lookup(np.concatenate([w.action for w in windows]))
-        properties[real] = self.properties.lookup(np.concatenate([w.property for w in windows]))
-
-        def tensor(array: np.ndarray) -> torch.Tensor:
-            return torch.from_numpy(array).to(self.device, non_blocking=True)
-
-        output = self.model(
-            action_ids=tensor(actions),
-            property_ids=tensor(properties),
-            time_gaps=tensor(ages),
-            padding_mask=tensor(real),
-            event_times=tensor(times),
-        )
-        return output["embedding"].float().cpu().numpy()
+    @torch.inference_mode()
+    def embed(self, batch: EventBatch) -> torch.Tensor:
+        """Embeddings float32 [B, embedding_size], on the encoder's device, of a padded batch."""
+        batch = batch.to(self.device)
+        # bf16 matmuls and flash attention on CUDA; on CPU, float32 (bf16 there is slower).
+        with torch.autocast("cuda", torch.bfloat16, enabled=self.device.type == "cuda"):
+            return self._forward(**batch.inputs())["embedding"].float()
 
 
 def init_model_dir(

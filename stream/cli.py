@@ -94,12 +94,19 @@ def cmd_model_init(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_model_info(args: argparse.Namespace, settings: Settings) -> int:
+    import torch
+
     from model import Beat, BeatConfig
 
-    if args.dir:
-        model = Beat.from_pretrained(args.dir)
-    else:
-        model = Beat(BeatConfig.preset(args.preset))
+    try:
+        if args.dir:
+            model = Beat.from_pretrained(args.dir)
+        else:
+            with torch.device("meta"):  # shapes only: no memory, no random init
+                model = Beat(BeatConfig.preset(args.preset))
+    except ValueError as err:  # a broken model directory or an unknown preset, said plainly
+        print(err, file=sys.stderr)
+        return 2
     for key, value in model.config.to_dict().items():
         print(f"{key:24} {value}")
     print(f"{'parameters':24} {model.num_parameters():,}")

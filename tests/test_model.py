@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from model import Beat, BeatConfig, BeatEncoder, EventWindow, Vocabulary, init_model_dir
 from model.beat import GapEncoding, log_bucket
+from model.inference import length_batches
 from model.vocab import NONE_ID, OOV_ID, PAD_ID
 
 ACTIONS = ["page_view", "search", "add_to_cart", "purchase", "login", "card_payment"]
@@ -303,3 +304,35 @@ def test_model_package_imports_no_kafka_feast_or_stream():
     repo = Path(__file__).resolve().parents[1]
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=repo)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# --- length-aware batching and transformers ------------------------------------------------
+
+
+def test_length_batches_cover_every_row_once_with_little_padding():
+    lengths = np.random.default_rng(0).integers(0, 257, size=1000)
+    batches = length_batches(lengths, max_batch=64, bucket_width=16)
+    rows = np.concatenate(batches)
+    assert sorted(rows) == list(range(1000))
+    for batch in batches:
+        assert 1 <= len(batch) <= 64
+        assert lengths[batch].max() - lengths[batch].min() < 16  # padding per row < 16 events
+    padded = sum(len(b) * lengths[b].max() for b in batches)
+    assert padded < 1.1 * lengths.sum()
+    assert len(length_batches(np.array([], dtype=np.int64), 64, 16)) == 0
+
+
+def test_auto_model_loads_a_model_dir_with_the_model_card_snippet(tiny_dir):
+    pytest.importorskip("transformers", reason="the optional `hf` extra is not installed")
+    import model.hf  # noqa: F401  registers BEAT with the Auto classes
+    from transformers import AutoConfig, AutoModel
+
+    assert json.loads((tiny_dir / "config.json").read_text())["model_type"] == "beat"
+    assert AutoConfig.from_pretrained(tiny_dir).beat_config() == BeatConfig.preset("tiny")
+    hf_model = AutoModel.from_pretrained(tiny_dir)
+    config = hf_model.config.beat_config()
+    action_ids, property_ids, time_gaps, _ = random_batch(config, B=2, L=5)
+    outputs = hf_model(action_ids, property_ids, time_gaps)
+    assert outputs["embedding"].shape == (2, 768)
+    reference = Beat.from_pretrained(tiny_dir)(action_ids, property_ids, time_gaps)
+    torch.testing.assert_close(outputs["embedding"], reference["embedding"], atol=0, rtol=0)

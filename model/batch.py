@@ -1,0 +1,100 @@
+"""Event windows (one user's raw events) and padded model inputs (a batch of users)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, fields, replace
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from model.beat import MS_PER_DAY
+from model.vocab import Vocabulary
+
+
+@dataclass
+class EventWindow:
+    """One user's recent events as columns, oldest first.
+
+    event_time_ms: int64 [n] unix milliseconds, ascending
+    action:        str/object [n]
+    property:      object [n]; None where an event has no property
+    """
+
+    event_time_ms: np.ndarray
+    action: np.ndarray
+    property: np.ndarray
+
+    def __post_init__(self) -> None:
+        self.event_time_ms = np.asarray(self.event_time_ms, dtype=np.int64)
+        self.action = np.asarray(self.action, dtype=object)
+        self.property = np.asarray(self.property, dtype=object)
+        n = len(self.event_time_ms)
+        if self.event_time_ms.ndim != 1 or len(self.action) != n or len(self.property) != n:
+            raise ValueError(
+                "EventWindow columns must be 1-d and of one length; got event_time_ms "
+                f"{self.event_time_ms.shape}, action {self.action.shape}, "
+                f"property {self.property.shape}"
+            )
+
+    def __len__(self) -> int:
+        return len(self.event_time_ms)
+
+
+@dataclass
+class EventBatch:
+    """BEAT's inputs for B users, right-padded to L events, oldest first (see model/beat.py).
+
+    action_ids    [B, L] int64    vocabulary ids, 0 at padding
+    property_ids  [B, L] int64    vocabulary ids, 0 at padding
+    time_gaps     [B, L] float64  days before the newest event of the same row (newest: 0)
+    padding_mask  [B, L] bool     True for a real event
+    event_times   [B, L] int64    unix ms (UTC), for the hour-of-day / day-of-week signals
+    """
+
+    action_ids: Tensor
+    property_ids: Tensor
+    time_gaps: Tensor
+    padding_mask: Tensor
+    event_times: Tensor
+
+    @classmethod
+    def from_windows(
+        cls, windows: Sequence[EventWindow], actions: Vocabulary, properties: Vocabulary
+    ) -> EventBatch:
+        """Pad windows to the longest one (at least one slot, so an empty window still has a
+        row); values the vocabularies have never seen become the out-of-vocabulary id."""
+        lengths = np.array([len(window) for window in windows])
+        width = max(int(lengths.max(initial=0)), 1)
+        real = np.arange(width) < lengths[:, None]  # [B, width] bool, right-padded
+        times = np.zeros((len(windows), width), dtype=np.int64)
+        action_ids = np.zeros((len(windows), width), dtype=np.int64)
+        property_ids = np.zeros((len(windows), width), dtype=np.int64)
+        ages = np.zeros((len(windows), width), dtype=np.float64)
+
+        # Boolean-mask assignment fills row by row, matching the order of the concatenation.
+        flat_times = np.concatenate([window.event_time_ms for window in windows])
+        times[real] = flat_times
+        newest = np.repeat([w.event_time_ms[-1] if len(w) else 0 for w in windows], lengths)
+        ages[real] = (newest - flat_times) / MS_PER_DAY
+        action_ids[real] = actions.lookup(np.concatenate([w.action for w in windows]))
+        property_ids[real] = properties.lookup(np.concatenate([w.property for w in windows]))
+        return cls(
+            *(torch.from_numpy(a) for a in (action_ids, property_ids, ages, real, times))
+        )
+
+    def __len__(self) -> int:
+        return self.action_ids.shape[0]
+
+    @property
+    def lengths(self) -> Tensor:
+        return self.padding_mask.sum(dim=1)  # [B]
+
+    def to(self, device: str | torch.device) -> EventBatch:
+        moved = {f.name: getattr(self, f.name).to(device, non_blocking=True) for f in fields(self)}
+        return replace(self, **moved)
+
+    def inputs(self) -> dict[str, Tensor]:
+        """Keyword arguments for Beat.forward."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
