@@ -53,6 +53,9 @@ class Settings(BaseSettings):
     max_events: int = Field(256, ge=1)
     window_days: float = Field(90.0, gt=0)
     flush_interval_ms: int = Field(100, ge=1)
+    # Events further ahead of the worker's clock than this go to the dead-letter topic:
+    # a wrong clock or unit (seconds for ms) would otherwise pin a window's newest event.
+    future_tolerance_ms: int = Field(3_600_000, ge=0)
     state_store: str = Field("memory://", description="faust store URL: memory:// or rocksdb://")
     data_dir: Path = REPO_ROOT / "data"
 

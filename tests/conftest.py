@@ -80,12 +80,18 @@ def settings(bootstrap_servers: str, tmp_path: Path) -> Settings:
 
 
 @contextmanager
-def stream_worker(settings: Settings, log_path: Path) -> Iterator[subprocess.Popen]:
-    """A stream worker process (faust wants its own process and event loop)."""
+def stream_worker(settings: Settings, log_path: Path, ready_file: Path | None = None) -> Iterator[subprocess.Popen]:
+    """A stream worker process (faust wants its own process and event loop).
+
+    With ready_file, the worker creates it once it holds partitions and has recovered
+    its state. The log is appended to, so restarts of a worker share one log.
+    """
     env = {**os.environ, **settings.to_env()}
-    with open(log_path, "w") as log:
-        process = subprocess.Popen([sys.executable, "-m", "stream.cli", "stream", "--loglevel", "info"],
-                                   env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+    command = [sys.executable, "-m", "stream.cli", "stream", "--loglevel", "info"]
+    if ready_file:
+        command += ["--ready-file", str(ready_file)]
+    with open(log_path, "a") as log:
+        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
         try:
             yield process
         finally:
@@ -130,3 +136,11 @@ def read_topic(settings: Settings, topic: str, until: Callable[[list[Message]], 
         return messages
     finally:
         consumer.close()
+
+
+def wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} did not happen within {timeout_s}s")
+        time.sleep(0.05)
