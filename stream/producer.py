@@ -21,6 +21,7 @@ class EventProducer:
         self.codec = AvroCodec("behavior_event", settings.events_topic, settings.schema_registry_url)
         self.producer = Producer(producer_config(settings, **{"linger.ms": 20}))
         self.sent = 0
+        self.failed: list[str] = []  # delivery errors since the last flush
 
     def send(self, events: Iterable[dict]) -> int:
         """Send events (dicts of the schema's fields); returns how many."""
@@ -41,15 +42,23 @@ class EventProducer:
     def _produce(self, key: bytes, value: bytes) -> None:
         while True:
             try:
-                self.producer.produce(self.topic, key=key, value=value)
+                self.producer.produce(self.topic, key=key, value=value, on_delivery=self._on_delivery)
                 return
             except BufferError:  # local queue full: let librdkafka drain it
                 self.producer.poll(0.05)
 
+    def _on_delivery(self, error: object, message: object) -> None:
+        if error is not None:
+            self.failed.append(str(error))
+
     def flush(self, timeout_s: float = 30.0) -> None:
+        """Wait until every event is delivered; raise if any was not."""
         left = self.producer.flush(timeout_s)
         if left:
             raise RuntimeError(f"{left} events not delivered to {self.topic} within {timeout_s}s")
+        if self.failed:
+            errors, self.failed = self.failed, []
+            raise RuntimeError(f"{len(errors)} events were rejected by {self.topic}: {errors[:3]}")
 
 
 def produce(
