@@ -131,14 +131,13 @@ class EncoderWorker:
             embeddings = self.encoder.encode(
                 [EventWindow(w["event_time"], w["action"], w["property"]) for w in windows]
             )
-        updated_at = utc_now()
         rows = EmbeddingRows(
             user_id=[w["user_id"] for w in windows],
             embedding=embeddings,
             model_version=self.encoder.model_version,
             event_count=np.array([len(w["event_time"]) for w in windows], np.int64),
             last_event_time_ms=np.array([w["event_time"][-1] for w in windows], np.int64),
-            updated_at=updated_at,
+            updated_at=utc_now(),
         )
         with self.stats.stage("feast"):
             self.sink.write(rows)
@@ -146,11 +145,9 @@ class EncoderWorker:
             self._publish(rows)
         self.stats.users += len(windows)
         self.stats.batches += 1
-        updated_ms = int(updated_at.timestamp() * 1000)
-        self.stats.freshness_ms.extend((updated_ms - rows.last_event_time_ms).tolist())
+        self.stats.freshness_ms.extend((rows.updated_at_ms - rows.last_event_time_ms).tolist())
 
     def _publish(self, rows: EmbeddingRows) -> None:
-        updated_ms = int(rows.updated_at.timestamp() * 1000)
         for i, user_id in enumerate(rows.user_id):
             value = self.embedding_codec.encode({
                 "user_id": user_id,
@@ -158,7 +155,7 @@ class EncoderWorker:
                 "embedding": rows.embedding[i].tolist(),
                 "event_count": int(rows.event_count[i]),
                 "last_event_time": int(rows.last_event_time_ms[i]),
-                "updated_at": updated_ms,
+                "updated_at": rows.updated_at_ms,
             })
             self.producer.produce(self.settings.embeddings_topic, key=user_id.encode(), value=value)
 

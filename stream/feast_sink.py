@@ -32,6 +32,10 @@ class EmbeddingRows:
     last_event_time_ms: np.ndarray  # int64[n]
     updated_at: datetime
 
+    @property
+    def updated_at_ms(self) -> int:
+        return int(self.updated_at.timestamp() * 1000)
+
 
 def feature_store_yaml(settings: Settings) -> dict:
     """The effective feature_store.yaml of this deployment (`beat feast-config` prints it)."""
