@@ -55,13 +55,9 @@ def lengths(table: pa.Table) -> np.ndarray:
 def keep_events(table: pa.Table, keep: np.ndarray) -> pa.Table:
     """The table with only the events where keep (bool, one per event, in flattened order)
     is True; users left with no event keep their (empty) row."""
-    n = lengths(table)
-    if len(keep):
-        # reduceat gives an empty row its neighbour's value, and cannot start past the end
-        counts = np.add.reduceat(keep, np.minimum(_starts(table), len(keep) - 1))
-        counts = np.where(n > 0, counts, 0)
-    else:
-        counts = np.zeros(len(n), np.int64)
+    kept_before = np.concatenate([[0], np.cumsum(keep)])  # [events + 1]
+    starts = _starts(table)
+    counts = kept_before[starts + lengths(table)] - kept_before[starts]  # [users]
     offsets = pa.array(np.concatenate([[0], np.cumsum(counts)]).astype(np.int32))
     columns = {"user_id": table["user_id"].combine_chunks()}
     for name in EVENT_COLUMNS:
