@@ -131,7 +131,9 @@ class EventDecoder:
             try:
                 records.append(self.codec.decode(payloads[i]))
                 decoded.append(i)
-            except DecodeError as err:
+            # OverflowError: fastavro on an event_time beyond datetime's years 1..9999,
+            # which AvroCodec.decode lets through; the record is as undecodable.
+            except (DecodeError, OverflowError) as err:
                 rejected.append((i, str(err)))
         return decoded, records, rejected
 
