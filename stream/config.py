@@ -39,8 +39,7 @@ class Settings(BaseSettings):
     embeddings_topic: str = "beat.embeddings"
     dead_letter_topic: str = "beat.events.dlq"
     partitions: int = Field(4, ge=1)
-    # Consumer groups (and the faust app id, which names the state changelog topic)
-    # are "<prefix>-windows" and "<prefix>-encoders": one prefix per deployment.
+    # Consumer groups are "<prefix>-windows" and "<prefix>-encoders": one prefix per deployment.
     group_prefix: str = "beat"
     # Tansu (and some managed Kafkas) hold a fetch for its whole max wait; a short wait
     # keeps end-to-end latency low at the cost of more, mostly empty, fetch requests.
@@ -50,13 +49,17 @@ class Settings(BaseSettings):
     session_timeout_ms: int = Field(6000, ge=1000)
 
     # Stream workers: the rolling window
-    max_events: int = Field(256, ge=1)
+    max_events: int = Field(256, ge=1, le=65_536)  # a window's symbols are uint16
     window_days: float = Field(90.0, gt=0)
     flush_interval_ms: int = Field(100, ge=1)
     # Events further ahead of the worker's clock than this go to the dead-letter topic:
     # a wrong clock or unit (seconds for ms) would otherwise pin a window's newest event.
     future_tolerance_ms: int = Field(3_600_000, ge=0)
-    state_store: str = Field("memory://", description="faust store URL: memory:// or rocksdb://")
+    # Events taken per batch at most (a batch is otherwise one flush interval of events).
+    max_batch_events: int = Field(200_000, ge=1)
+    # Where a stream worker keeps the windows of its partitions: "memory" (tests, small
+    # deployments) or "rocksdb" (data_dir/state/..., for states larger than memory).
+    state_store: Literal["memory", "rocksdb"] = "memory"
     data_dir: Path = REPO_ROOT / "data"
 
     # Encoder workers

@@ -81,6 +81,8 @@ class Monitor:
                     continue
                 topic = message.topic()
                 self.next_offset[(topic, message.partition())] = message.offset() + 1
+                if message.value() is None:  # a stream worker's seal of beat.windows
+                    continue
                 self.observed.messages[topic] = self.observed.messages.get(topic, 0) + 1
                 if topic == self.settings.events_topic:
                     timestamp = message.timestamp()[1]

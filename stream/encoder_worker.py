@@ -26,6 +26,7 @@ from stream.broker import consumer_config, dead_letter_headers, producer_config
 from stream.codec import AvroCodec, DecodeError
 from stream.config import Settings
 from stream.feast_sink import EmbeddingRows, FeatureSink, utc_now
+from stream.window import Window
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +100,7 @@ class EncoderWorker:
 
     def process(self, messages: list[Message]) -> None:
         with self.stats.stage("decode"):
-            windows = list(self._latest_windows(messages).values())
+            windows = self._latest_windows(messages)
         if windows:
             self._encode_and_write(windows)
         with self.stats.stage("commit"):
@@ -107,36 +108,37 @@ class EncoderWorker:
             self.consumer.commit(asynchronous=False)
         self.stats.interval_batches += 1
 
-    def _latest_windows(self, messages: list[Message]) -> dict[str, dict]:
-        """Decoded windows, the newest message per user (later offsets win)."""
-        latest: dict[str, dict] = {}
+    def _latest_windows(self, messages: list[Message]) -> dict[str, EventWindow]:
+        """The newest window of each user (later offsets win), as model inputs."""
+        latest: dict[bytes, Message] = {}
         for message in messages:
             if message.error():
                 if message.error().code() != KafkaError._PARTITION_EOF:
                     log.warning("consume error: %s", message.error())
-                continue
+            elif message.value() is not None:  # None: a stream worker's seal
+                latest[message.key()] = message
+        windows = {}
+        for message in latest.values():
             try:
-                record = self.window_codec.decode(message.value())
-            except DecodeError as err:
+                window = Window.from_record(self.window_codec.decode(message.value()))
+            except (DecodeError, ValueError) as err:
                 self._dead_letter(message, str(err))
                 continue
-            if not record["event_time"]:
+            if not len(window):
                 self._dead_letter(message, "window has no events")
                 continue
-            latest[record["user_id"]] = record
-        return latest
+            windows[window.user_id] = window.event_window()
+        return windows
 
-    def _encode_and_write(self, windows: list[dict]) -> None:
+    def _encode_and_write(self, windows: dict[str, EventWindow]) -> None:
         with self.stats.stage("encode"):
-            embeddings = self.encoder.encode(
-                [EventWindow(w["event_time"], w["action"], w["property"]) for w in windows]
-            )
+            embeddings = self.encoder.encode(list(windows.values()))
         rows = EmbeddingRows(
-            user_id=[w["user_id"] for w in windows],
+            user_id=list(windows),
             embedding=embeddings,
             model_version=self.encoder.model_version,
-            event_count=np.array([len(w["event_time"]) for w in windows], np.int64),
-            last_event_time_ms=np.array([w["event_time"][-1] for w in windows], np.int64),
+            event_count=np.array([len(w) for w in windows.values()], np.int64),
+            last_event_time_ms=np.array([w.event_time_ms[-1] for w in windows.values()], np.int64),
             updated_at=utc_now(),
         )
         with self.stats.stage("feast"):

@@ -1,228 +1,358 @@
 """Stream workers: keep every user's rolling window and emit the windows that changed.
 
-A faust-streaming app. It reads ``beat.events`` in batches of up to one flush interval
-(``take_events``), merges each user's new events into the window kept in a faust Table
-(memory or RocksDB, with a changelog topic for recovery), and sends each changed user's
-window once per batch to ``beat.windows``. Events that cannot be decoded or validated go
-to the dead-letter topic with the reason in the ``dlq.reason`` header.
+One loop, one batch per flush interval:
+
+    consume    every event of the interval from beat.events (confluent-kafka, batched)
+    decode     all values at once into columns; bad ones go to the dead-letter topic
+    merge      each user's new events into the stored window, all users at once (window.py)
+    emit       one window message per changed user to beat.windows, and into the state store
+    commit     after the windows are flushed and sealed (below), the batch's offsets
+
+beat.windows is compacted and keyed by user_id, and a window message is the user's whole
+state, so the topic is also the state's changelog: when a partition is assigned, its store
+is rebuilt from the same partition of beat.windows (events and windows are co-partitioned:
+a user's window goes to the partition number of the user's events). A worker killed at
+any point restarts from the last commit; the replayed events merge into windows that may
+already hold them, which changes nothing (merging is idempotent), so no event is lost or
+counted twice.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
+import signal
 import time
-import weakref
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import faust
-from faust.streams import _current_event
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
-from stream.broker import dead_letter_headers
-from stream.codec import AvroCodec, DecodeError
+from stream.broker import consumer_config, dead_letter_headers, producer_config
+from stream.codec import AvroCodec
 from stream.config import Settings
-from stream.faust_transport import broker_url
-from stream.window import Window, merge
+from stream.event_columns import EventColumns, EventDecoder
+from stream.state import PartitionStore, open_store
+from stream.window import MAX_TIME_MS, NewEvents, Window, event_id_hashes, merge_batch
 
 log = logging.getLogger(__name__)
 
-STATE_TABLE = "user-windows"
-MAX_BATCH_EVENTS = 50_000
-# Key of the tombstones that seal each batch's changelog writes (see seal_changelog).
-# No user has an empty user_id (validate() rejects it), so it never names a window.
-CHANGELOG_SEAL_KEY = b""
+# Key of the tombstone that seals each batch's windows (see WindowEmitter.seal). No user has
+# an empty user_id (validation rejects it), so it never names a window.
+SEAL_KEY = b""
+RESTORE_BATCH = 10_000
 
 
-class InvalidEvent(ValueError):
-    """A decoded event breaks the contract of schemas/behavior_event.avsc."""
+@dataclass
+class Rejected:
+    """Messages of a batch that go to the dead-letter topic: index in the batch, reason."""
+
+    index: list[int] = field(default_factory=list)
+    reason: list[str] = field(default_factory=list)
+
+    def add(self, index: np.ndarray, reason: str | Sequence[str]) -> None:
+        self.index += index.tolist()
+        self.reason += [reason] * len(index) if isinstance(reason, str) else list(reason)
 
 
-def validate(event: dict, key: bytes | None, now_ms: int, future_tolerance_ms: int) -> dict:
-    """The event with event_time as epoch ms; raises InvalidEvent with the reason."""
-    for required in ("user_id", "event_id", "action"):
-        if not event[required]:
-            raise InvalidEvent(f"missing {required}")
+def validate(events: EventColumns, keys: list[bytes | None], now_ms: int, future_tolerance_ms: int, rejected: Rejected) -> np.ndarray:
+    """Indices (into events' rows) of the valid events; the others are added to rejected."""
+    problems = [
+        (pc.equal(events.user_id, ""), "missing user_id"),
+        (pc.equal(events.event_id, ""), "missing event_id"),
+        (pc.equal(events.action, ""), "missing action"),
+    ]
+    bad = np.zeros(len(events.row), bool)
+    for mask, reason in problems:
+        hit = np.asarray(mask.to_numpy(zero_copy_only=False), bool) & ~bad
+        rejected.add(events.row[hit], reason)
+        bad |= hit
     # A user's events must share a partition: the window state lives with the partition.
-    if key is None or key.decode("utf-8", "replace") != event["user_id"]:
-        raise InvalidEvent(
-            f"message key {None if key is None else key[:64]!r} is not the event's user_id "
-            f"{event['user_id']!r}; produce events keyed by user_id"
-        )
-    event_ms = round(event["event_time"].timestamp() * 1000)
-    if event_ms > now_ms + future_tolerance_ms:
-        raise InvalidEvent(f"event_time is {(event_ms - now_ms) / 1000:.0f}s in the future")
-    return {**event, "event_time": event_ms}
-
-
-def write_as_part_of(event: faust.EventT) -> None:
-    """Make the table writes that follow in this task go to ``event``'s partition.
-
-    A faust table writes its changelog (and, with RocksDB, its store) to the partition
-    of the current event, and after take_events() the current event is the batch's last.
-    Only the task's context variable is set: ``Stream._set_current_event`` would also
-    overwrite ``stream.current_event``, which take_events()' background reader pairs
-    with the next value it buffers; it then buffers an old event in place of the new one,
-    which is never processed nor acked (a lost event, found by tests/test_recovery.py).
-    """
-    _current_event.set(weakref.ref(event))
-
-
-async def seal_changelog(app: faust.App, table: faust.Table, partitions: set[int]) -> None:
-    """Make the batch's changelog writes recoverable before its offsets can be committed.
-
-    Tansu reports a partition's high watermark as the base offset of its last record
-    batch + 1, and faust's recovery reads a changelog only up to the high watermark: it
-    would miss every record but the first of the last batch, losing the newest window
-    of those users although their events' offsets were committed. A tombstone of a key
-    no user has, sent in a batch of its own after the writes are flushed, puts every
-    real write below the watermark. On Kafka it costs one tiny record per partition and
-    batch.
-    """
-    await flush_producer(app)
-    for partition in partitions:
-        await table.changelog_topic.send(key=CHANGELOG_SEAL_KEY, value=None, partition=partition)
-    await flush_producer(app)
-
-
-async def flush_producer(app: faust.App) -> None:
-    """Send everything buffered, table changelog writes included.
-
-    faust's ProducerBuffer.flush() returns as soon as no message left its buffer for
-    0.1 s, which on a busy CPU happens with writes still in it; a seal sent then would
-    precede them.
-    """
-    await app.producer.flush()
-    while app.producer.buffer.size:
-        await app.producer.flush()
+    row_keys = pa.array([keys[i] for i in events.row.tolist()], pa.binary())
+    keyed = pc.fill_null(pc.equal(row_keys, events.user_id.cast(pa.binary())), False)
+    wrong_key = ~np.asarray(keyed.to_numpy(zero_copy_only=False), bool) & ~bad
+    rejected.add(events.row[wrong_key], [
+        f"message key {None if key is None else key[:64]!r} is not the event's user_id {user!r}; "
+        "produce events keyed by user_id"
+        for key, user in zip(row_keys.filter(pa.array(wrong_key)).to_pylist(), events.user_id.filter(pa.array(wrong_key)).to_pylist())
+    ])
+    bad |= wrong_key
+    ahead = events.event_time - now_ms
+    future = (ahead > future_tolerance_ms) & ~bad
+    rejected.add(events.row[future], [f"event_time is {s / 1000:.0f}s in the future" for s in ahead[future].tolist()])
+    bad |= future
+    out_of_range = ((events.event_time < 0) | (events.event_time > MAX_TIME_MS)) & ~bad
+    rejected.add(events.row[out_of_range], "event_time before 1970 or after year 10889 cannot be stored")
+    return np.flatnonzero(~(bad | out_of_range))
 
 
 @dataclass
 class WindowStats:
     counts: Counter = field(default_factory=Counter)
+    seconds: Counter = field(default_factory=Counter)  # per stage
 
     def summary(self) -> str:
         c = self.counts
         ratio = c["events"] / max(1, c["windows"])
+        stages = " ".join(f"{stage}={s / max(1, c['batches']) * 1000:.1f}ms" for stage, s in self.seconds.items())
         return (
-            f"events={c['events']} windows={c['windows']} (coalescing {ratio:.1f}x) "
-            f"duplicates={c['duplicates']} too_old={c['too_old']} dead_letters={c['dead_letters']}"
+            f"events={c['events']} windows={c['windows']} (coalescing {ratio:.1f}x) batches={c['batches']} "
+            f"duplicates={c['duplicates']} too_old={c['too_old']} dead_letters={c['dead_letters']} "
+            f"per batch: {stages}"
         )
 
 
-def create_app(settings: Settings) -> faust.App:
-    """The faust app of the stream workers, configured from settings."""
-    datadir = settings.data_dir / "stream-worker"
-    datadir.mkdir(parents=True, exist_ok=True)
-    app = faust.App(
-        settings.stream_group,
-        broker=broker_url(settings.bootstrap_servers, settings.fetch_max_wait_ms),
-        store=settings.state_store,
-        datadir=str(datadir),
-        web_enabled=False,
-        topic_partitions=settings.partitions,
-        topic_allow_declare=True,
-        table_standby_replicas=0,
-        consumer_auto_offset_reset="earliest",
-        broker_session_timeout=settings.session_timeout_ms / 1000,
-        broker_heartbeat_interval=settings.session_timeout_ms / 10_000,
-        broker_rebalance_timeout=2 * settings.session_timeout_ms / 1000,
-    )
-    raw = {"key_serializer": "raw", "value_serializer": "raw"}
-    events_topic = app.topic(settings.events_topic, **raw)
-    windows_topic = app.topic(settings.windows_topic, **raw)
-    dead_letter_topic = app.topic(settings.dead_letter_topic, **raw)
-    table = app.Table(STATE_TABLE, key_type=bytes, value_type=bytes, partitions=settings.partitions)
-    event_codec = AvroCodec("behavior_event", settings.events_topic, settings.schema_registry_url)
-    window_codec = AvroCodec("user_window", settings.windows_topic, settings.schema_registry_url)
-    stats = WindowStats()
+class StreamWorker:
+    """One stream worker process: a member of the stream consumer group."""
 
-    async def valid_records(batch: list[faust.EventT], now_ms: int) -> dict[str, list[tuple[dict, faust.EventT]]]:
-        """The batch's valid events grouped by user, in arrival order; the others are
-        dead-lettered."""
-        by_user: dict[str, list[tuple[dict, faust.EventT]]] = {}
-        for event in batch:
-            message = event.message
-            try:
-                record = validate(event_codec.decode(message.value), message.key, now_ms, settings.future_tolerance_ms)
-            except (DecodeError, InvalidEvent) as err:
-                stats.counts["dead_letters"] += 1
-                await dead_letter_topic.send(
-                    key=message.key, value=message.value,
-                    headers=dead_letter_headers(str(err), message.topic, message.partition, message.offset),
-                )
-                continue
-            by_user.setdefault(record["user_id"], []).append((record, event))
-        return by_user
+    def __init__(self, settings: Settings, ready_file: Path | None = None) -> None:
+        self.settings = settings
+        self.ready_file = ready_file
+        self.events = EventDecoder(AvroCodec("behavior_event", settings.events_topic, settings.schema_registry_url))
+        self.window_codec = AvroCodec("user_window", settings.windows_topic, settings.schema_registry_url)
+        self.consumer = Consumer(consumer_config(
+            settings, settings.stream_group,
+            **{"fetch.max.bytes": 64 << 20, "max.partition.fetch.bytes": 16 << 20, "queued.min.messages": 200_000},
+        ))
+        self.producer = Producer(producer_config(settings, **{"linger.ms": 5, "batch.size": 1 << 20}))
+        self.stores: dict[int, PartitionStore] = {}
+        self.pending: list[Message] = []
+        self.stats = WindowStats()
+        self.stopping = False
+        self.delivery_error: KafkaError | None = None
 
-    def update_window(user_id: str, records: list[dict], now_ms: int) -> None:
-        """Merge a user's new events into the stored window; store it and emit it.
+    # -- the loop -------------------------------------------------------------------------
 
-        The window is emitted even when nothing changed (only duplicates): after a crash
-        the events since the last commit are replayed, and the window message of their
-        first processing may never have reached beat.windows.
+    def run(self) -> None:
+        self.consumer.subscribe(
+            [self.settings.events_topic], on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost,
+        )
+        next_report = time.monotonic() + 10
+        try:
+            while not self.stopping:
+                self._take_interval()
+                if self.pending:
+                    batch, self.pending = self.pending, []
+                    self.process(batch)
+                if time.monotonic() >= next_report:
+                    log.info("stream worker: %s", self.stats.summary())
+                    next_report += 10
+        finally:
+            self.consumer.close()  # leaves the group: the partitions move at once
+            self.producer.flush(10)
+            for store in self.stores.values():
+                store.close()
+
+    def stop(self, *_: object) -> None:
+        self.stopping = True
+
+    def _take_interval(self) -> None:
+        """Add to self.pending every event of one flush interval, from the first one on
+        (so a window waits at most one interval), up to max_batch_events."""
+        interval_s = self.settings.flush_interval_ms / 1000
+        limit = self.settings.max_batch_events
+        first = self.consumer.consume(limit, 0.5)
+        if not first:
+            return
+        self.pending += first
+        deadline = time.monotonic() + interval_s
+        while (left := deadline - time.monotonic()) > 0 and len(self.pending) < limit and not self.stopping:
+            self.pending += self.consumer.consume(limit - len(self.pending), left)
+
+    # -- one batch ------------------------------------------------------------------------
+
+    def process(self, messages: list[Message]) -> None:
+        with self._stage("decode"):
+            messages = [m for m in messages if not self._is_error(m)]
+            now_ms = int(time.time() * 1000)
+            keys = [m.key() for m in messages]
+            events = self.events.decode([m.value() for m in messages])
+            rejected = Rejected()
+            rejected.add(np.array([i for i, _ in events.rejected], np.int64), [r for _, r in events.rejected])
+            valid = validate(events, keys, now_ms, self.settings.future_tolerance_ms, rejected)
+        with self._stage("merge"):
+            windows = self._merge(events, valid, np.array([m.partition() for m in messages], np.int64))
+        with self._stage("emit"):
+            self._dead_letter(messages, rejected)
+            self._emit(windows, now_ms)
+        with self._stage("commit"):
+            self._commit(messages)
+        self.stats.counts["events"] += len(messages)
+        self.stats.counts["batches"] += 1
+
+    def _merge(self, events: EventColumns, valid: np.ndarray, partitions: np.ndarray) -> list[tuple[int, Window]]:
+        """Merged windows of the batch's users, with each one's partition."""
+        if not len(valid):
+            return []
+        users = pc.dictionary_encode(events.user_id.take(pa.array(valid)))
+        user_ids = users.dictionary.to_pylist()
+        user_code = users.indices.to_numpy().astype(np.int64)
+        user_partition = np.empty(len(user_ids), np.int64)
+        user_partition[user_code] = partitions[events.row[valid]]
+        keys = [u.encode() for u in user_ids]
+        stored_values: list[bytes | None] = [None] * len(keys)
+        for partition in np.unique(user_partition).tolist():
+            members = np.flatnonzero(user_partition == partition)
+            for i, value in zip(members.tolist(), self.stores[partition].get_many([keys[i] for i in members.tolist()])):
+                stored_values[i] = value
+        stored = [None if v is None else Window.from_record(self.window_codec.decode(v)) for v in stored_values]
+        new = NewEvents(
+            user_code,
+            events.event_time[valid],
+            event_id_hashes(events.event_id.take(pa.array(valid))),
+            events.action.take(pa.array(valid)),
+            events.property.take(pa.array(valid)),
+            events.value[valid],
+        )
+        merged, counts = merge_batch(stored, user_ids, new, self.settings.max_events, self.settings.window_ms)
+        self.stats.counts["duplicates"] += counts.duplicates
+        self.stats.counts["too_old"] += counts.too_old
+        return list(zip(user_partition.tolist(), merged))
+
+    def _emit(self, windows: list[tuple[int, Window]], now_ms: int) -> None:
+        """Send every merged window (even an unchanged one: after a crash, the replayed
+        events' windows may never have reached beat.windows), store it, and seal."""
+        topic = self.settings.windows_topic
+        by_partition: dict[int, tuple[list[bytes], list[bytes]]] = {}
+        for partition, window in windows:
+            key = window.user_id.encode()
+            value = self.window_codec.encode(window.to_record(now_ms))
+            self.producer.produce(topic, value, key, partition=partition, on_delivery=self._on_delivery)
+            keys, values = by_partition.setdefault(partition, ([], []))
+            keys.append(key)
+            values.append(value)
+        for partition, (keys, values) in by_partition.items():
+            self.stores[partition].put_many(keys, values)
+        self.stats.counts["windows"] += len(windows)
+        self.seal(set(by_partition))
+
+    def seal(self, partitions: set[int]) -> None:
+        """Make the batch's windows recoverable before its offsets can be committed.
+
+        Tansu reports a partition's high watermark as the base offset of its last record
+        batch + 1, and restore() reads a partition up to its high watermark: it would
+        miss every window but the first of the last record batch. A tombstone of a key no
+        user has, sent in a record batch of its own after the windows are flushed, puts
+        every window below the watermark. On Kafka it costs one tiny record per partition
+        and batch, and compaction removes it.
         """
-        key = user_id.encode()
-        stored = table.get(key)
-        window = Window.from_state(stored) if stored else Window.empty(user_id)
-        window, counts = merge(window, Window.from_events(user_id, records), settings.max_events, settings.window_ms)
-        table[key] = window.to_state()
-        # Buffered, not awaited one by one: seal_changelog() flushes the producer.
-        windows_topic.send_soon(key=key, value=window_codec.encode(window.to_record(now_ms)))
-        stats.counts["windows"] += 1
-        stats.counts["too_old"] += counts.too_old
-        stats.counts["duplicates"] += counts.duplicates
+        self._flush()
+        for partition in partitions:
+            self.producer.produce(self.settings.windows_topic, None, SEAL_KEY, partition=partition, on_delivery=self._on_delivery)
+        self._flush()
 
-    async def process(batch: list[faust.EventT]) -> None:
-        now_ms = int(time.time() * 1000)
-        by_user = await valid_records(batch, now_ms)
-        stats.counts["events"] += len(batch)
-        for user_id, records in by_user.items():
-            write_as_part_of(records[-1][1])
-            update_window(user_id, [record for record, _ in records], now_ms)
-        await seal_changelog(app, table, {records[-1][1].message.partition for records in by_user.values()})
+    def _flush(self) -> None:
+        self.producer.flush()
+        if self.delivery_error is not None:
+            # Crash rather than commit events whose windows were not written: the restart
+            # replays them.
+            raise KafkaException(self.delivery_error)
 
-    @app.agent(events_topic)
-    async def update_windows(stream: faust.StreamT) -> None:
-        async for batch in stream.take_events(MAX_BATCH_EVENTS, within=settings.flush_interval_ms / 1000):
-            processing = asyncio.ensure_future(process(batch))
-            try:
-                await asyncio.shield(processing)
-            except asyncio.CancelledError:
-                # A stopping worker cancels its agent, and take_events() then acks the
-                # whole batch, which the final commit covers: finish and seal it first,
-                # or the batch's events are lost to the worker taking over.
-                await processing
-                raise
+    def _on_delivery(self, err: KafkaError | None, _: Message) -> None:
+        if err is not None and self.delivery_error is None:
+            self.delivery_error = err
 
-    @app.timer(10.0)
-    async def report() -> None:
-        log.info("stream worker: %s", stats.summary())
+    def _dead_letter(self, messages: list[Message], rejected: Rejected) -> None:
+        for index, reason in zip(rejected.index, rejected.reason):
+            message = messages[index]
+            self.producer.produce(
+                self.settings.dead_letter_topic, message.value(), message.key(), on_delivery=self._on_delivery,
+                headers=dead_letter_headers(reason, message.topic(), message.partition(), message.offset()),
+            )
+        self.stats.counts["dead_letters"] += len(rejected.index)
 
-    app.beat_stats = stats  # type: ignore[attr-defined]
-    return app
+    def _commit(self, messages: list[Message]) -> None:
+        last: dict[int, int] = {}
+        for message in messages:
+            last[message.partition()] = message.offset()
+        topic = self.settings.events_topic
+        self.consumer.commit(offsets=[TopicPartition(topic, p, o + 1) for p, o in last.items()], asynchronous=False)
+
+    @staticmethod
+    def _is_error(message: Message) -> bool:
+        if message.error() is None:
+            return False
+        if message.error().code() != KafkaError._PARTITION_EOF:
+            log.warning("consume error: %s", message.error())
+        return True
+
+    def _stage(self, name: str) -> _StageTimer:
+        return _StageTimer(self.stats.seconds, name)
+
+    # -- partitions come and go ---------------------------------------------------------------
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        for tp in partitions:
+            self.stores[tp.partition] = self.restore(tp.partition)
+        log.info("stream worker: assigned %s", sorted(tp.partition for tp in partitions))
+        if self.ready_file:
+            self.ready_file.touch()
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # Finish and commit what was taken from the partitions before they move.
+        if self.pending:
+            batch, self.pending = self.pending, []
+            self.process(batch)
+        self._drop(partitions)
+
+    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # The group has moved on: the partitions' uncommitted events are another worker's.
+        lost = {tp.partition for tp in partitions}
+        self.pending = [m for m in self.pending if m.partition() not in lost]
+        self._drop(partitions)
+
+    def _drop(self, partitions: list[TopicPartition]) -> None:
+        for tp in partitions:
+            store = self.stores.pop(tp.partition, None)
+            if store is not None:
+                store.close()
+
+    def restore(self, partition: int) -> PartitionStore:
+        """A store holding the latest window of every user of the partition, read from
+        beat.windows up to its high watermark (which seal() keeps past every window)."""
+        settings = self.settings
+        store = open_store(settings.state_store, settings.data_dir, settings.stream_group, partition)
+        topic = TopicPartition(settings.windows_topic, partition, OFFSET_BEGINNING)
+        reader = Consumer(consumer_config(settings, f"{settings.stream_group}-restore", **{"enable.partition.eof": True}))
+        try:
+            _, high = reader.get_watermark_offsets(topic, timeout=10)
+            reader.assign([topic])
+            position = 0
+            while position < high:
+                messages = [m for m in reader.consume(RESTORE_BATCH, 1.0) if not self._is_error(m)]
+                latest = {m.key(): m.value() for m in messages if m.offset() < high}
+                for key in [k for k, v in latest.items() if v is None]:
+                    store.delete(key)
+                    del latest[key]
+                store.put_many(list(latest), list(latest.values()))
+                if messages:
+                    position = messages[-1].offset() + 1
+        finally:
+            reader.close()
+        log.info("stream worker: restored %d windows of partition %d", len(store), partition)
+        return store
+
+
+class _StageTimer:
+    def __init__(self, seconds: Counter, name: str) -> None:
+        self.seconds, self.name = seconds, name
+
+    def __enter__(self) -> None:
+        self.start = time.perf_counter()
+
+    def __exit__(self, *exc: object) -> None:
+        self.seconds[self.name] += time.perf_counter() - self.start
 
 
 def run_worker(settings: Settings, loglevel: str = "warn", ready_file: Path | None = None) -> None:
-    """Run a stream worker until SIGINT/SIGTERM (faust handles both gracefully).
-
-    ready_file is created once the worker holds partitions and has recovered its state.
-    """
-    app = create_app(settings)
-    if ready_file:
-        @app.on_rebalance_complete.connect
-        async def _mark_ready(sender: faust.App, **kwargs: object) -> None:
-            ready_file.touch()
-    quiet_worker(app, loglevel).execute_from_commandline()
-
-
-def quiet_worker(app: faust.App, loglevel: str) -> faust.Worker:
-    """A faust Worker without its terminal spinner.
-
-    At log levels of WARN and above the spinner sets the root logger to DEBUG, so every
-    debug call of aiokafka and faust builds a log record: about 10 % of the worker's CPU.
-    """
-    worker = faust.Worker(app, loglevel=loglevel, quiet=True)
-    worker.spinner = None
-    return worker
+    """Run a stream worker until SIGINT/SIGTERM, which finish the batch in hand, commit it
+    and leave the group."""
+    logging.basicConfig(level=loglevel.upper(), format="%(asctime)s %(levelname)s %(message)s")
+    worker = StreamWorker(settings, ready_file)
+    signal.signal(signal.SIGINT, worker.stop)
+    signal.signal(signal.SIGTERM, worker.stop)
+    worker.run()

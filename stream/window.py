@@ -1,116 +1,230 @@
-"""A user's rolling window of recent events, and how new events merge into it.
+"""Users' rolling windows in a compact binary form, and how a batch of new events merges in.
 
-The window holds the newest ``max_events`` events within ``window_ms`` of the user's
-newest event, in event-time order (ties broken by event_id, so the order never depends
-on arrival order). An event whose event_id is already in the window is ignored; an
-event older than the window is dropped and counted.
+A window holds a user's newest ``max_events`` events within ``window_ms`` of the user's
+newest event, ascending by (event_time, event-id hash). It is stored and sent as
+
+    rows        16 bytes per event (ROW): event_time (48-bit unix ms), symbol (uint16),
+                event-id hash (uint32), value (float32, NaN when the event has none)
+    symbols     the distinct (action, property) pairs of the window; ``symbol`` indexes them
+
+which is the ``events``/``actions``/``properties`` of schemas/user_window.avsc, and also the
+stream worker's state: the value of a state store entry is the window message itself.
+
+Merging is idempotent, so replaying events after a crash cannot change a window: an event
+whose event-id hash and event_time equal those of an event already in the window (or
+earlier in the batch) is a duplicate and ignored; a new event older than the window is
+dropped and counted; events pushed out by ``max_events`` are the window moving on.
+merge_batch() does this for every user of a batch at once, on flat numpy columns.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import chain
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
-from stream.codec import decode_state, encode_state
+from model.batch import EventWindow
+from stream.events import _hash_strings
 
-WINDOW_SCHEMA = "user_window"
+ROW = np.dtype(
+    [("time_lo", "<u4"), ("time_hi", "<u2"), ("symbol", "<u2"), ("id_hash", "<u4"), ("value", "<f4")]
+)
+assert ROW.itemsize == 16
+MAX_TIME_MS = 2**48 - 1  # year 10889
+MAX_SYMBOLS = 2**16  # distinct (action, property) pairs in one window, so max_events <= 65,536
+
+
+def event_id_hashes(event_ids: pa.Array) -> np.ndarray:
+    """A stable (process- and platform-independent) 32-bit hash per event_id, uint32 [n]."""
+    return (_hash_strings(event_ids) & np.uint64(0xFFFFFFFF)).astype(np.uint32)
+
+
+def pack_rows(time_ms: np.ndarray, symbol: np.ndarray, id_hash: np.ndarray, value: np.ndarray) -> np.ndarray:
+    rows = np.empty(len(time_ms), ROW)
+    rows["time_lo"] = time_ms & 0xFFFFFFFF
+    rows["time_hi"] = time_ms >> 32
+    rows["symbol"] = symbol
+    rows["id_hash"] = id_hash
+    rows["value"] = value
+    return rows
+
+
+def row_times(rows: np.ndarray) -> np.ndarray:
+    """event_time of each row, int64 unix ms."""
+    return (rows["time_hi"].astype(np.int64) << 32) | rows["time_lo"].astype(np.int64)
 
 
 @dataclass
 class Window:
-    """Columns of one user's events, ascending by (event_time, event_id)."""
+    """One user's window: ROW rows ascending by (event_time, id_hash) and their symbol table."""
 
     user_id: str
-    event_id: np.ndarray  # object[n] of str
-    event_time: np.ndarray  # int64[n], epoch ms
-    action: np.ndarray  # object[n] of str
-    property: np.ndarray  # object[n] of str | None
-    value: np.ndarray  # float64[n], NaN where the event has no value
+    rows: np.ndarray  # ROW [n]
+    actions: list[str]  # [symbols]
+    properties: list[str | None]  # [symbols]
 
     def __len__(self) -> int:
-        return len(self.event_time)
+        return len(self.rows)
 
     @classmethod
-    def empty(cls, user_id: str) -> "Window":
-        obj = np.empty(0, dtype=object)
-        return cls(user_id, obj, np.empty(0, np.int64), obj, obj, np.empty(0, np.float64))
+    def empty(cls, user_id: str) -> Window:
+        return cls(user_id, np.empty(0, ROW), [], [])
 
-    @classmethod
-    def from_events(cls, user_id: str, events: list[dict]) -> "Window":
-        """Events as decoded from beat.events (event_time in epoch ms)."""
-        return cls(
-            user_id,
-            np.array([e["event_id"] for e in events], dtype=object),
-            np.array([e["event_time"] for e in events], dtype=np.int64),
-            np.array([e["action"] for e in events], dtype=object),
-            np.array([e["property"] for e in events], dtype=object),
-            np.array([np.nan if e["value"] is None else e["value"] for e in events], np.float64),
-        )
-
-    def take(self, index: np.ndarray) -> "Window":
-        return Window(
-            self.user_id, self.event_id[index], self.event_time[index], self.action[index],
-            self.property[index], self.value[index],
-        )
+    @property
+    def event_time(self) -> np.ndarray:
+        return row_times(self.rows)
 
     def to_record(self, emitted_at_ms: int) -> dict:
         """The beat.windows message value (schemas/user_window.avsc)."""
         return {
             "user_id": self.user_id,
             "emitted_at": emitted_at_ms,
-            "event_id": self.event_id.tolist(),
-            "event_time": self.event_time.tolist(),
-            "action": self.action.tolist(),
-            "property": self.property.tolist(),
-            "value": [None if np.isnan(v) else v for v in self.value.tolist()],
+            "events": self.rows.tobytes(),
+            "actions": self.actions,
+            "properties": self.properties,
         }
 
     @classmethod
-    def from_record(cls, record: dict) -> "Window":
-        return cls(
-            record["user_id"],
-            np.array(record["event_id"], dtype=object),
-            np.array(record["event_time"], dtype=np.int64),
-            np.array(record["action"], dtype=object),
-            np.array(record["property"], dtype=object),
-            np.array([np.nan if v is None else v for v in record["value"]], np.float64),
+    def from_record(cls, record: dict) -> Window:
+        events = record["events"]
+        if len(events) % ROW.itemsize:
+            raise ValueError(f"window of {record['user_id']!r}: {len(events)} event bytes is not a multiple of {ROW.itemsize}")
+        rows = np.frombuffer(events, ROW)
+        if len(rows) and int(rows["symbol"].max()) >= len(record["actions"]):
+            raise ValueError(f"window of {record['user_id']!r} names a symbol beyond its {len(record['actions'])}")
+        return cls(record["user_id"], rows, record["actions"], record["properties"])
+
+    def event_window(self) -> EventWindow:
+        """The model's input: times and the action/property strings of every event."""
+        symbol = self.rows["symbol"]
+        return EventWindow(
+            self.event_time,
+            np.array(self.actions, dtype=object)[symbol],
+            np.array(self.properties, dtype=object)[symbol],
         )
 
-    def to_state(self) -> bytes:
-        return encode_state(WINDOW_SCHEMA, self.to_record(0))
+    def columns(self) -> dict[str, list]:
+        """Plain per-event lists (value None where absent): for tests and debugging."""
+        events = self.event_window()
+        return {
+            "event_time": events.event_time_ms.tolist(),
+            "id_hash": self.rows["id_hash"].tolist(),
+            "action": events.action.tolist(),
+            "property": events.property.tolist(),
+            "value": [None if np.isnan(v) else v for v in self.rows["value"].tolist()],
+        }
+
+
+@dataclass
+class NewEvents:
+    """A batch's valid events as columns; ``user`` indexes the batch's list of users."""
+
+    user: np.ndarray  # int64 [n]
+    event_time: np.ndarray  # int64 [n], unix ms in [0, MAX_TIME_MS]
+    id_hash: np.ndarray  # uint32 [n]
+    action: pa.Array  # string [n]
+    property: pa.Array  # string [n], null where absent
+    value: np.ndarray  # float [n], NaN where absent
 
     @classmethod
-    def from_state(cls, body: bytes) -> "Window":
-        return cls.from_record(decode_state(WINDOW_SCHEMA, body))
-
-
-def concat(a: Window, b: Window) -> Window:
-    return Window(
-        a.user_id,
-        *(np.concatenate([getattr(a, c), getattr(b, c)]) for c in ("event_id", "event_time", "action", "property", "value")),
-    )
+    def from_records(cls, records: Sequence[dict], users: Sequence[str]) -> NewEvents:
+        """From decoded events (event_time in unix ms): for tests and small batches."""
+        index = {user: i for i, user in enumerate(users)}
+        return cls(
+            np.array([index[r["user_id"]] for r in records], np.int64),
+            np.array([r["event_time"] for r in records], np.int64),
+            event_id_hashes(pa.array([r["event_id"] for r in records], pa.string())),
+            pa.array([r["action"] for r in records], pa.string()),
+            pa.array([r["property"] for r in records], pa.string()),
+            np.array([np.nan if r["value"] is None else r["value"] for r in records], np.float64),
+        )
 
 
 @dataclass
 class MergeCounts:
-    duplicates: int  # new events whose event_id was already in the window (or batch)
-    too_old: int  # events older than window_ms before the newest one, dropped
+    duplicates: int  # new events already in the window (or earlier in the batch)
+    too_old: int  # new events older than window_ms before the user's newest event, dropped
 
-def merge(window: Window, new: Window, max_events: int, window_ms: int) -> tuple[Window, MergeCounts]:
-    """Merge new events into a window. Events pushed out by ``max_events`` are not
-    counted as dropped: that is the window moving on."""
-    seen = set(window.event_id.tolist())
-    fresh = np.fromiter((eid not in seen for eid in new.event_id.tolist()), bool, len(new))
-    # Within one batch the first copy of an event_id wins, like across batches.
-    _, first = np.unique(new.event_id[fresh].astype(str), return_index=True)
-    fresh_index = np.flatnonzero(fresh)[np.sort(first)]
-    merged = concat(window, new.take(fresh_index))
 
-    order = np.lexsort((merged.event_id.astype(str), merged.event_time))
-    merged = merged.take(order)
-    cutoff = merged.event_time[-1] - window_ms if len(merged) else 0
-    too_old = int(np.count_nonzero(merged.event_time < cutoff))
-    start = max(too_old, len(merged) - max_events)
-    counts = MergeCounts(duplicates=len(new) - len(fresh_index), too_old=too_old)
-    return merged.take(np.arange(start, len(merged))), counts
+def merge_batch(
+    stored: Sequence[Window | None], users: Sequence[str], new: NewEvents, max_events: int, window_ms: int
+) -> tuple[list[Window], MergeCounts]:
+    """Merge each user's new events into their stored window (None: no window yet).
+
+    Every user in ``users`` must have at least one new event. Returns one window per user.
+    """
+    windows = [w if w is not None else Window.empty(u) for w, u in zip(stored, users)]
+    old_rows = np.concatenate([w.rows for w in windows]) if windows else np.empty(0, ROW)
+    old_user = np.repeat(np.arange(len(users)), [len(w) for w in windows])
+
+    # One code per distinct (action, property) pair over the old symbols and the new events.
+    symbol_counts = np.array([len(w.actions) for w in windows], np.int64)
+    symbol_start = np.concatenate([[0], np.cumsum(symbol_counts)[:-1]]).astype(np.int64)
+    old_actions = pa.array(list(chain.from_iterable(w.actions for w in windows)), pa.string())
+    old_properties = pa.array(list(chain.from_iterable(w.properties for w in windows)), pa.string())
+    actions = pa.concat_arrays([old_actions, new.action.cast(pa.string())])
+    properties = pa.concat_arrays([old_properties, new.property.cast(pa.string())])
+    pair, pair_first = _pair_codes(actions, properties)
+    n_old_symbols = len(old_actions)
+    old_pair = pair[:n_old_symbols][symbol_start[old_user] + old_rows["symbol"]]
+
+    is_new = np.repeat([False, True], [len(old_rows), len(new.user)])
+    user = np.concatenate([old_user, new.user])
+    time = np.concatenate([row_times(old_rows), new.event_time])
+    id_hash = np.concatenate([old_rows["id_hash"], new.id_hash])
+    value = np.concatenate([old_rows["value"], new.value.astype(np.float32)])
+    pair = np.concatenate([old_pair, pair[n_old_symbols:]])
+
+    # Stable sort: a stored event comes before its replayed copy, and copies keep arrival order.
+    order = np.lexsort((id_hash, time, user))
+    user, time, id_hash, value, pair, is_new = (a[order] for a in (user, time, id_hash, value, pair, is_new))
+    duplicate = np.zeros(len(user), bool)
+    duplicate[1:] = (user[1:] == user[:-1]) & (time[1:] == time[:-1]) & (id_hash[1:] == id_hash[:-1])
+
+    newest = np.zeros(len(users), np.int64)
+    newest[user] = time  # rows ascend by time within a user, so the last write is the newest
+    too_old = time < newest[user] - window_ms
+    counts = MergeCounts(int(np.count_nonzero(duplicate & is_new)), int(np.count_nonzero(too_old & ~duplicate & is_new)))
+
+    keep = ~duplicate & ~too_old
+    user, time, id_hash, value, pair = (a[keep] for a in (user, time, id_hash, value, pair))
+    ends = np.cumsum(np.bincount(user, minlength=len(users)))
+    keep = ends[user] - np.arange(len(user)) <= max_events  # the newest max_events of each user
+    user, time, id_hash, value, pair = (a[keep] for a in (user, time, id_hash, value, pair))
+
+    # Each user's symbol table: the distinct pairs the kept events use, in pair-code order.
+    n_pairs = len(pair_first)
+    user_pairs, symbol_of_row = np.unique(user * n_pairs + pair, return_inverse=True)
+    pair_user = user_pairs // n_pairs
+    pair_start = np.searchsorted(pair_user, np.arange(len(users) + 1))
+    symbol = np.arange(len(user_pairs)) - pair_start[pair_user]
+    rows = pack_rows(time, symbol[symbol_of_row], id_hash, value)
+
+    take = pa.array(pair_first[user_pairs % n_pairs])
+    pair_actions = actions.take(take).to_pylist()
+    pair_properties = properties.take(take).to_pylist()
+    row_start = np.concatenate([[0], np.cumsum(np.bincount(user, minlength=len(users)))])
+    merged = [
+        Window(users[u], rows[row_start[u] : row_start[u + 1]], pair_actions[a:b], pair_properties[a:b])
+        for u, (a, b) in enumerate(zip(pair_start[:-1].tolist(), pair_start[1:].tolist()))
+    ]
+    return merged, counts
+
+
+def _pair_codes(actions: pa.Array, properties: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """A code per (action, property) pair, int64 [n], and the index of each code's first
+    occurrence, int64 [codes]. A null property is a value of its own."""
+    action_codes = _codes(actions)
+    property_codes = _codes(properties)
+    combined = action_codes * (int(property_codes.max(initial=0)) + 1) + property_codes
+    _, first, codes = np.unique(combined, return_index=True, return_inverse=True)
+    return codes.reshape(-1), first
+
+
+def _codes(strings: pa.Array) -> np.ndarray:
+    encoded = pc.dictionary_encode(strings, null_encoding="encode")
+    return encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)

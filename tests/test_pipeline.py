@@ -14,6 +14,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from model import BeatEncoder, EventWindow, init_model_dir
@@ -22,6 +23,7 @@ from stream.config import Settings
 from stream.encoder_worker import EncoderWorker
 from stream.feast_sink import FeatureSink
 from stream.producer import EventProducer
+from stream.window import Window, event_id_hashes
 
 from conftest import read_topic, running, stream_worker
 
@@ -59,13 +61,18 @@ def history() -> list[dict]:
     return events
 
 
+def id_hash(event: dict) -> int:
+    """The platform's 32-bit event-id hash (a hash function, not the window logic under test)."""
+    return int(event_id_hashes(pa.array([event["event_id"]]))[0])
+
+
 def expected_windows(events: list[dict], max_events: int = 256, window_days: float = 90) -> dict[str, list[dict]]:
-    by_user: dict[str, dict[str, dict]] = {}
+    by_user: dict[str, dict[tuple, dict]] = {}
     for e in events:
-        by_user.setdefault(e["user_id"], {}).setdefault(e["event_id"], e)
+        by_user.setdefault(e["user_id"], {}).setdefault((id_hash(e), e["event_time"]), e)
     windows = {}
     for user, unique in by_user.items():
-        ordered = sorted(unique.values(), key=lambda e: (e["event_time"], e["event_id"]))
+        ordered = sorted(unique.values(), key=lambda e: (e["event_time"], id_hash(e)))
         newest = ordered[-1]["event_time"]
         recent = [e for e in ordered if e["event_time"] >= newest - timedelta(days=window_days)]
         windows[user] = recent[-max_events:]
@@ -74,6 +81,23 @@ def expected_windows(events: list[dict], max_events: int = 256, window_days: flo
 
 def ms(at: datetime) -> int:
     return int(at.timestamp() * 1000)
+
+
+def window_columns(window: list[dict]) -> dict[str, list]:
+    """An expected window in the layout of Window.columns() (values kept as float32)."""
+    return {
+        "event_time": [ms(e["event_time"]) for e in window],
+        "id_hash": [id_hash(e) for e in window],
+        "action": [e["action"] for e in window],
+        "property": [e["property"] for e in window],
+        "value": [None if e["value"] is None else float(np.float32(e["value"])) for e in window],
+    }
+
+
+def latest_windows(settings: Settings) -> dict[str, Window]:
+    """The newest window message of each user in beat.windows (seals skipped)."""
+    codec = AvroCodec("user_window", settings.windows_topic)
+    return {w.user_id: w for w in (Window.from_record(codec.decode(m.value())) for m in read_topic(settings, settings.windows_topic) if m.value() is not None)}
 
 
 @pytest.fixture(scope="module")
@@ -118,20 +142,11 @@ def test_events_become_windows_and_embeddings_in_feast(
 
         read_topic(settings, settings.embeddings_topic, until=all_users_final, timeout_s=90)
 
-    window_codec = AvroCodec("user_window", settings.windows_topic)
-    latest_windows = {}
-    for message in read_topic(settings, settings.windows_topic):
-        record = window_codec.decode(message.value())
-        latest_windows[record["user_id"]] = record
+    latest = latest_windows(settings)
     for user, window in expected.items():
-        got = latest_windows[user]
-        assert got["event_id"] == [e["event_id"] for e in window], user
-        assert got["event_time"] == [ms(e["event_time"]) for e in window], user
-        assert got["action"] == [e["action"] for e in window], user
-        assert got["property"] == [e["property"] for e in window], user
-        assert got["value"] == [e["value"] for e in window], user
-    assert len(latest_windows["long"]["event_id"]) == 256
-    assert len(latest_windows["old_and_new"]["event_id"]) == 5
+        assert latest[user].columns() == window_columns(window), user
+    assert len(latest["long"]) == 256
+    assert len(latest["old_and_new"]) == 5
 
     users = sorted(expected)
     stored = FeatureSink(settings).read(users)

@@ -1,48 +1,83 @@
-"""stream.window.merge: the window is a function of the set of events seen, whatever the
+"""stream.window.merge_batch: a window is a function of the set of events seen, whatever the
 order, the batching, or how often a batch is replayed (what crash recovery relies on)."""
 
 from __future__ import annotations
 
 import random
 
+import numpy as np
 import pytest
 
-from stream.window import Window, merge
+from stream.codec import AvroCodec
+from stream.window import ROW, NewEvents, Window, merge_batch
 
-from test_pipeline import expected_windows, ms
-from test_recovery import traffic, window_columns
+from test_pipeline import expected_windows, ms, window_columns
+from test_recovery import traffic
 
-MAX_EVENTS, WINDOW_DAYS = 256, 90
+MAX_EVENTS, WINDOW_MS = 256, 90 * 86_400_000
 
 
 def as_records(events: list[dict]) -> list[dict]:
     return [{**e, "event_time": ms(e["event_time"])} for e in events]
 
 
-def columns(window: Window) -> tuple[list, ...]:
-    record = window.to_record(0)
-    return tuple(record[c] for c in ("event_id", "event_time", "action", "property", "value"))
-
-
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_batches_in_any_order_with_replays_give_the_window_of_all_events(seed: int) -> None:
     rng = random.Random(seed)
-    events = [e for e in traffic(3000, seed) if e["user_id"] in ("u00", "u01", "u05")]
-    expected = expected_windows(events, MAX_EVENTS, WINDOW_DAYS)
+    events = traffic(3000, seed)
+    records = as_records(events)
+    windows: dict[str, Window] = {}
+    start = 0
+    while start < len(records):
+        end = start + rng.randint(1, 300)
+        # After a crash, events since the last commit are merged a second time.
+        replay = rng.randrange(max(0, start - 200), start + 1) if rng.random() < 0.3 else start
+        batch = records[replay:end]
+        users = sorted({r["user_id"] for r in batch})
+        merged, _ = merge_batch([windows.get(u) for u in users], users, NewEvents.from_records(batch, users), MAX_EVENTS, WINDOW_MS)
+        windows.update((w.user_id, w) for w in merged)
+        start = end
+    expected = expected_windows(events, MAX_EVENTS, WINDOW_MS // 86_400_000)
+    assert set(windows) == set(expected)
     for user, wanted in expected.items():
-        mine = as_records([e for e in events if e["user_id"] == user])
-        window, start = Window.empty(user), 0
-        while start < len(mine):
-            end = start + rng.randint(1, 40)
-            # After a crash, events since the last commit are merged a second time.
-            replay = rng.randrange(max(0, start - 30), start + 1) if rng.random() < 0.3 else start
-            window, _ = merge(window, Window.from_events(user, mine[replay:end]), MAX_EVENTS, WINDOW_DAYS * 86_400_000)
-            start = end
-        assert columns(window) == window_columns(wanted), user
-        assert len(window) <= MAX_EVENTS
+        assert windows[user].columns() == window_columns(wanted), user
+        assert len(windows[user].actions) == len(set(zip(windows[user].actions, windows[user].properties)))
 
 
-def test_state_round_trip_keeps_every_column() -> None:
-    events = as_records([e for e in traffic(500, 4) if e["user_id"] == "u00"])
-    window, _ = merge(Window.empty("u00"), Window.from_events("u00", events), MAX_EVENTS, WINDOW_DAYS * 86_400_000)
-    assert columns(Window.from_state(window.to_state())) == columns(window)
+def test_counts_duplicates_and_too_old_events_of_the_batch() -> None:
+    day = 86_400_000
+    records = [
+        {"user_id": "a", "event_id": "1", "event_time": 100 * day, "action": "x", "property": None, "value": None},
+        {"user_id": "a", "event_id": "1", "event_time": 100 * day, "action": "x", "property": None, "value": None},
+        {"user_id": "a", "event_id": "2", "event_time": 5 * day, "action": "y", "property": "p", "value": 2.5},
+        {"user_id": "b", "event_id": "3", "event_time": 7 * day, "action": "x", "property": "p", "value": None},
+    ]
+    merged, counts = merge_batch([None, None], ["a", "b"], NewEvents.from_records(records, ["a", "b"]), MAX_EVENTS, WINDOW_MS)
+    assert (counts.duplicates, counts.too_old) == (1, 1)
+    assert [len(w) for w in merged] == [1, 1]
+    assert merged[1].columns()["property"] == ["p"]
+
+
+def test_window_message_round_trip_and_size() -> None:
+    events = as_records([e for e in traffic(3000, 4) if e["user_id"] == "u00"])
+    (window,), _ = merge_batch([None], ["u00"], NewEvents.from_records(events, ["u00"]), MAX_EVENTS, WINDOW_MS)
+    codec = AvroCodec("user_window", "beat.windows")
+    payload = codec.encode(window.to_record(0))
+    back = Window.from_record(codec.decode(payload))
+    assert back.rows.tobytes() == window.rows.tobytes() and back.columns() == window.columns()
+    assert ROW.itemsize == 16
+    # 16 bytes per event plus the header: framing, user_id, time and the symbol table.
+    symbols = sum(len(a) + len(p or "") + 3 for a, p in zip(window.actions, window.properties))
+    assert len(payload) <= 16 * len(window) + symbols + 32
+    with pytest.raises(ValueError, match="multiple of 16"):
+        Window.from_record({**window.to_record(0), "events": b"\x00" * 17})
+
+
+def test_event_window_gives_the_model_strings_in_order() -> None:
+    events = as_records([e for e in traffic(500, 5) if e["user_id"] == "u01"])
+    (window,), _ = merge_batch([None], ["u01"], NewEvents.from_records(events, ["u01"]), MAX_EVENTS, WINDOW_MS)
+    model_input = window.event_window()
+    columns = window.columns()
+    assert model_input.event_time_ms.tolist() == columns["event_time"]
+    assert np.all(np.diff(model_input.event_time_ms) >= 0)
+    assert model_input.action.tolist() == columns["action"]
