@@ -54,6 +54,28 @@ def cmd_produce(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace, settings: Settings) -> int:
+    from model.sequences import write_sequences
+    from stream.replay import ReplayConfig, replay
+
+    table, summary = replay(settings, ReplayConfig(start_ms=args.start, end_ms=args.end))
+    write_sequences(table, args.out)
+    print(summary)
+    print(f"wrote {table.num_rows:,} users' sequences to {args.out}")
+    return 0
+
+
+def _iso_ms(text: str) -> int:
+    """Epoch ms of an ISO time (no zone: UTC), for --start / --end."""
+    from datetime import UTC, datetime
+
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an ISO time such as 2026-01-31 or 2026-01-31T12:00:00+01:00") from None
+    return int((moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp() * 1000)
+
+
 def cmd_stream(args: argparse.Namespace, settings: Settings) -> int:
     from stream.stream_worker import run_worker
 
@@ -139,6 +161,12 @@ def build_parser() -> argparse.ArgumentParser:
     produce.add_argument("--seed", type=int, default=0)
     produce.set_defaults(run=cmd_produce)
 
+    export = sub.add_parser("export", help="replay beat.events into users' sequences (Parquet, model/sequences.py)")
+    export.add_argument("--out", type=Path, required=True, help="the Parquet file to write")
+    export.add_argument("--start", type=_iso_ms, help="ISO time (log time); default: the oldest retained message")
+    export.add_argument("--end", type=_iso_ms, help="ISO time, exclusive; default: the end of the log now")
+    export.set_defaults(run=cmd_export)
+
     stream = sub.add_parser("stream", help="run a stream worker (rolling windows)")
     stream.add_argument("--loglevel", default="info", choices=["crit", "error", "warn", "info", "debug"])
     stream.add_argument("--ready-file", type=Path, help="created once the worker holds partitions")
@@ -169,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-NEEDS_BROKER = {cmd_produce, cmd_stream, cmd_encode, cmd_topics}
+NEEDS_BROKER = {cmd_produce, cmd_export, cmd_stream, cmd_encode, cmd_topics}
 
 
 def main(argv: list[str] | None = None) -> int:

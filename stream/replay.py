@@ -1,0 +1,242 @@
+"""Replay beat.events into users' event histories: the sequences table of model/sequences.py.
+
+One consumer without a group (nothing is committed) is assigned every partition at the
+offset where the time range starts and reads large batches until each partition has
+passed the range's end. Values are decoded a batch at a time by the vectorized decoder
+(stream/event_columns.py), and the table is built with a few whole-column sorts.
+
+The time range is log time (the Kafka message timestamps, which the producer sets when it
+sends), because that is what the broker can seek by (``offsets_for_times``); event times
+inside the events may be anything. Split by event time afterwards with
+``model.sequences.split_at``.
+
+Reaching the end: Kafka's high watermark is the offset after the last record, but Tansu
+reports the base offset of the partition's last record *batch* + 1, so the records of a
+last batch that holds several lie beyond it. A partition read "to the end" therefore
+counts as reached at its watermark, and the replay goes on until a consume comes back
+empty for ``idle_s``, which collects the rest of that batch on Tansu and costs one short
+wait on Kafka.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from confluent_kafka import Consumer, TopicPartition
+
+from model.sequences import SEQUENCE_SCHEMA
+from stream.broker import client_config
+from stream.codec import AvroCodec
+from stream.config import Settings
+from stream.event_columns import EventColumns, EventDecoder
+
+_NO_END = np.iinfo(np.int64).max
+
+
+@dataclass
+class ReplayConfig:
+    start_ms: int | None = None  # log time; None: the oldest retained message
+    end_ms: int | None = None  # exclusive; None: the end of the log when the replay starts
+    batch_messages: int = 100_000  # per consume call
+    idle_s: float = 0.5  # an empty consume this long after every partition's end: done
+    progress: bool = True  # a rich progress bar on stderr
+
+
+@dataclass
+class ReplaySummary:
+    messages: int = 0  # read in the range
+    events: int = 0  # in the table, after removing duplicates
+    duplicates: int = 0  # repeated (user_id, event_id): the first one read is kept
+    dead_letters: int = 0  # undecodable values, skipped (the stream worker dead-letters them)
+    dead_letter_examples: list[tuple[int, int, str]] = field(default_factory=list)  # (partition, offset, reason)
+    users: int = 0
+    bytes: int = 0  # of message values
+    seconds: float = 0.0
+
+    def __str__(self) -> str:
+        rate = self.messages / self.seconds if self.seconds else 0.0
+        lines = [
+            f"replayed {self.messages:,} messages ({self.bytes / 1e6:,.1f} MB) in {self.seconds:,.1f} s "
+            f"({rate:,.0f} events/s): {self.events:,} events of {self.users:,} users, "
+            f"{self.duplicates:,} duplicates removed, {self.dead_letters:,} undecodable skipped"
+        ]
+        lines += [f"  skipped partition {p} offset {o}: {reason}" for p, o, reason in self.dead_letter_examples]
+        return "\n".join(lines)
+
+
+@dataclass
+class _Partitions:
+    """Per partition (index = partition number): where the replay starts and stops."""
+
+    topic: str
+    start: np.ndarray  # int64 first offset to read
+    stop: np.ndarray  # int64 offset not to reach (exclusive); _NO_END: read to the end
+    high: np.ndarray  # int64 high watermark when the replay started
+    next: np.ndarray  # int64 offset after the last message read
+
+    def reached(self) -> np.ndarray:
+        """bool per partition: read up to its stop, or to its watermark when it has none."""
+        return np.where(self.stop == _NO_END, self.next >= self.high, self.next >= self.stop)
+
+    def total(self) -> int:
+        """Messages to read, as far as the offsets tell (Tansu's last batch aside)."""
+        return int(np.maximum(np.minimum(self.stop, self.high) - self.start, 0).sum())
+
+
+def replay(settings: Settings, config: ReplayConfig | None = None) -> tuple[pa.Table, ReplaySummary]:
+    """The sequences table (model/sequences.py) of the events in beat.events, and a summary."""
+    config = config or ReplayConfig()
+    if config.start_ms is not None and config.end_ms is not None and config.start_ms >= config.end_ms:
+        raise ValueError(f"replay needs start < end, got {config.start_ms} >= {config.end_ms} (epoch ms)")
+    decoder = EventDecoder(AvroCodec("behavior_event", settings.events_topic, settings.schema_registry_url))
+    summary = ReplaySummary()
+    began = time.monotonic()
+    consumer = Consumer(client_config(settings, **{
+        "group.id": f"{settings.group_prefix}-replay-{uuid.uuid4().hex}",  # assign() only: never joins or commits
+        "enable.auto.commit": False,
+        "fetch.wait.max.ms": max(settings.fetch_max_wait_ms, 100),
+        "fetch.max.bytes": 64 << 20,
+        "max.partition.fetch.bytes": 16 << 20,
+        "queued.max.messages.kbytes": 512 << 10,
+    }))  # fmt: skip
+    try:
+        partitions = _locate(consumer, settings.events_topic, config)
+        consumer.assign([TopicPartition(partitions.topic, p, int(o)) for p, o in enumerate(partitions.start)])
+        parts = []
+        with _progress(config.progress, partitions.total()) as advance:
+            for columns in _read(consumer, partitions, decoder, config, summary):
+                parts.append(columns)
+                advance(summary.messages)
+    finally:
+        consumer.close()
+    table, summary.duplicates = build_sequences(_concat(parts))
+    summary.events, summary.users = summary.messages - summary.dead_letters - summary.duplicates, table.num_rows
+    summary.seconds = time.monotonic() - began
+    return table, summary
+
+
+def _locate(consumer: Consumer, topic: str, config: ReplayConfig, timeout_s: float = 10.0) -> _Partitions:
+    metadata = consumer.list_topics(topic, timeout=timeout_s).topics.get(topic)
+    if metadata is None or metadata.error is not None or not metadata.partitions:
+        raise RuntimeError(f"topic {topic} does not exist: check BEAT_EVENTS_TOPIC and KAFKA_BOOTSTRAP_SERVERS")
+    n = max(metadata.partitions) + 1
+    low, high = np.zeros(n, np.int64), np.zeros(n, np.int64)
+    for p in range(n):
+        low[p], high[p] = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout_s)
+
+    def offsets_at(time_ms: int, missing: np.ndarray) -> np.ndarray:
+        """First offset at or after time_ms per partition; `missing` where there is none."""
+        found = consumer.offsets_for_times([TopicPartition(topic, p, time_ms) for p in range(n)], timeout=timeout_s)
+        offsets = np.array([tp.offset for tp in sorted(found, key=lambda tp: tp.partition)], np.int64)
+        return np.where(offsets < 0, missing, offsets)
+
+    start = low if config.start_ms is None else np.maximum(offsets_at(config.start_ms, high), low)
+    stop = np.full(n, _NO_END) if config.end_ms is None else offsets_at(config.end_ms, np.full(n, _NO_END))
+    return _Partitions(topic, start, stop, high, next=start.copy())
+
+
+def _read(consumer: Consumer, partitions: _Partitions, decoder: EventDecoder, config: ReplayConfig,
+          summary: ReplaySummary) -> Iterator[EventColumns]:  # fmt: skip
+    """Decoded batches until every partition is reached and the log has gone quiet."""
+    idle_since = None
+    while True:
+        reached = partitions.reached()
+        if reached.all() and (partitions.stop != _NO_END).all():
+            return  # every end is an exact offset: nothing to wait for
+        messages = consumer.consume(config.batch_messages, timeout=config.idle_s / 5 if reached.all() else 1.0)
+        messages = [m for m in messages if m.error() is None]
+        if not messages:
+            idle_since = idle_since or time.monotonic()
+            if reached.all() and time.monotonic() - idle_since >= config.idle_s:
+                return
+            continue
+        idle_since = None
+        partition = np.fromiter((m.partition() for m in messages), np.int64, len(messages))
+        offset = np.fromiter((m.offset() for m in messages), np.int64, len(messages))
+        np.maximum.at(partitions.next, partition, offset + 1)
+        in_range = offset < partitions.stop[partition]
+        if not in_range.all():
+            keep = np.flatnonzero(in_range)
+            messages, partition, offset = [messages[i] for i in keep], partition[keep], offset[keep]
+            consumer.pause([TopicPartition(partitions.topic, int(p)) for p in np.flatnonzero(partitions.reached())
+                            if partitions.stop[p] != _NO_END])  # fmt: skip
+        values = [m.value() for m in messages]
+        columns = decoder.decode(values)
+        summary.messages += len(values)
+        summary.bytes += sum(map(len, filter(None, values)))
+        summary.dead_letters += len(columns.rejected)
+        for row, reason in columns.rejected[: 5 - len(summary.dead_letter_examples)]:
+            summary.dead_letter_examples.append((int(partition[row]), int(offset[row]), reason))
+        yield columns
+
+
+@contextmanager
+def _progress(show: bool, total: int) -> Iterator[Callable[[int], None]]:
+    """A function(messages read so far) that moves a rich progress bar on stderr."""
+    if not show:
+        yield lambda done: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    began = time.monotonic()
+    with Progress(
+        TextColumn("replay"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]} events/s  ETA"),
+        TimeRemainingColumn(),
+    ) as bar:  # fmt: skip
+        task = bar.add_task("replay", total=total, rate="-")
+
+        def advance(done: int) -> None:
+            rate = done / max(time.monotonic() - began, 1e-9)
+            bar.update(task, completed=done, total=max(total, done), rate=f"{rate:,.0f}")
+
+        yield advance
+
+
+def _concat(parts: list[EventColumns]) -> EventColumns:
+    if not parts:
+        empty = pa.array([], pa.string())
+        return EventColumns(empty, empty, empty, empty, np.empty(0, np.int64), np.empty(0), np.empty(0, np.int64))
+    strings = {name: pa.concat_arrays([getattr(p, name) for p in parts])
+               for name in ("user_id", "event_id", "action", "property")}  # fmt: skip
+    numbers = {name: np.concatenate([getattr(p, name) for p in parts]) for name in ("event_time", "value")}
+    return EventColumns(**strings, **numbers, row=np.arange(sum(map(len, parts))))
+
+
+def build_sequences(events: EventColumns) -> tuple[pa.Table, int]:
+    """(the sequences table, duplicates removed) from events in log order.
+
+    Of the events sharing a (user_id, event_id), the first in log order is kept, as the
+    stream worker's window keeps the first one it sees. Three whole-column steps: rank
+    users by id, a stable sort by (user, event_id) that marks repeats, a stable sort of
+    the rest by (user, event_time), which leaves equal times in event_id order.
+    """
+    users = pc.unique(events.user_id)
+    users = users.take(pc.sort_indices(users))
+    user = pc.index_in(events.user_id, users).to_numpy()  # [events] rank of the user id
+    by_id = pc.sort_indices(pa.table({"user": user, "event_id": events.event_id}),
+                            sort_keys=[("user", "ascending"), ("event_id", "ascending")]).to_numpy()  # fmt: skip
+    ids = events.event_id.take(by_id)
+    repeat = np.zeros(len(by_id), bool)
+    if len(by_id) > 1:
+        repeat[1:] = (user[by_id][1:] == user[by_id][:-1]) & np.asarray(pc.equal(ids[1:], ids[:-1]))
+    kept = by_id[~repeat]
+    order = kept[np.lexsort((events.event_time[kept], user[kept]))]
+
+    counts = np.bincount(user[order], minlength=len(users))  # [users]
+    offsets = pa.array(np.concatenate([[0], np.cumsum(counts)]).astype(np.int32))
+    value = events.value[order]
+    flat = {
+        "event_time": pa.array(events.event_time[order]),
+        "action": events.action.take(order),
+        "property": events.property.take(order),
+        "value": pa.array(value, mask=np.isnan(value)),
+    }
+    columns = {"user_id": users, **{name: pa.ListArray.from_arrays(offsets, array) for name, array in flat.items()}}
+    return pa.table(columns).cast(SEQUENCE_SCHEMA), int(repeat.sum())
