@@ -38,12 +38,12 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_produce(args: argparse.Namespace, settings: Settings) -> int:
     from stream.producer import produce
 
-    if args.file:
-        from stream.events import read_event_file
+    if args.file or args.dataset:
+        from stream.events import dataset_path, read_event_file
 
         mapping = dict(pair.split("=", 1) for pair in args.column)
         try:
-            batches = read_event_file(args.file, mapping or None)
+            batches = read_event_file(args.file or dataset_path(args.dataset), mapping or None)
         except (ValueError, FileNotFoundError) as err:  # a file that does not fit: say why, no traceback
             print(err, file=sys.stderr)
             return 2
@@ -151,7 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     produce = sub.add_parser("produce", help="write events to beat.events")
     source = produce.add_mutually_exclusive_group(required=True)
     source.add_argument("--synthetic", action="store_true", help="generated users with planted personas")
-    source.add_argument("--file", type=Path, help="CSV, Parquet or JSONL events")
+    source.add_argument("--file", type=Path, help="CSV, Parquet, JSONL or whitespace-separated .txt events")
+    source.add_argument("--dataset", choices=["cdnow"], help="a public event log shipped in an installed package "
+                        "(cdnow: CDNOW purchases, from lifetimes)")
     produce.add_argument("--column", action="append", default=[], metavar="FIELD=COLUMN",
                          help="map a schema field to a file column, e.g. --column user_id=customer")
     produce.add_argument("--users", type=int, default=DEMO_USERS)

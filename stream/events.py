@@ -614,18 +614,43 @@ class _OpenSessions:
 # Reading event files
 # ---------------------------------------------------------------------------------------
 
-_FORMATS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet", ".jsonl": "json", ".ndjson": "json"}
+_FORMATS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet", ".jsonl": "json", ".ndjson": "json",
+            ".txt": "text"}  # fmt: skip
+
+# Public event logs that ship in installed packages: name -> (package, file inside it).
+DATASETS = {"cdnow": ("lifetimes", "datasets/CDNOW_master.txt")}
+# CDNOW's purchase log (lifetimes): one row per customer and purchase day.
+_CDNOW_COLUMNS = ["customer_id", "date", "number_of_cds", "dollar_value"]
+_CD_BUCKETS = pa.array(["cds_1", "cds_2", "cds_3-4", "cds_5+"])
+_CD_BUCKET_STARTS = np.array([2, 3, 5])  # number_of_cds where the next bucket starts
+
+
+def dataset_path(name: str) -> Path:
+    """Where an installed package keeps a dataset of DATASETS."""
+    import importlib.resources
+
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}: known ones are {', '.join(DATASETS)}")
+    package, file = DATASETS[name]
+    try:
+        return Path(str(importlib.resources.files(package) / file))
+    except ModuleNotFoundError:
+        raise ValueError(f"dataset {name!r} ships in the {package} package: pip install {package}") from None
 
 
 def read_event_file(
     path: str | Path, columns: Mapping[str, str] | None = None, batch_size: int = 50_000
 ) -> Iterator[pa.RecordBatch]:
-    """Batches in EVENT_SCHEMA layout from a CSV, Parquet or JSON-lines file of events.
+    """Batches in EVENT_SCHEMA layout from a CSV, Parquet, JSON-lines or whitespace-separated
+    text file (``.txt``, a header line first) of events.
 
     ``columns`` maps our field names to the file's column names ({"user_id": "customer"});
     a field without an entry is looked up under its own name. event_time may be ISO strings
     (a zone offset is honoured, none means UTC), dates, timestamps, or epoch seconds or
-    milliseconds (numbers above 1e11 are milliseconds). Without an event_id column each row
+    milliseconds (numbers above 1e11 are milliseconds), or in text files YYYYMMDD dates. A
+    text file with CDNOW's columns (customer_id date number_of_cds dollar_value, as in
+    ``dataset_path("cdnow")``) becomes purchases: value = dollar_value, property = a bucket
+    of number_of_cds (cds_1, cds_2, cds_3-4, cds_5+). Without an event_id column each row
     gets a deterministic id from its content and row number, so reading the same file twice
     gives the same ids and the windows de-duplicate a re-sent file. Columns that feed no
     field become string attributes (nested ones are left out), merged with an
@@ -653,6 +678,11 @@ def _open_events(path: Path, kind: str, batch_size: int) -> tuple[list[str], Ite
     if kind == "json":
         reader = pa_json.open_json(path)
         return reader.schema.names, iter(reader)
+    if kind == "text":
+        table = _read_whitespace_text(path)
+        if table.column_names == _CDNOW_COLUMNS:
+            table = _cdnow_purchases(table)
+        return table.column_names, iter(table.to_batches(batch_size))
     # CSV: every column as text (nulls for empty cells), so no column's type is guessed
     # from its first block; conversion below parses what each field needs.
     names = pa_csv.open_csv(path).schema.names
@@ -663,6 +693,27 @@ def _open_events(path: Path, kind: str, batch_size: int) -> tuple[list[str], Ite
         ),
     )
     return names, iter(reader)
+
+
+def _read_whitespace_text(path: Path) -> pa.Table:
+    """Columns separated by runs of spaces or tabs, all as text; the first line names them."""
+    import pandas as pd
+
+    frame = pd.read_csv(path, sep=r"\s+", dtype=str, keep_default_na=False, na_values=[""])
+    return pa.Table.from_pandas(frame, preserve_index=False)
+
+
+def _cdnow_purchases(table: pa.Table) -> pa.Table:
+    """CDNOW rows as events: every row is a purchase of number_of_cds CDs for dollar_value."""
+    cds = table["number_of_cds"].cast(pa.int64()).to_numpy()
+    return pa.table({
+        "user_id": table["customer_id"],
+        "event_time": table["date"],
+        "action": pa.array(np.full(len(table), "purchase")),
+        "property": _CD_BUCKETS.take(np.searchsorted(_CD_BUCKET_STARTS, cds, side="right")),
+        "value": table["dollar_value"],
+        "number_of_cds": table["number_of_cds"],  # kept as an attribute
+    })  # fmt: skip
 
 
 def _source_columns(file_name: str, names: list[str], columns: Mapping[str, str]) -> dict[str, str]:
@@ -744,13 +795,16 @@ def _epoch_number_to_ms(seconds_or_ms: pa.Array) -> pa.Array:
 
 
 def _text_to_ms(text: pa.Array) -> pa.Array:
-    """Each string parsed as an epoch number, an ISO time with a zone, or one without (UTC)."""
-    numeric = pc.match_substring_regex(text, r"^-?\d+(\.\d*)?([eE][+-]?\d+)?$")
+    """Each string parsed as a YYYYMMDD date, an epoch number, an ISO time with a zone, or
+    one without (UTC)."""
+    dated = pc.match_substring_regex(text, r"^\d{8}$")  # YYYYMMDD
+    numeric = pc.and_not(pc.match_substring_regex(text, r"^-?\d+(\.\d*)?([eE][+-]?\d+)?$"), dated)
     zoned = pc.and_not(pc.match_substring_regex(text, r"(Z|[+-]\d\d:?\d\d)$"), numeric)
-    naive = pc.and_not(pc.and_not(pc.is_valid(text), numeric), zoned)
+    naive = pc.and_not(pc.is_valid(text), pc.or_(pc.or_(dated, numeric), zoned))
     as_ms = pa.timestamp("ms", tz="UTC")
     # Parse at ns so fractional seconds of any precision are accepted, then truncate to ms.
     parsed = [
+        pc.strptime(pc.if_else(dated, text, None), format="%Y%m%d", unit="ms").cast(as_ms),
         _epoch_number_to_ms(pc.if_else(numeric, text, None).cast(pa.float64())),
         pc.if_else(zoned, text, None).cast(pa.timestamp("ns", tz="UTC")).cast(as_ms, safe=False),
         pc.if_else(naive, text, None).cast(pa.timestamp("ns")).cast(pa.timestamp("ms"), safe=False).cast(as_ms),

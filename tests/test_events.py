@@ -15,7 +15,9 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 import pytest
 
-from stream.events import ACTIONS, EVENT_SCHEMA, MONEY_ACTIONS, PROPERTIES, SyntheticEvents, read_event_file
+from stream.events import (
+    ACTIONS, EVENT_SCHEMA, MONEY_ACTIONS, PROPERTIES, SyntheticEvents, dataset_path, read_event_file,
+)
 
 ORIGIN = datetime(2024, 1, 1, tzinfo=UTC)
 HORIZON = timedelta(days=28)
@@ -204,3 +206,23 @@ def test_missing_user_column_says_how_to_map_it(tmp_path: Path) -> None:
         read_event_file(path, {"event_time": "b", "action": "c"})
     with pytest.raises(ValueError, match=r"no column 'nope' \(mapped to 'user_id'\)"):
         read_event_file(path, {"user_id": "nope"})
+
+
+def test_reads_cdnow_text_as_purchases() -> None:
+    events = pa.Table.from_batches(list(read_event_file(dataset_path("cdnow"))))
+    assert events.num_rows == 69_659 and events.schema.equals(EVENT_SCHEMA)
+    assert len(pc.unique(events["user_id"])) == 23_570
+    # Identical rows (same customer, day, quantity and amount) stay distinct events.
+    assert len(pc.unique(events["event_id"])) == events.num_rows
+    first = events.slice(0, 1).to_pylist()[0]
+    assert (first["user_id"], first["action"], first["property"], first["value"]) == ("00001", "purchase", "cds_1", 11.77)
+    assert first["event_time"] == datetime(1997, 1, 1, tzinfo=UTC)
+    assert set(pc.unique(events["property"]).to_pylist()) == {"cds_1", "cds_2", "cds_3-4", "cds_5+"}
+
+
+def test_whitespace_text_with_yyyymmdd_dates(tmp_path: Path) -> None:
+    path = tmp_path / "log.txt"
+    path.write_text(" who  day   kind\r\n a1  20240229  login\r\n b2\t20231231 logout\r\n")
+    events = pa.Table.from_batches(list(read_event_file(path, {"user_id": "who", "event_time": "day", "action": "kind"})))
+    assert events["event_time"].to_pylist() == [datetime(2024, 2, 29, tzinfo=UTC), datetime(2023, 12, 31, tzinfo=UTC)]
+    assert events["user_id"].to_pylist() == ["a1", "b2"]

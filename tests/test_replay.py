@@ -124,3 +124,16 @@ def test_export_round_trip(settings: Settings, tmp_path: Path, monkeypatch: pyte
     assert main(["export", "--out", str(out), "--start", "2000-01-01"]) == 0
 
     assert read_sequences(out).to_pylist() == expected_sequences(events)
+
+
+def test_cdnow_arrives_whole_and_replays_to_its_customers(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in settings.to_env().items():
+        monkeypatch.setenv(name, value)
+
+    assert main(["produce", "--dataset", "cdnow"]) == 0
+    table, summary = replay(settings, QUIET)
+
+    assert summary.messages == 69_659 and summary.duplicates == 0 and summary.dead_letters == 0
+    assert table.num_rows == 23_570
+    first = table.slice(0, 1).to_pylist()[0]
+    assert first["user_id"] == "00001" and first["action"][0] == "purchase" and first["value"][0] == 11.77
