@@ -55,7 +55,7 @@ from model.sequences import _starts, keep_events, lengths, split_at, to_windows
 from model.vocab import OOV_ID, Vocabulary
 
 FIELDS = ("action", "property")
-BOOTSTRAP_CHUNK = 20_000_000  # resampling weights held at once (float64: 160 MB)
+BOOTSTRAP_CHUNK = 5_000_000  # resampling multiplicities held at once (float64: 40 MB)
 
 
 @dataclass
@@ -192,7 +192,8 @@ def masked_accuracy(
         for name, layer, ids in (
             ("action", head.action, batch.action_ids), ("property", head.property, batch.property_ids)
         ):
-            correct = (_predict(layer(states.float())) == ids[hidden].to(device)).cpu().numpy()
+            named = _nameable(layer(states)).argmax(dim=1)  # [N]
+            correct = (named == ids[hidden].to(device)).cpu().numpy()
             counts[name][rows] += np.bincount(row, weights=correct, minlength=len(rows)).astype(np.int64)
     return counts
 
@@ -202,12 +203,11 @@ def _forward(model: torch.nn.Module, batch: EventBatch, device: torch.device) ->
         return model(**batch.to(device).inputs())
 
 
-def _predict(logits: Tensor, k: int = 1) -> Tensor:
-    """The k best ids per row ([N] for k=1, else [N, k]); padding and OOV are never named."""
-    logits = logits.clone()
+def _nameable(logits: Tensor) -> Tensor:
+    """Logits [N, V] as float32 with padding and OOV at -inf: no method ever names them."""
+    logits = logits.float().clone()
     logits[:, [0, OOV_ID]] = -torch.inf
-    top = logits.topk(k, dim=1).indices
-    return top[:, 0] if k == 1 else top
+    return logits
 
 
 # --- next event ----------------------------------------------------------------------------
@@ -231,7 +231,7 @@ class TransitionBaseline:
         transitions = np.bincount(pairs, minlength=size * size).reshape(size, size).astype(float)
         # popularity / (total + 1) < 1: it orders only candidates with equal transition counts
         scores = transitions + popularity / (popularity.sum() + 1)  # [V, V]
-        scores[:, [0, OOV_ID]] = popularity[[0, OOV_ID]] = -np.inf  # never named, as in _predict
+        scores[:, [0, OOV_ID]] = popularity[[0, OOV_ID]] = -np.inf  # never named, as in _nameable
         return cls(_ranks(scores), _ranks(popularity[None])[0])
 
     def markov_ranks(self, previous: np.ndarray, target: np.ndarray) -> np.ndarray:
@@ -252,8 +252,7 @@ def _ranks(scores: np.ndarray) -> np.ndarray:
 def _model_ranks(logits: Tensor, target: Tensor) -> np.ndarray:
     """Rank of each row's target among the ids the model may name (int64 [N]); a target the
     model may not name (padding, OOV) gets rank V, a miss at any k."""
-    logits = logits.float().clone()
-    logits[:, [0, OOV_ID]] = -torch.inf
+    logits = _nameable(logits)
     own = logits.gather(1, target[:, None])  # [N, 1]
     ranks = (logits > own).sum(dim=1)
     return torch.where(torch.isfinite(own[:, 0]), ranks, logits.shape[1]).cpu().numpy()
