@@ -1,15 +1,16 @@
 """Stream-worker throughput: our worker process vs a naive faust agent, same broker, same run.
 
-    .venv/bin/python bench/stream.py [--events 100000] [--naive-events 10000] [--users 100000]
+    .venv/bin/python bench/stream.py [--events 1000000] [--naive-events 20000] [--users 100000]
 
 Starts an embedded Tansu broker, pre-produces synthetic events (100k users, Zipf
 activity) so producing is not measured, then runs, one after the other and each in its
-own process: (1) the stream worker (stream.stream_worker.create_app), (2) a naive faust
+own process: (1) the stream worker (stream.stream_worker.StreamWorker), (2) a naive faust
 agent that decodes one event at a time and appends it to a list-valued table (the
-baseline), (3) the stream worker again under cProfile. Each process samples its own
-event counter and CPU time every 50 ms, so faust start-up and group join are not timed;
-the rate is events / (time of the last event - time of the first). Prints a table and
-writes bench/results/stream.json. Timings on a shared machine are noisy: quote ratios.
+baseline), (3) the stream worker again with its batch processing under cProfile. Each
+process samples its own event counter and CPU time every 50 ms, so start-up and group
+join are not timed; the rate is events / (time of the last event - time of the first).
+The broker's CPU time over each run is read from /proc. Prints a table and writes
+bench/results/stream.json. Timings on a shared machine are noisy: quote ratios.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import os
 import pstats
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from datetime import datetime, timedelta, timezone
@@ -38,7 +40,7 @@ from stream.config import Settings, load_settings  # noqa: E402
 from stream.events import SyntheticEvents  # noqa: E402
 from stream.faust_transport import broker_url  # noqa: E402
 from stream.producer import produce  # noqa: E402
-from stream.stream_worker import create_app, quiet_worker  # noqa: E402
+from stream.stream_worker import StreamWorker, WindowStats  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
 SAMPLE_S = 0.05
@@ -72,37 +74,68 @@ def run_child(role: str, target: int, out: Path) -> None:
     """Run one worker until it has processed target events; write its timings to out."""
     settings = load_settings()
     if role == "naive":
-        counter: dict[str, int] = {"events": 0}
-        app = naive_app(settings, counter)
-    else:
-        app = create_app(settings)
-        counter = app.beat_stats.counts  # type: ignore[attr-defined]
+        run_naive(settings, target, out)
+        return
+    worker = StreamWorker(settings)
     profiler = cProfile.Profile() if role == "profile" else None
+    if profiler:  # the batch processing only, not the waits in consume()
+        process = worker.process
+        worker.process = lambda batch: profiler.runcall(process, batch)  # type: ignore[method-assign]
+    samples: list[tuple[float, float, int]] = []
+    take_interval = worker._take_interval
+
+    def take_and_mark_start() -> None:
+        # The run starts when the worker starts taking its first batch.
+        before = (time.monotonic(), time.process_time(), 0)
+        take_interval()
+        if worker.pending and not samples:
+            samples.append(before)
+
+    worker._take_interval = take_and_mark_start  # type: ignore[method-assign]
+
+    def sample() -> None:
+        while worker.stats.counts["events"] < target:
+            if samples:
+                samples.append((time.monotonic(), time.process_time(), worker.stats.counts["events"]))
+            time.sleep(SAMPLE_S)
+        samples.append((time.monotonic(), time.process_time(), worker.stats.counts["events"]))
+        worker.stop()
+
+    threading.Thread(target=sample, daemon=True).start()
+    worker.run()
+    _write_result(out, samples, profiler, worker.stats)
+
+
+def run_naive(settings: Settings, target: int, out: Path) -> None:
+    counter: dict[str, int] = {"events": 0}
+    (settings.data_dir / "naive").mkdir(parents=True, exist_ok=True)
+    app = naive_app(settings, counter)
     samples: list[tuple[float, float, int]] = []
 
     @app.timer(SAMPLE_S)
     async def sample() -> None:
         samples.append((time.monotonic(), time.process_time(), counter["events"]))
-        if profiler and counter["events"] and len(samples) > 1 and samples[-2][2] == 0:
-            profiler.enable()
         if counter["events"] >= target:
-            if profiler:
-                profiler.disable()
-            _write_result(out, samples, profiler, counter.get("windows"))
+            _write_result(out, samples, None, None)
             # The measurement is done; a graceful faust shutdown would only add seconds.
             os._exit(0)
 
-    quiet_worker(app, "warn").execute_from_commandline()
+    worker = faust.Worker(app, loglevel="warn", quiet=True)
+    worker.spinner = None
+    worker.execute_from_commandline()
 
 
 def _write_result(out: Path, samples: list[tuple[float, float, int]], profiler: cProfile.Profile | None,
-                  windows: int | None) -> None:
-    first = next(i for i, s in enumerate(samples) if s[2] > 0)
-    # The interval before the first sample with events is partly idle: start there.
+                  stats: WindowStats | None) -> None:
+    # The naive agent's first sample with events starts its run (the one before is partly
+    # idle); ours marks its start itself.
+    first = 0 if stats else next(i for i, s in enumerate(samples) if s[2] > 0)
     (t0, c0, n0), (t1, c1, n1) = samples[first], samples[-1]
     result = {"events": n1 - n0, "seconds": t1 - t0, "cpu_seconds": c1 - c0}
-    if windows:  # the naive agent emits none
-        result["coalescing"] = n1 / windows
+    if stats:  # the naive agent emits no windows
+        result["coalescing"] = stats.counts["events"] / stats.counts["windows"]
+        result["stage_ms_per_batch"] = {k: 1000 * v / stats.counts["batches"] for k, v in stats.seconds.items()}
+        result["batches"] = stats.counts["batches"]
     if profiler:
         profiler.dump_stats(out.with_suffix(".pstats"))
         text = io.StringIO()
@@ -114,13 +147,22 @@ def _write_result(out: Path, samples: list[tuple[float, float, int]], profiler: 
     out.write_text(json.dumps(result))
 
 
-def run_role(settings: Settings, role: str, target: int, workdir: Path) -> dict:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_role(settings: Settings, role: str, target: int, workdir: Path, broker_pid: int, batch_events: int) -> dict:
     out = workdir / f"{role}.json"
-    env = {**os.environ, **settings.to_env(), "BEAT_GROUP_PREFIX": f"{settings.group_prefix}-{role}"}
+    env = {**os.environ, **settings.to_env(), "BEAT_GROUP_PREFIX": f"{settings.group_prefix}-{role}",
+           "BEAT_MAX_BATCH_EVENTS": str(batch_events)}
     command = [sys.executable, __file__, "--child", role, "--target", str(target), "--out", str(out)]
+    broker_cpu = cpu_seconds(broker_pid)
     with open(workdir / f"{role}.log", "w") as log:
         subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT, check=True, timeout=1800)
     result = json.loads(out.read_text())
+    result["broker_cpu_seconds"] = cpu_seconds(broker_pid) - broker_cpu  # start-up and join included
     result["events_per_s"] = result["events"] / result["seconds"]
     result["cpu_us_per_event"] = 1e6 * result["cpu_seconds"] / result["events"]
     return result
@@ -128,9 +170,12 @@ def run_role(settings: Settings, role: str, target: int, workdir: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--events", type=int, default=100_000, help="events our worker processes")
-    parser.add_argument("--naive-events", type=int, default=10_000, help="events the naive agent processes")
+    parser.add_argument("--events", type=int, default=1_000_000, help="events our worker processes")
+    parser.add_argument("--naive-events", type=int, default=20_000, help="events the naive agent processes")
     parser.add_argument("--users", type=int, default=100_000)
+    # A pre-loaded topic lets a worker take huge batches (catch-up mode, which coalesces
+    # more); 10,000 is one 100-ms flush interval at the 100,000 events/s target.
+    parser.add_argument("--batch-events", type=int, default=10_000, help="BEAT_MAX_BATCH_EVENTS of our worker")
     parser.add_argument("--child", choices=["ours", "naive", "profile"], help=argparse.SUPPRESS)
     parser.add_argument("--target", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
@@ -150,11 +195,12 @@ def main() -> None:
         started = time.monotonic()
         sent = produce(settings, history, limit=args.events)
         print(f"produced {sent} events for {args.users} users in {time.monotonic() - started:.1f}s (not measured)")
+        pid = broker._process.pid
         results = {
-            "ours": run_role(settings, "ours", sent, workdir),
-            "naive": run_role(settings, "naive", min(sent, args.naive_events), workdir),
+            "ours": run_role(settings, "ours", sent, workdir, pid, args.batch_events),
+            "naive": run_role(settings, "naive", min(sent, args.naive_events), workdir, pid, args.batch_events),
         }
-        profile = run_role(settings, "profile", sent, workdir)
+        profile = run_role(settings, "profile", sent, workdir, pid, args.batch_events)
     results["speedup"] = results["ours"]["events_per_s"] / results["naive"]["events_per_s"]
     results["profile"] = {"tottime": profile["profile_tottime"], "cumulative": profile["profile_cumulative"]}
     print(f"{'worker':<8}{'events':>10}{'seconds':>9}{'events/s':>11}{'CPU us/event':>14}")
@@ -162,7 +208,9 @@ def main() -> None:
         r = results[role]
         print(f"{role:<8}{r['events']:>10}{r['seconds']:>9.2f}{r['events_per_s']:>11,.0f}{r['cpu_us_per_event']:>14.1f}")
     print(f"ours / naive: {results['speedup']:.1f}x; coalescing (events in / windows out): "
-          f"{results['ours']['coalescing']:.2f}\n\nprofile of our worker (by own time):")
+          f"{results['ours']['coalescing']:.2f}; broker CPU: {results['ours']['broker_cpu_seconds']:.1f}s during ours")
+    print("ours, ms per batch by stage:", {k: round(v, 1) for k, v in results["ours"]["stage_ms_per_batch"].items()},
+          f"over {results['ours']['batches']} batches\n\nprofile of our worker's batch processing (by own time):")
     print(profile["profile_tottime"])
     (RESULTS / "stream.json").write_text(json.dumps(results, indent=2))
     print(f"wrote {RESULTS / 'stream.json'}")

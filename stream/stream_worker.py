@@ -194,12 +194,11 @@ class StreamWorker:
         user_partition = np.empty(len(user_ids), np.int64)
         user_partition[user_code] = partitions[events.row[valid]]
         keys = [u.encode() for u in user_ids]
-        stored_values: list[bytes | None] = [None] * len(keys)
+        stored: list[Window | None] = [None] * len(keys)
         for partition in np.unique(user_partition).tolist():
-            members = np.flatnonzero(user_partition == partition)
-            for i, value in zip(members.tolist(), self.stores[partition].get_many([keys[i] for i in members.tolist()])):
-                stored_values[i] = value
-        stored = [None if v is None else Window.from_record(self.window_codec.decode(v)) for v in stored_values]
+            members = np.flatnonzero(user_partition == partition).tolist()
+            for i, window in zip(members, self.stores[partition].get_many([keys[i] for i in members])):
+                stored[i] = window
         new = NewEvents(
             user_code,
             events.event_time[valid],
@@ -217,16 +216,17 @@ class StreamWorker:
         """Send every merged window (even an unchanged one: after a crash, the replayed
         events' windows may never have reached beat.windows), store it, and seal."""
         topic = self.settings.windows_topic
-        by_partition: dict[int, tuple[list[bytes], list[bytes]]] = {}
+        by_partition: dict[int, tuple[list[bytes], list[Window], list[bytes]]] = {}
         for partition, window in windows:
             key = window.user_id.encode()
             value = self.window_codec.encode(window.to_record(now_ms))
             self.producer.produce(topic, value, key, partition=partition, on_delivery=self._on_delivery)
-            keys, values = by_partition.setdefault(partition, ([], []))
+            keys, merged, values = by_partition.setdefault(partition, ([], [], []))
             keys.append(key)
+            merged.append(window)
             values.append(value)
-        for partition, (keys, values) in by_partition.items():
-            self.stores[partition].put_many(keys, values)
+        for partition, (keys, merged, values) in by_partition.items():
+            self.stores[partition].put_many(keys, merged, values)
         self.stats.counts["windows"] += len(windows)
         self.seal(set(by_partition))
 
@@ -251,6 +251,9 @@ class StreamWorker:
             # Crash rather than commit events whose windows were not written: the restart
             # replays them.
             raise KafkaException(self.delivery_error)
+
+    def _decode_window(self, payload: bytes) -> Window:
+        return Window.from_record(self.window_codec.decode(payload))
 
     def _on_delivery(self, err: KafkaError | None, _: Message) -> None:
         if err is not None and self.delivery_error is None:
@@ -315,7 +318,7 @@ class StreamWorker:
         """A store holding the latest window of every user of the partition, read from
         beat.windows up to its high watermark (which seal() keeps past every window)."""
         settings = self.settings
-        store = open_store(settings.state_store, settings.data_dir, settings.stream_group, partition)
+        store = open_store(settings.state_store, settings.data_dir, settings.stream_group, partition, self._decode_window)
         topic = TopicPartition(settings.windows_topic, partition, OFFSET_BEGINNING)
         reader = Consumer(consumer_config(settings, f"{settings.stream_group}-restore", **{"enable.partition.eof": True}))
         try:
@@ -328,7 +331,7 @@ class StreamWorker:
                 for key in [k for k, v in latest.items() if v is None]:
                     store.delete(key)
                     del latest[key]
-                store.put_many(list(latest), list(latest.values()))
+                store.put_many(list(latest), [self._decode_window(v) for v in latest.values()], list(latest.values()))
                 if messages:
                     position = messages[-1].offset() + 1
         finally:

@@ -158,7 +158,8 @@ def merge_batch(
     Every user in ``users`` must have at least one new event. Returns one window per user.
     """
     windows = [w if w is not None else Window.empty(u) for w, u in zip(stored, users)]
-    old_rows = np.concatenate([w.rows for w in windows]) if windows else np.empty(0, ROW)
+    # Joined as bytes: np.concatenate of structured arrays costs ~15 us per array.
+    old_rows = np.frombuffer(b"".join([w.rows.tobytes() for w in windows]), ROW)
     old_user = np.repeat(np.arange(len(users)), [len(w) for w in windows])
 
     # One code per distinct (action, property) pair over the old symbols and the new events.
@@ -207,10 +208,12 @@ def merge_batch(
     take = pa.array(pair_first[user_pairs % n_pairs])
     pair_actions = actions.take(take).to_pylist()
     pair_properties = properties.take(take).to_pylist()
-    row_start = np.concatenate([[0], np.cumsum(np.bincount(user, minlength=len(users)))])
+    row_bounds = np.concatenate([[0], np.cumsum(np.bincount(user, minlength=len(users)))]).tolist()
+    symbol_bounds = pair_start.tolist()
     merged = [
-        Window(users[u], rows[row_start[u] : row_start[u + 1]], pair_actions[a:b], pair_properties[a:b])
-        for u, (a, b) in enumerate(zip(pair_start[:-1].tolist(), pair_start[1:].tolist()))
+        Window(users[u], rows[row_bounds[u] : row_bounds[u + 1]],
+               pair_actions[symbol_bounds[u] : symbol_bounds[u + 1]], pair_properties[symbol_bounds[u] : symbol_bounds[u + 1]])
+        for u in range(len(users))
     ]
     return merged, counts
 
