@@ -95,7 +95,9 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "checkpoint_every", "log_every"):
             if getattr(self, name) < 1:
-                raise ValueError(f"TrainConfig.{name} must be at least 1, got {getattr(self, name)}")
+                raise ValueError(
+                    f"TrainConfig.{name} must be at least 1, got {getattr(self, name)}"
+                )
         if self.batch_size < 2:
             raise ValueError("TrainConfig.batch_size must be at least 2: the contrastive loss "
                              "takes its negatives from the other users of the batch")
@@ -122,10 +124,9 @@ class TrainConfig:
     def vocabulary_sizes(self, beat: BeatConfig) -> tuple[int, int]:
         """(actions, properties): the vocabularies' sizes, checked against the model's tables."""
         sizes = []
-        for name, wanted, table, table_name in (
-            ("max_actions", self.max_actions, beat.action_vocab_size, "action_vocab_size"),
-            ("max_properties", self.max_properties, beat.property_vocab_size, "property_vocab_size"),
-        ):
+        for name, table_name in (("max_actions", "action_vocab_size"),
+                                 ("max_properties", "property_vocab_size")):
+            wanted, table = getattr(self, name), getattr(beat, table_name)
             if wanted is not None and wanted > table:
                 raise ValueError(f"TrainConfig.{name}={wanted} exceeds the model's table of "
                                  f"{table} ids; lower it or raise BeatConfig.{table_name}")
@@ -250,7 +251,8 @@ def make_optimizer(
     decay, no_decay = [], []
     for module in pretrainer.modules():
         for name, param in module.named_parameters(recurse=False):
-            (decay if isinstance(module, nn.Linear) and name == "weight" else no_decay).append(param)
+            linear_weight = isinstance(module, nn.Linear) and name == "weight"
+            (decay if linear_weight else no_decay).append(param)
     groups = [
         {"params": decay, "weight_decay": config.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
@@ -610,7 +612,9 @@ def train(
 # --- command line ----------------------------------------------------------------------------
 
 
-def add_options(parser: argparse.ArgumentParser, cls: type, title: str, skip: tuple[str, ...] = ()) -> None:
+def add_options(
+    parser: argparse.ArgumentParser, cls: type, title: str, skip: tuple[str, ...] = ()
+) -> None:
     """One --option per dataclass field, default None (= keep the dataclass's or preset's)."""
     group = parser.add_argument_group(title)
     hints = get_type_hints(cls)
@@ -618,7 +622,8 @@ def add_options(parser: argparse.ArgumentParser, cls: type, title: str, skip: tu
         if spec.name in skip:
             continue
         flag = "--" + spec.name.replace("_", "-")
-        kind = next((t for t in get_args(hints[spec.name]) if t is not type(None)), hints[spec.name])
+        hint = hints[spec.name]
+        kind = next((t for t in get_args(hint) if t is not type(None)), hint)  # int | None: int
         if kind is bool:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
         else:
