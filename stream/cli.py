@@ -47,6 +47,15 @@ def cmd_produce(args: argparse.Namespace, settings: Settings) -> int:
         except (ValueError, FileNotFoundError) as err:  # a file that does not fit: say why, no traceback
             print(err, file=sys.stderr)
             return 2
+    elif args.history_days:
+        from datetime import UTC, datetime, timedelta
+
+        from stream.events import SyntheticEvents
+
+        # The population's churn clock starts with the history, so churners fade inside it.
+        start = datetime.now(UTC) - timedelta(days=args.history_days)
+        population = SyntheticEvents(args.users, args.seed, origin=start, churn_horizon_days=args.history_days)
+        batches = population.history(start, start + timedelta(days=args.history_days))
     else:
         batches = _synthetic(args.users, args.seed).live(args.rate)
     sent = produce(settings, batches, rate_per_s=args.rate, duration_s=args.duration, limit=args.limit)
@@ -62,6 +71,39 @@ def cmd_export(args: argparse.Namespace, settings: Settings) -> int:
     write_sequences(table, args.out)
     print(summary)
     print(f"wrote {table.num_rows:,} users' sequences to {args.out}")
+    return 0
+
+
+def cmd_pretrain(args: argparse.Namespace, settings: Settings) -> int:
+    import dataclasses
+
+    from model.config import BeatConfig
+    from model.evaluation import EvalConfig
+    from model.pretraining import PretrainConfig
+    from model.train import TrainConfig, given
+    from stream.pretrain import PretrainJob, run_pretrain
+
+    if not args.sequences and not settings.bootstrap_servers:
+        print("KAFKA_BOOTSTRAP_SERVERS is not set: point it at the cluster holding beat.events, "
+              "or pass --sequences FILE.parquet (from `beat export`)", file=sys.stderr)
+        return 2
+    try:
+        beat = dataclasses.replace(BeatConfig.preset(args.preset), **given(args, BeatConfig))
+        if args.no_temporal:
+            beat = dataclasses.replace(beat, use_age_encoding=False, use_gap_encoding=False, use_periodic_encoding=False)
+        objectives = PretrainConfig(**given(args, PretrainConfig))
+        if args.no_contrastive:
+            objectives = dataclasses.replace(objectives, contrastive_weight=0.0)
+        job = PretrainJob(
+            args.out, beat, objectives, TrainConfig(**given(args, TrainConfig)),
+            EvalConfig(churn_days=args.churn_days, seed=args.eval_seed),
+            sequences_file=args.sequences, start_ms=args.start, end_ms=args.end, cutoff_ms=args.cutoff,
+            resume=not args.no_resume,
+        )
+        run_pretrain(settings, job)
+    except ValueError as err:  # a bad option or data that cannot be split: said plainly
+        print(err, file=sys.stderr)
+        return 2
     return 0
 
 
@@ -136,6 +178,10 @@ def cmd_model_info(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from model.config import PRESETS, BeatConfig
+    from model.pretraining import PretrainConfig
+    from model.train import TrainConfig, add_options
+
     parser = argparse.ArgumentParser(prog="beat", description="beatstream: fresh BEAT user embeddings in Feast")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -161,6 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     produce.add_argument("--duration", type=float, help="stop after this many seconds")
     produce.add_argument("--limit", type=int, help="stop after this many events")
     produce.add_argument("--seed", type=int, default=0)
+    produce.add_argument("--history-days", type=float, help="with --synthetic: the last N days of history, "
+                         "as fast as possible, instead of live events")
     produce.set_defaults(run=cmd_produce)
 
     export = sub.add_parser("export", help="replay beat.events into users' sequences (Parquet, model/sequences.py)")
@@ -168,6 +216,29 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--start", type=_iso_ms, help="ISO time (log time); default: the oldest retained message")
     export.add_argument("--end", type=_iso_ms, help="ISO time, exclusive; default: the end of the log now")
     export.set_defaults(run=cmd_export)
+
+    pretrain = sub.add_parser(
+        "pretrain", help="pretrain BEAT on topic history (or a `beat export` file) and write the evaluation report",
+        description="Replays beat.events (or reads --sequences), trains on the events before --cutoff, "
+        "evaluates on each user's events after it, and writes OUT/model, checkpoints, train_log.jsonl, "
+        "report.json and PNG plots. Rerunning the same command resumes from the newest checkpoint.",
+    )
+    pretrain.add_argument("--out", type=Path, required=True, help="output directory")
+    pretrain.add_argument("--sequences", type=Path, help="a Parquet file from `beat export` instead of the topic")
+    pretrain.add_argument("--start", type=_iso_ms, help="replay from this ISO time (log time); default: all history")
+    pretrain.add_argument("--end", type=_iso_ms, help="replay up to this ISO time, exclusive; default: now")
+    pretrain.add_argument("--cutoff", type=_iso_ms, help="train/evaluation split in event time; default: the "
+                          "newest event minus --churn-days")
+    pretrain.add_argument("--churn-days", type=float, default=30.0, help="churned = inactive this long after the cutoff")
+    pretrain.add_argument("--preset", default="small", choices=sorted(PRESETS))
+    pretrain.add_argument("--no-contrastive", action="store_true", help="ablation: contrastive loss weight 0")
+    pretrain.add_argument("--no-temporal", action="store_true", help="ablation: no age, gap or periodic time signals")
+    pretrain.add_argument("--no-resume", action="store_true", help="start over, deleting OUT's checkpoints")
+    pretrain.add_argument("--eval-seed", type=int, default=0)
+    add_options(pretrain, TrainConfig, "training (TrainConfig)")
+    add_options(pretrain, PretrainConfig, "objectives (PretrainConfig)")
+    add_options(pretrain, BeatConfig, "architecture (BeatConfig, over the preset)", skip=("name",))
+    pretrain.set_defaults(run=cmd_pretrain)
 
     stream = sub.add_parser("stream", help="run a stream worker (rolling windows)")
     stream.add_argument("--loglevel", default="info", choices=["crit", "error", "warn", "info", "debug"])
