@@ -37,7 +37,7 @@ from stream.codec import AvroCodec
 from stream.config import Settings
 from stream.event_columns import EventColumns, EventDecoder
 from stream.state import PartitionStore, open_store
-from stream.window import MAX_TIME_MS, NewEvents, Window, event_id_hashes, merge_batch
+from stream.window import MAX_TIME_MS, NewEvents, Window, encode_window_body, event_id_hashes, merge_batch
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +114,7 @@ class StreamWorker:
         self.ready_file = ready_file
         self.events = EventDecoder(AvroCodec("behavior_event", settings.events_topic, settings.schema_registry_url))
         self.window_codec = AvroCodec("user_window", settings.windows_topic, settings.schema_registry_url)
+        self.window_header = self.window_codec.framing.header()
         self.consumer = Consumer(consumer_config(
             settings, settings.stream_group,
             **{"fetch.max.bytes": 64 << 20, "max.partition.fetch.bytes": 16 << 20, "queued.min.messages": 200_000},
@@ -169,18 +170,22 @@ class StreamWorker:
         with self._stage("decode"):
             messages = [m for m in messages if not self._is_error(m)]
             now_ms = int(time.time() * 1000)
-            keys = [m.key() for m in messages]
-            events = self.events.decode([m.value() for m in messages])
+            values, keys, partitions = [], [], []
+            for message in messages:
+                values.append(message.value())
+                keys.append(message.key())
+                partitions.append(message.partition())
+            events = self.events.decode(values)
             rejected = Rejected()
             rejected.add(np.array([i for i, _ in events.rejected], np.int64), [r for _, r in events.rejected])
             valid = validate(events, keys, now_ms, self.settings.future_tolerance_ms, rejected)
         with self._stage("merge"):
-            windows = self._merge(events, valid, np.array([m.partition() for m in messages], np.int64))
+            windows = self._merge(events, valid, np.array(partitions, np.int64))
         with self._stage("emit"):
             self._dead_letter(messages, rejected)
             self._emit(windows, now_ms)
         with self._stage("commit"):
-            self._commit(messages)
+            self._commit(messages, partitions)
         self.stats.counts["events"] += len(messages)
         self.stats.counts["batches"] += 1
 
@@ -219,7 +224,7 @@ class StreamWorker:
         by_partition: dict[int, tuple[list[bytes], list[Window], list[bytes]]] = {}
         for partition, window in windows:
             key = window.user_id.encode()
-            value = self.window_codec.encode(window.to_record(now_ms))
+            value = self.window_header + encode_window_body(window, now_ms)
             self.producer.produce(topic, value, key, partition=partition, on_delivery=self._on_delivery)
             keys, merged, values = by_partition.setdefault(partition, ([], [], []))
             keys.append(key)
@@ -268,15 +273,16 @@ class StreamWorker:
             )
         self.stats.counts["dead_letters"] += len(rejected.index)
 
-    def _commit(self, messages: list[Message]) -> None:
-        last: dict[int, int] = {}
-        for message in messages:
-            last[message.partition()] = message.offset()
-        topic = self.settings.events_topic
-        self.consumer.commit(offsets=[TopicPartition(topic, p, o + 1) for p, o in last.items()], asynchronous=False)
+    def _commit(self, messages: list[Message], partitions: list[int]) -> None:
+        """Commit past the last message of each partition in the batch."""
+        last = {p: i for i, p in enumerate(partitions)}  # a later index overwrites
+        self.consumer.commit(asynchronous=False, offsets=[
+            TopicPartition(self.settings.events_topic, p, messages[i].offset() + 1) for p, i in last.items()
+        ])
 
     @staticmethod
     def _is_error(message: Message) -> bool:
+        """False for an event; logs a real consume error (end-of-partition notices are not)."""
         if message.error() is None:
             return False
         if message.error().code() != KafkaError._PARTITION_EOF:

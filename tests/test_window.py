@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from stream.codec import AvroCodec
-from stream.window import ROW, NewEvents, Window, merge_batch
+from stream.window import ROW, NewEvents, Window, encode_window_body, merge_batch
 
 from test_pipeline import expected_windows, ms, window_columns
 from test_recovery import traffic
@@ -69,6 +69,11 @@ def test_window_message_round_trip_and_size() -> None:
     # 16 bytes per event plus the header: framing, user_id, time and the symbol table.
     symbols = sum(len(a) + len(p or "") + 3 for a, p in zip(window.actions, window.properties))
     assert len(payload) <= 16 * len(window) + symbols + 32
+    # The stream worker's direct encoder writes exactly what fastavro writes.
+    assert payload == codec.framing.header() + encode_window_body(window, 0)
+    odd = Window("ü" * 70, window.rows[:3], ["a", "ß" * 200, ""], [None, "p", ""])
+    assert codec.encode(odd.to_record(-(2**40))) == codec.framing.header() + encode_window_body(odd, -(2**40))
+    assert codec.encode(Window.empty("x").to_record(1)) == codec.framing.header() + encode_window_body(Window.empty("x"), 1)
     with pytest.raises(ValueError, match="multiple of 16"):
         Window.from_record({**window.to_record(0), "events": b"\x00" * 17})
 
