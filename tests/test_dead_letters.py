@@ -6,6 +6,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pyarrow as pa
+import pytest
 from confluent_kafka import Producer
 
 from stream.broker import producer_config
@@ -23,7 +24,9 @@ def event(user: str, n: int, at: datetime = NOW) -> dict:
             "action": "login", "property": None, "value": None, "attributes": {}}
 
 
-def test_bad_events_are_dead_lettered_and_later_events_processed(settings: Settings, tmp_path: Path) -> None:
+@pytest.mark.parametrize("state_store", ["memory", "rocksdb"])
+def test_bad_events_are_dead_lettered_and_later_events_processed(settings: Settings, tmp_path: Path, state_store: str) -> None:
+    settings = settings.model_copy(update={"state_store": state_store})
     codec = AvroCodec("behavior_event", settings.events_topic)
     sends = [
         (b"alice", codec.encode(event("alice", 0))),
