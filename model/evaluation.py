@@ -50,8 +50,8 @@ from model.beat import MS_PER_DAY, Beat
 from model.checkpoint import load_model_dir
 from model.inference import BeatEncoder, length_batches
 from model.pretraining import BeatPretrainer, mask_events
-from model.train import HEADS_FILE, LOG_FILE, MODEL_DIR, encode, load_pretrainer
-from model.sequences import _starts, keep_events, lengths, split_at, to_windows
+from model.sequences import keep_events, lengths, split_at, starts, to_windows
+from model.train import HEADS_FILE, LOG_FILE, MODEL_DIR, load_pretrainer
 from model.vocab import OOV_ID, Vocabulary
 
 FIELDS = ("action", "property")
@@ -154,7 +154,7 @@ def masked_windows(
     n = lengths(sequences)  # [U]
     future = np.minimum(n - history_lengths, int(max_events * future_share))  # [U]
     context = np.minimum(history_lengths, max_events - future)  # [U]
-    position = np.arange(n.sum()) - np.repeat(_starts(sequences), n)  # [events]
+    position = np.arange(n.sum()) - np.repeat(starts(sequences), n)  # [events]
     user = _user_of_event(sequences)
     keep = (position >= (history_lengths - context)[user]) & (position < (history_lengths + future)[user])
     has_future = future > 0
@@ -296,13 +296,13 @@ def rfm_features(history: pa.Table, cutoff_ms: int, top_actions: int) -> tuple[l
     n = lengths(history)
     if (n == 0).any():
         raise ValueError("rfm_features needs users with at least one event")
-    starts, user = _starts(history), _user_of_event(history)
+    first, user = starts(history), _user_of_event(history)
     times = _flat(history, "event_time").to_numpy()
     age = (cutoff_ms - times) / MS_PER_DAY  # [events] days before the cutoff
     value = np.nan_to_num(_flat(history, "value").to_numpy(zero_copy_only=False).astype(float))
 
     gap = np.r_[0.0, np.diff(times) / MS_PER_DAY]  # [events] days since the previous event
-    gap[starts] = 0.0  # a user's first event has none
+    gap[first] = 0.0  # a user's first event has none
     gaps = np.maximum(n - 1, 1)
     gap_mean = np.bincount(user, gap, len(n)) / gaps
     gap_std = np.sqrt(np.maximum(np.bincount(user, gap**2, len(n)) / gaps - gap_mean**2, 0))
@@ -311,15 +311,15 @@ def rfm_features(history: pa.Table, cutoff_ms: int, top_actions: int) -> tuple[l
         return np.bincount(user, weights, len(n))
 
     features = {
-        "recency_days": age[starts + n - 1],
-        "tenure_days": age[starts],
+        "recency_days": age[first + n - 1],
+        "tenure_days": age[first],
         "log_events": np.log1p(n),
         "log_events_7d": np.log1p(per_user(age < 7)),
         "log_events_30d": np.log1p(per_user(age < 30)),
         "log_monetary": np.log1p(np.maximum(per_user(value), 0)),
         "gap_mean_days": gap_mean,
         "gap_std_days": gap_std,
-        "gap_max_days": np.maximum.reduceat(gap, starts),
+        "gap_max_days": np.maximum.reduceat(gap, first),
     }
     codes = pc.dictionary_encode(_flat(history, "action"))
     action = codes.indices.to_numpy()  # [events] index into codes.dictionary
@@ -504,13 +504,13 @@ def _next_event(
 ) -> dict[str, Any]:
     """HitRate@k of each user's first future event (users with history and future)."""
     evaluated = lengths(future) > 0  # [active users]
-    first_future = _starts(future)[evaluated]
-    last_history = (_starts(history) + lengths(history) - 1)[evaluated]
+    first_future = starts(future)[evaluated]
+    last_history = (starts(history) + lengths(history) - 1)[evaluated]
     user = _user_of_event(history)
     out: dict[str, Any] = {"users": int(evaluated.sum())}
     for field, vocabulary in zip(FIELDS, (encoder.actions, encoder.properties)):
-        train_ids = encode(history[field], vocabulary).astype(np.int64)
-        target = encode(future[field], vocabulary).astype(np.int64)[first_future]  # [users evaluated]
+        train_ids = vocabulary.lookup_column(_flat(history, field))
+        target = vocabulary.lookup_column(_flat(future, field))[first_future]  # [users evaluated]
         baseline = TransitionBaseline.fit(train_ids, user, len(vocabulary))
         ranks = {
             "markov": baseline.markov_ranks(train_ids[last_history], target),
@@ -537,14 +537,15 @@ def _masked_summary(
     """Masked-head accuracy next to always naming the most popular history value. The
     baseline is scored on all future events of the windows (the hidden ones are a random
     sample of them)."""
-    is_future = np.arange(lengths(windows).sum()) - np.repeat(_starts(windows), lengths(windows))
+    is_future = np.arange(lengths(windows).sum()) - np.repeat(starts(windows), lengths(windows))
     is_future = is_future >= np.repeat(context, lengths(windows))
     window = _user_of_event(windows)[is_future]
     out: dict[str, Any] = {"windows": len(context), "masked_events": int(counts["masked"].sum())}
     for field, vocabulary in zip(FIELDS, (encoder.actions, encoder.properties)):
-        popularity = np.bincount(encode(history[field], vocabulary), minlength=len(vocabulary))
+        history_ids = vocabulary.lookup_column(_flat(history, field))
+        popularity = np.bincount(history_ids, minlength=len(vocabulary))
         popularity[[0, OOV_ID]] = -1
-        target = encode(windows[field], vocabulary)[is_future]
+        target = vocabulary.lookup_column(_flat(windows, field))[is_future]
         popular_hits = np.bincount(window, target == popularity.argmax(), len(context))
         future_events = np.bincount(window, minlength=len(context)).astype(float)
         out[field] = {

@@ -56,8 +56,8 @@ def keep_events(table: pa.Table, keep: np.ndarray) -> pa.Table:
     """The table with only the events where keep (bool, one per event, in flattened order)
     is True; users left with no event keep their (empty) row."""
     kept_before = np.concatenate([[0], np.cumsum(keep)])  # [events + 1]
-    starts = _starts(table)
-    counts = kept_before[starts + lengths(table)] - kept_before[starts]  # [users]
+    first = starts(table)
+    counts = kept_before[first + lengths(table)] - kept_before[first]  # [users]
     offsets = pa.array(np.concatenate([[0], np.cumsum(counts)]).astype(np.int32))
     columns = {"user_id": table["user_id"].combine_chunks()}
     for name in EVENT_COLUMNS:
@@ -75,17 +75,18 @@ def split_at(table: pa.Table, cutoff_ms: int) -> tuple[pa.Table, pa.Table]:
 
 def to_windows(table: pa.Table, max_events: int | None = None) -> list[EventWindow]:
     """One EventWindow per user (the newest max_events events when given)."""
-    starts, ends = _starts(table), _starts(table) + lengths(table)
+    first = starts(table)
+    ends = first + lengths(table)
     if max_events is not None:
-        starts = np.maximum(starts, ends - max_events)
+        first = np.maximum(first, ends - max_events)
     flat = {name: pc.list_flatten(table[name]).to_numpy(zero_copy_only=False) for name in ("event_time", "action", "property")}
     return [
         EventWindow(flat["event_time"][s:e], flat["action"][s:e], flat["property"][s:e])
-        for s, e in zip(starts.tolist(), ends.tolist())
+        for s, e in zip(first.tolist(), ends.tolist())
     ]
 
 
-def _starts(table: pa.Table) -> np.ndarray:
+def starts(table: pa.Table) -> np.ndarray:
     """Index of each user's first event in the flattened columns, int64 [users]."""
     n = lengths(table)
     return np.concatenate([[0], np.cumsum(n)[:-1]]).astype(np.int64) if len(n) else n

@@ -59,7 +59,7 @@ from model.beat import MS_PER_DAY, Beat
 from model.checkpoint import check_tensors
 from model.config import PRESETS, BeatConfig
 from model.pretraining import BeatPretrainer, PretrainConfig
-from model.sequences import lengths, read_sequences
+from model.sequences import lengths, read_sequences, starts
 from model.vocab import SPECIAL_TOKENS, Vocabulary
 
 MODEL_DIR = "model"
@@ -153,21 +153,11 @@ class TrainResult:
 # --- data ------------------------------------------------------------------------------------
 
 
-def build_vocabulary(column: pa.ChunkedArray, max_size: int) -> Vocabulary:
-    """Vocabulary.build's ranking (most frequent first, ties by value), counted by Arrow."""
+def value_counts(column: pa.ChunkedArray) -> dict[str, int]:
+    """Occurrences of each value of a list<string> column's events (nulls are not values),
+    counted by Arrow: the counts Vocabulary.from_counts ranks."""
     counted = pc.value_counts(pc.drop_null(pc.list_flatten(column)))  # distinct values only
-    pairs = zip(counted.field("values").to_pylist(), counted.field("counts").to_pylist())
-    ranked = sorted(pairs, key=lambda pair: (-pair[1], pair[0]))
-    return Vocabulary(value for value, _ in ranked[: max_size - len(SPECIAL_TOKENS)])
-
-
-def encode(column: pa.ChunkedArray, vocabulary: Vocabulary) -> np.ndarray:
-    """Vocabulary ids, int32 [events], of a list<string> column flattened; looked up once per
-    distinct value (nulls included, as Vocabulary.lookup's None)."""
-    encoded = pc.dictionary_encode(pc.list_flatten(column), null_encoding="encode")
-    encoded = encoded.combine_chunks() if isinstance(encoded, pa.ChunkedArray) else encoded
-    ids = vocabulary.lookup(encoded.dictionary.to_numpy(zero_copy_only=False)).astype(np.int32)
-    return ids[encoded.indices.to_numpy()]
+    return dict(zip(counted.field("values").to_pylist(), counted.field("counts").to_pylist()))
 
 
 @functools.lru_cache(maxsize=2)  # a batch spans at most two epochs
@@ -181,10 +171,12 @@ class TrainingData:
 
     def __init__(self, sequences: pa.Table, actions: Vocabulary, properties: Vocabulary) -> None:
         self.lengths = lengths(sequences)  # [U]
-        self.starts = np.concatenate([[0], np.cumsum(self.lengths)[:-1]]).astype(np.int64)  # [U]
+        self.starts = starts(sequences)  # [U]
         self.event_time = pc.list_flatten(sequences["event_time"]).to_numpy()  # [E] int64 ms
-        self.action_ids = encode(sequences["action"], actions)  # [E] int32
-        self.property_ids = encode(sequences["property"], properties)  # [E] int32
+        flat = {name: pc.list_flatten(sequences[name]) for name in ("action", "property")}
+        # int32: half the memory of int64, and any vocabulary fits
+        self.action_ids = actions.lookup_column(flat["action"]).astype(np.int32)  # [E]
+        self.property_ids = properties.lookup_column(flat["property"]).astype(np.int32)  # [E]
         self.actions, self.properties = actions, properties
 
     @classmethod
@@ -195,8 +187,8 @@ class TrainingData:
         build the vocabularies from their events."""
         kept = sequences.filter(pa.array(lengths(sequences) >= min_events))
         max_actions, max_properties = train.vocabulary_sizes(beat)
-        actions = build_vocabulary(kept["action"], max_actions)
-        properties = build_vocabulary(kept["property"], max_properties)
+        actions = Vocabulary.from_counts(value_counts(kept["action"]), max_actions)
+        properties = Vocabulary.from_counts(value_counts(kept["property"]), max_properties)
         return cls(kept, actions, properties)
 
     @property

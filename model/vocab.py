@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 PAD_ID = 0  # padding; never produced by lookup
 OOV_ID = 1  # a value the vocabulary has never seen
@@ -31,13 +33,17 @@ class Vocabulary:
 
     @classmethod
     def build(cls, values: Iterable[str | None], max_size: int) -> Vocabulary:
+        """The vocabulary of from_counts over values; None is not a value."""
+        return cls.from_counts(Counter(value for value in values if value is not None), max_size)
+
+    @classmethod
+    def from_counts(cls, counts: Mapping[str, int], max_size: int) -> Vocabulary:
         """The most frequent values first (ties by value, so the result is deterministic).
 
         max_size counts the reserved ids too, so it is the size of the embedding table.
         """
         if max_size < len(SPECIAL_TOKENS):
             raise ValueError(f"max_size must be at least {len(SPECIAL_TOKENS)}, got {max_size}")
-        counts = Counter(value for value in values if value is not None)
         ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
         return cls(token for token, _ in ranked[: max_size - len(SPECIAL_TOKENS)])
 
@@ -57,6 +63,15 @@ class Vocabulary:
             count=values.size,
         )
         return ids.reshape(values.shape)
+
+    def lookup_column(self, column: pa.Array | pa.ChunkedArray) -> np.ndarray:
+        """lookup of a string column: ids int64 [len(column)], null → NONE_ID. Each distinct
+        value is looked up once (a column holds millions of events but few distinct values)."""
+        encoded = pc.dictionary_encode(column, null_encoding="encode")  # null: a dictionary entry
+        if isinstance(encoded, pa.ChunkedArray):
+            encoded = encoded.combine_chunks()  # one dictionary for all chunks
+        ids = self.lookup(encoded.dictionary.to_numpy(zero_copy_only=False))  # [distinct]
+        return ids[encoded.indices.to_numpy()]
 
     def save(self, path: str | Path) -> None:
         document = {"format_version": FORMAT_VERSION, "tokens": [*SPECIAL_TOKENS, *self.tokens]}

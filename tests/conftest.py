@@ -10,13 +10,18 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 from confluent_kafka import Consumer, Message, TopicPartition
 
+from model.sequences import EVENT_COLUMNS, SEQUENCE_SCHEMA
 from stream.broker import EmbeddedBroker, client_config, ensure_topics
 from stream.config import Settings, load_settings
+from stream.events import SyntheticEvents
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -144,3 +149,15 @@ def wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -> None
         if time.monotonic() > deadline:
             raise AssertionError(f"{what} did not happen within {timeout_s}s")
         time.sleep(0.05)
+
+
+def synthetic_sequences(events: SyntheticEvents, start: datetime, end: datetime) -> pa.Table:
+    """events' history in [start, end) as a sequences table (model/sequences.py): one row per
+    user, each user's events ordered by (event_time, event_id)."""
+    table = pa.Table.from_batches(list(events.history(start, end)))
+    time_index = table.schema.get_field_index("event_time")
+    table = table.set_column(time_index, "event_time", pc.cast(table["event_time"], pa.int64()))
+    table = table.sort_by([("user_id", "ascending"), ("event_time", "ascending"), ("event_id", "ascending")])
+    # a single-threaded group_by keeps each group's rows in table order
+    grouped = table.group_by("user_id", use_threads=False).aggregate([(name, "list") for name in EVENT_COLUMNS])
+    return grouped.rename_columns(["user_id", *EVENT_COLUMNS]).sort_by("user_id").cast(SEQUENCE_SCHEMA)

@@ -7,7 +7,6 @@ from datetime import UTC, datetime
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pytest
 from rich.console import Console
 from sklearn.metrics import roc_auc_score
@@ -29,6 +28,8 @@ from model.sequences import SEQUENCE_SCHEMA, lengths, split_at
 from model.train import TrainConfig, train
 from stream.events import SyntheticEvents
 
+from conftest import synthetic_sequences
+
 DAY_MS = 86_400_000
 START = datetime(2024, 1, 1, tzinfo=UTC)
 CUTOFF = datetime(2024, 3, 1, tzinfo=UTC)
@@ -39,22 +40,9 @@ EVENTS = SyntheticEvents(240, seed=5, churn_fraction=0.3, origin=START, churn_ho
 QUICK = EvalConfig(bootstrap=200, segments=4)
 
 
-def sequences_of(events: pa.Table) -> pa.Table:
-    """Events (stream.events.EVENT_SCHEMA columns) as a sequences table (model/sequences.py)."""
-    events = events.set_column(
-        events.schema.get_field_index("event_time"), "event_time", pc.cast(events["event_time"], pa.int64())
-    )
-    events = events.sort_by([("user_id", "ascending"), ("event_time", "ascending"), ("event_id", "ascending")])
-    grouped = events.group_by("user_id", use_threads=False).aggregate(  # keeps each group's order
-        [(name, "list") for name in ("event_time", "action", "property", "value")]
-    )
-    grouped = grouped.rename_columns(["user_id", "event_time", "action", "property", "value"])
-    return grouped.sort_by("user_id").select(SEQUENCE_SCHEMA.names).cast(SEQUENCE_SCHEMA)
-
-
 @pytest.fixture(scope="module")
 def sequences() -> pa.Table:
-    return sequences_of(pa.Table.from_batches(list(EVENTS.history(START, END))))
+    return synthetic_sequences(EVENTS, START, END)
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -99,6 +100,26 @@ def test_vocabulary_orders_by_frequency_and_maps_unknowns(tmp_path):
     assert vocab.lookup(np.array([["a"], ["b"]])).shape == (2, 1)  # numpy str arrays work too
     vocab.save(tmp_path / "v.json")
     assert Vocabulary.load(tmp_path / "v.json") == vocab
+
+
+def test_vocabulary_from_counts_ranks_like_build():
+    vocab = Vocabulary.from_counts({"c": 1, "b": 2, "a": 3, "d": 2}, max_size=6)
+    assert vocab.tokens == ["a", "b", "d"]  # ties by value
+    assert Vocabulary.build(["c", "b", "a", "a", "d", "b", "a", "d"], 6) == vocab
+    with pytest.raises(ValueError, match="max_size must be at least 3"):
+        Vocabulary.from_counts({"a": 1}, max_size=2)
+
+
+def test_vocabulary_lookup_column_matches_lookup_across_chunks():
+    vocab = Vocabulary(["a", "b"])
+    # chunks with different values, nulls, and an empty chunk
+    column = pa.chunked_array([["a", None, "zzz"], [], ["b", "b", None, "a"]], pa.string())
+    ids = vocab.lookup_column(column)
+    assert ids.dtype == np.int64
+    assert ids.tolist() == vocab.lookup(np.array(column.to_pylist(), dtype=object)).tolist()
+    assert ids.tolist() == [3, NONE_ID, OOV_ID, 4, 4, NONE_ID, 3]
+    assert vocab.lookup_column(column.chunk(2)).tolist() == [4, 4, NONE_ID, 3]
+    assert vocab.lookup_column(pa.chunked_array([], pa.string())).shape == (0,)
 
 
 # --- the model -----------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -20,45 +20,31 @@ from safetensors.torch import load_file
 
 from model import BeatConfig, BeatEncoder, EventWindow, PretrainConfig
 from model.checkpoint import WEIGHTS_FILE
-from model.sequences import SEQUENCE_SCHEMA, write_sequences
+from model.sequences import write_sequences
 from model.train import (
     TrainConfig,
     TrainingData,
-    build_vocabulary,
     latest_checkpoint,
     load_pretrainer,
     lr_factor,
     make_optimizer,
     train,
+    value_counts,
 )
 from model.vocab import Vocabulary
 from stream.events import SyntheticEvents
+
+from conftest import synthetic_sequences
 
 REPO = Path(__file__).resolve().parent.parent
 # Small enough for seconds on two shared cores; views of up to 8 events keep steps cheap.
 PRETRAIN = PretrainConfig(min_view_events=3, max_view_events=8)
 
 
-def synthetic_sequences(users: int = 120, days: int = 10, seed: int = 1) -> pa.Table:
-    """SyntheticEvents history as a sequences table (model/sequences.py)."""
-    events = SyntheticEvents(users, seed=seed)
-    start = datetime(2024, 3, 1, tzinfo=UTC)
-    table = pa.Table.from_batches(list(events.history(start, start.replace(day=1 + days))))
-    table = table.select(["user_id", "event_id", "event_time", "action", "property", "value"])
-    table = table.set_column(2, "event_time", pc.cast(table["event_time"], pa.int64()))
-    table = table.sort_by([("user_id", "ascending"), ("event_time", "ascending"),
-                           ("event_id", "ascending")])
-    # a single-threaded group_by keeps each group's rows in table order
-    grouped = table.group_by("user_id", use_threads=False).aggregate(
-        [(name, "list") for name in ("event_time", "action", "property", "value")]
-    )
-    grouped = grouped.rename_columns(["user_id", "event_time", "action", "property", "value"])
-    return grouped.sort_by("user_id").select(SEQUENCE_SCHEMA.names).cast(SEQUENCE_SCHEMA)
-
-
 @pytest.fixture(scope="module")
 def sequences() -> pa.Table:
-    return synthetic_sequences()
+    start = datetime(2024, 3, 1, tzinfo=UTC)
+    return synthetic_sequences(SyntheticEvents(120, seed=1), start, start + timedelta(days=10))
 
 
 @pytest.fixture(autouse=True)
@@ -138,10 +124,11 @@ def test_training_data_crops_consecutive_events_and_covers_every_user_each_epoch
         assert batch.time_gaps[row, n[row] - 1] == 0  # ages count back from the crop's newest
 
 
-def test_vocabulary_matches_vocabulary_build(sequences):
-    actions = build_vocabulary(sequences["property"], 20)
+def test_vocabulary_from_arrow_counts_matches_vocabulary_build(sequences):
+    counts = value_counts(sequences["property"])
     flat = pc.list_flatten(sequences["property"]).to_pylist()
-    assert actions == Vocabulary.build(flat, 20)
+    assert None in flat and None not in counts
+    assert Vocabulary.from_counts(counts, 20) == Vocabulary.build(flat, 20)
 
 
 def test_config_errors_name_the_setting(sequences, tmp_path):
