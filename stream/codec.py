@@ -27,7 +27,9 @@ from fastavro.schema import fingerprint, to_parsing_canonical_form
 
 SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
 SINGLE_OBJECT_MAGIC = b"\xc3\x01"
+SINGLE_OBJECT_FINGERPRINT = struct.Struct("<Q")  # CRC-64-AVRO, little-endian
 CONFLUENT_MAGIC = b"\x00"
+CONFLUENT_SCHEMA_ID = struct.Struct(">I")
 
 
 class DecodeError(ValueError):
@@ -51,7 +53,9 @@ def _read_body(schema: dict, body: bytes, reader_schema: dict | None = None) -> 
     buf = io.BytesIO(body)
     try:
         record = fastavro.schemaless_reader(buf, schema, reader_schema)
-    except (EOFError, ValueError, TypeError, UnicodeDecodeError, IndexError, struct.error) as err:
+    # OverflowError: a timestamp outside years 1-9999 (or past a C long) in a logical type
+    except (EOFError, ValueError, TypeError, UnicodeDecodeError, IndexError, OverflowError,
+            struct.error) as err:
         raise DecodeError(f"Avro body does not match schema {schema['name']}: {err!r}") from None
     if buf.tell() != len(body):
         raise DecodeError(f"{len(body) - buf.tell()} trailing bytes after the Avro body")
@@ -61,6 +65,15 @@ def _read_body(schema: dict, body: bytes, reader_schema: dict | None = None) -> 
 class Framing(Protocol):
     def header(self) -> bytes: ...
     def writer_schema(self, payload: bytes) -> tuple[dict, int]: ...
+
+
+def _read_frame(payload: bytes, magic: bytes, number: struct.Struct, expected: str) -> tuple[int, int]:
+    """(the number after magic: the schema's fingerprint or id, where the Avro body starts);
+    DecodeError saying what was expected when the payload does not start that way."""
+    body_start = len(magic) + number.size
+    if payload[: len(magic)] != magic or len(payload) < body_start:
+        raise DecodeError(f"{expected}; first bytes {payload[:4].hex() or 'empty'}")
+    return number.unpack_from(payload, len(magic))[0], body_start
 
 
 @dataclass
@@ -75,18 +88,14 @@ class SingleObjectFraming:
         self._known = {self._fingerprint: self.schema}
 
     def header(self) -> bytes:
-        return SINGLE_OBJECT_MAGIC + struct.pack("<Q", self._fingerprint)
+        return SINGLE_OBJECT_MAGIC + SINGLE_OBJECT_FINGERPRINT.pack(self._fingerprint)
 
     def writer_schema(self, payload: bytes) -> tuple[dict, int]:
-        if payload[:2] != SINGLE_OBJECT_MAGIC or len(payload) < 10:
-            raise DecodeError(
-                "not Avro single-object encoded (expected C3 01 + 8-byte fingerprint); "
-                f"first bytes {payload[:4].hex() or 'empty'}"
-            )
-        (fp,) = struct.unpack_from("<Q", payload, 2)
+        fp, start = _read_frame(payload, SINGLE_OBJECT_MAGIC, SINGLE_OBJECT_FINGERPRINT,
+                                "not Avro single-object encoded (expected C3 01 + 8-byte fingerprint)")
         if fp not in self._known:
             raise DecodeError(f"unknown writer schema fingerprint {fp:016x}")
-        return self._known[fp], 10
+        return self._known[fp], start
 
 
 @cache
@@ -112,24 +121,20 @@ class ConfluentFraming:
         self._by_id: dict[int, dict] = {self._id: schema}
 
     def header(self) -> bytes:
-        return CONFLUENT_MAGIC + struct.pack(">I", self._id)
+        return CONFLUENT_MAGIC + CONFLUENT_SCHEMA_ID.pack(self._id)
 
     def writer_schema(self, payload: bytes) -> tuple[dict, int]:
         from confluent_kafka.schema_registry.error import SchemaRegistryError
 
-        if payload[:1] != CONFLUENT_MAGIC or len(payload) < 5:
-            raise DecodeError(
-                "not in Confluent wire format (expected 00 + 4-byte schema id); "
-                f"first bytes {payload[:4].hex() or 'empty'}"
-            )
-        (schema_id,) = struct.unpack_from(">I", payload, 1)
+        schema_id, start = _read_frame(payload, CONFLUENT_MAGIC, CONFLUENT_SCHEMA_ID,
+                                       "not in Confluent wire format (expected 00 + 4-byte schema id)")
         if schema_id not in self._by_id:
             try:
                 registered = self._client.get_schema(schema_id)
             except SchemaRegistryError as err:
                 raise DecodeError(f"unknown schema id {schema_id}: {err.error_message}") from None
             self._by_id[schema_id] = fastavro.parse_schema(json.loads(registered.schema_str))
-        return self._by_id[schema_id], 5
+        return self._by_id[schema_id], start
 
 
 class AvroCodec:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import struct
 from datetime import datetime, timezone
 
+import fastavro
 import pytest
 
-from stream.codec import AvroCodec, DecodeError, registry_client
+from stream.codec import AvroCodec, DecodeError, load_schema, registry_client
 
 EVENT = {
     "user_id": "u42",
@@ -86,3 +88,20 @@ def test_truncated_and_padded_bodies_are_rejected() -> None:
         codec.decode(payload[:-12])
     with pytest.raises(DecodeError, match="trailing bytes"):
         codec.decode(payload + b"\x00\x00")
+
+
+@pytest.mark.parametrize("event_time_ms", [
+    253_402_300_800_000,  # 10000-01-01: past datetime's last year
+    -62_135_596_800_001,  # a millisecond before 0001-01-01
+    2**62,  # past what a C long holds in microseconds
+])
+def test_timestamp_outside_years_1_to_9999_is_rejected(codec: AvroCodec, event_time_ms: int) -> None:
+    # The same bytes as a real event, written with event_time as a plain long: a producer
+    # (not this codec) can put any long there.
+    schema = load_schema("behavior_event")
+    fields = [{**f, "type": "long"} if f["name"] == "event_time" else f for f in schema["fields"]]
+    body = io.BytesIO()
+    fastavro.schemaless_writer(body, fastavro.parse_schema({**schema, "fields": fields}),
+                               {**EVENT, "event_time": event_time_ms})
+    with pytest.raises(DecodeError, match="does not match schema.*OverflowError"):
+        codec.decode(codec.framing.header() + body.getvalue())
