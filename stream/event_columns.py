@@ -56,6 +56,7 @@ class EventColumns:
     value: np.ndarray  # float64, NaN where the event has none
     row: np.ndarray  # int64 index into the decoded batch
     rejected: list[tuple[int, str]] = field(default_factory=list)  # (input index, reason)
+    bytes: int = 0  # of the input values, decoded or not
 
     def __len__(self) -> int:
         return len(self.row)
@@ -100,9 +101,12 @@ class EventDecoder:
 
     def decode(self, values: Sequence[bytes | None]) -> EventColumns:
         """Columns of every decodable value; the others in ``rejected`` with the reason."""
-        payloads = [v or b"" for v in values]
+        try:
+            payloads, sizes = values, np.fromiter(map(len, values), np.int64, len(values))
+        except TypeError:  # a None (a tombstone): rare, so only then a pass to replace it
+            payloads = [v or b"" for v in values]
+            sizes = np.fromiter(map(len, payloads), np.int64, len(payloads))
         n = len(payloads)
-        sizes = np.fromiter(map(len, payloads), np.int64, n)
         ends = np.cumsum(sizes)  # [n]
         starts = ends - sizes
         if n and ends[-1] > _MAX_BATCH_BYTES:
@@ -116,7 +120,9 @@ class EventDecoder:
         slow = np.sort(np.concatenate([np.flatnonzero(~fast), rows[~ok]]))
         fast_columns = walked.take(np.flatnonzero(ok)) if not ok.all() else walked
         fast_columns.row = rows[fast_columns.row]
-        return self._merge(fast_columns, self._decode_each(payloads, slow))
+        columns = self._merge(fast_columns, self._decode_each(payloads, slow))
+        columns.bytes = int(ends[-1]) if n else 0
+        return columns
 
     def _has_header(self, data: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
         """bool [n]: the payload starts with this codec's own header (framing + schema)."""

@@ -114,6 +114,19 @@ def test_the_last_batch_of_a_partition_is_not_lost(settings: Settings) -> None:
     assert sum(highs) in (1, len(one_user))
 
 
+def test_ends_at_the_reported_partition_ends_without_an_idle_wait(settings: Settings) -> None:
+    """The broker's end-of-partition reports end the replay; idle_s is only a fallback,
+    so a long one must not be waited for (Tansu's last batch included)."""
+    events = history(100, 3, 1_500)
+    send(settings, events)
+
+    began = time.monotonic()
+    table, summary = replay(settings, ReplayConfig(progress=False, idle_s=30.0))
+
+    assert time.monotonic() - began < 10.0
+    assert summary.messages == len(events) and table.to_pylist() == expected_sequences(events)
+
+
 def test_export_round_trip(settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     events = history(200, 2, 1_000)
     send(settings, events)
