@@ -57,9 +57,8 @@ def template_windows(count: int) -> list[Window]:
 
 
 def fresh_copy(template: Window, user_id: str) -> Window:
-    """Its own rows and symbol lists, as a window merged or restored by a worker has (their
-    strings are interned: one object per distinct action or property)."""
-    return Window(user_id, template.rows.copy(), list(template.actions), list(template.properties))
+    """Its own rows and symbol ids, as a window merged or restored by a worker has."""
+    return Window(user_id, template.rows.copy(), template.symbols.copy())
 
 
 def main() -> None:

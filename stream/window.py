@@ -8,7 +8,8 @@ newest event, ascending by (event_time, event-id hash). It is stored and sent as
     symbols     the distinct (action, property) pairs of the window; ``symbol`` indexes them
 
 which is the ``events``/``actions``/``properties`` of schemas/user_window.avsc, and also the
-stream worker's state: the value of a state store entry is the window message itself.
+stream worker's state (stream/state.py). In memory a window names its symbols by ids in a
+process-wide table (SYMBOLS), so merging works on integers only.
 
 Merging is idempotent, so replaying events after a crash cannot change a window: an event
 whose event-id hash and event_time equal those of an event already in the window (or
@@ -19,11 +20,8 @@ merge_batch() does this for every user of a batch at once, on flat numpy columns
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import lru_cache
-from itertools import chain
 
 import numpy as np
 import pyarrow as pa
@@ -60,25 +58,85 @@ def row_times(rows: np.ndarray) -> np.ndarray:
     return (rows["time_hi"].astype(np.int64) << 32) | rows["time_lo"].astype(np.int64)
 
 
+class Symbols:
+    """The (action, property) pairs this process has seen, each with a small int id.
+
+    Windows in memory name their symbols by these ids, so a merge never touches the strings
+    of stored windows, and each pair's Avro encoding is made once. The table grows with the
+    catalogue of distinct pairs, not with users or events.
+    """
+
+    def __init__(self) -> None:
+        self._ids: dict[tuple[str, str | None], int] = {}
+        self.actions: list[str] = []
+        self.properties: list[str | None] = []
+        self.avro_actions: list[bytes] = []  # each action as an Avro string
+        self.avro_properties: list[bytes] = []  # each property as an Avro ["null", "string"]
+        self._arrays = (np.empty(0, object), np.empty(0, object))
+
+    def __len__(self) -> int:
+        return len(self.actions)
+
+    def ids(self, actions: Sequence[str], properties: Sequence[str | None]) -> np.ndarray:
+        """The id of each (action, property) pair, int32 [n]; new pairs are added."""
+        get = self._ids.get
+        found = [get(pair) for pair in zip(actions, properties)]
+        for i in [i for i, known in enumerate(found) if known is None]:
+            found[i] = self._add(actions[i], properties[i])
+        return np.array(found, np.int32)
+
+    def _add(self, action: str, property: str | None) -> int:
+        known = self._ids.get((action, property))  # the same new pair twice in one call
+        if known is not None:
+            return known
+        self._ids[(action, property)] = len(self.actions)
+        self.actions.append(action)
+        self.properties.append(property)
+        self.avro_actions.append(_avro_string(action))
+        self.avro_properties.append(b"\x00" if property is None else b"\x02" + _avro_string(property))
+        return len(self.actions) - 1
+
+    def strings(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(actions, properties) of ids, object arrays."""
+        if len(self._arrays[0]) != len(self.actions):
+            self._arrays = (np.array(self.actions, object), np.array(self.properties, object))
+        return self._arrays[0][ids], self._arrays[1][ids]
+
+
+SYMBOLS = Symbols()
+
+
 @dataclass
 class Window:
-    """One user's window: ROW rows ascending by (event_time, id_hash) and their symbol table."""
+    """One user's window: ROW rows ascending by (event_time, id_hash), and its symbol table
+    as SYMBOLS ids (row["symbol"] indexes ``symbols``)."""
 
     user_id: str
     rows: np.ndarray  # ROW [n]
-    actions: list[str]  # [symbols]
-    properties: list[str | None]  # [symbols]
+    symbols: np.ndarray  # int32 [symbols], ids in SYMBOLS
 
     def __len__(self) -> int:
         return len(self.rows)
 
     @classmethod
     def empty(cls, user_id: str) -> Window:
-        return cls(user_id, np.empty(0, ROW), [], [])
+        return cls(user_id, np.empty(0, ROW), np.empty(0, np.int32))
+
+    @classmethod
+    def from_strings(cls, user_id: str, rows: np.ndarray, actions: Sequence[str], properties: Sequence[str | None]) -> Window:
+        return cls(user_id, rows, SYMBOLS.ids(actions, properties))
 
     @property
     def event_time(self) -> np.ndarray:
         return row_times(self.rows)
+
+    @property
+    def actions(self) -> list[str]:
+        return [SYMBOLS.actions[i] for i in self.symbols.tolist()]
+
+    @property
+    def properties(self) -> list[str | None]:
+        return [SYMBOLS.properties[i] for i in self.symbols.tolist()]
 
     def to_record(self, emitted_at_ms: int) -> dict:
         """The beat.windows message value (schemas/user_window.avsc)."""
@@ -98,16 +156,13 @@ class Window:
         rows = np.frombuffer(events, ROW)
         if len(rows) and int(rows["symbol"].max()) >= len(record["actions"]):
             raise ValueError(f"window of {record['user_id']!r} names a symbol beyond its {len(record['actions'])}")
-        return cls(record["user_id"], rows, _interned(record["actions"]), _interned(record["properties"]))
+        return cls.from_strings(record["user_id"], rows, record["actions"], record["properties"])
 
     def event_window(self) -> EventWindow:
         """The model's input: times and the action/property strings of every event."""
+        actions, properties = SYMBOLS.strings(self.symbols)
         symbol = self.rows["symbol"]
-        return EventWindow(
-            self.event_time,
-            np.array(self.actions, dtype=object)[symbol],
-            np.array(self.properties, dtype=object)[symbol],
-        )
+        return EventWindow(self.event_time, actions[symbol], properties[symbol])
 
     def columns(self) -> dict[str, list]:
         """Plain per-event lists (value None where absent): for tests and debugging."""
@@ -126,12 +181,13 @@ def encode_window_body(window: Window, emitted_at_ms: int) -> bytes:
     directly: fastavro's per-record overhead (15-20 us on this schema) was the stream
     worker's largest cost per window. tests/test_window.py checks it byte for byte."""
     events = window.rows.tobytes()
+    ids = window.symbols.tolist()
     return b"".join([
         _avro_string(window.user_id),
         _avro_long(emitted_at_ms),
         _avro_long(len(events)), events,
-        _avro_array([_avro_cached_string(a) for a in window.actions]),
-        _avro_array([_avro_optional_string(p) for p in window.properties]),
+        _avro_array([SYMBOLS.avro_actions[i] for i in ids]),
+        _avro_array([SYMBOLS.avro_properties[i] for i in ids]),
     ])
 
 
@@ -149,16 +205,6 @@ def _avro_long(n: int) -> bytes:
 def _avro_string(text: str) -> bytes:
     data = text.encode()
     return _avro_long(len(data)) + data
-
-
-# Actions and properties repeat across users: encode each distinct one once.
-_avro_cached_string = lru_cache(maxsize=1 << 16)(_avro_string)
-
-
-@lru_cache(maxsize=1 << 16)
-def _avro_optional_string(text: str | None) -> bytes:
-    """A ["null", "string"] union."""
-    return b"\x00" if text is None else b"\x02" + _avro_string(text)
 
 
 def _avro_array(items: list[bytes]) -> bytes:
@@ -208,24 +254,21 @@ def merge_batch(
     # Joined as bytes: np.concatenate of structured arrays costs ~15 us per array.
     old_rows = np.frombuffer(b"".join([w.rows.tobytes() for w in windows]), ROW)
     old_user = np.repeat(np.arange(len(users)), [len(w) for w in windows])
-
-    # One code per distinct (action, property) pair over the old symbols and the new events.
-    symbol_counts = np.array([len(w.actions) for w in windows], np.int64)
+    symbol_counts = np.array([len(w.symbols) for w in windows], np.int64)
     symbol_start = np.concatenate([[0], np.cumsum(symbol_counts)[:-1]]).astype(np.int64)
-    old_actions = pa.array(list(chain.from_iterable(w.actions for w in windows)), pa.string())
-    old_properties = pa.array(list(chain.from_iterable(w.properties for w in windows)), pa.string())
-    actions = pa.concat_arrays([old_actions, new.action.cast(pa.string())])
-    properties = pa.concat_arrays([old_properties, new.property.cast(pa.string())])
-    pair, pair_first = _pair_codes(actions, properties)
-    n_old_symbols = len(old_actions)
-    old_pair = pair[:n_old_symbols][symbol_start[old_user] + old_rows["symbol"]]
+    old_symbols = np.concatenate([w.symbols for w in windows]) if windows else np.empty(0, np.int32)
+    old_pair = old_symbols[symbol_start[old_user] + old_rows["symbol"]]
+    # The new events' pairs: factorized on Arrow, then one SYMBOLS lookup per distinct pair.
+    new_code, first = _pair_codes(new.action, new.property)
+    take = pa.array(first)
+    new_pair = SYMBOLS.ids(new.action.take(take).to_pylist(), new.property.take(take).to_pylist())[new_code]
 
     is_new = np.repeat([False, True], [len(old_rows), len(new.user)])
     user = np.concatenate([old_user, new.user])
     time = np.concatenate([row_times(old_rows), new.event_time])
     id_hash = np.concatenate([old_rows["id_hash"], new.id_hash])
     value = np.concatenate([old_rows["value"], new.value.astype(np.float32)])
-    pair = np.concatenate([old_pair, pair[n_old_symbols:]])
+    pair = np.concatenate([old_pair, new_pair]).astype(np.int64)
 
     # Stable sort: a stored event comes before its replayed copy, and copies keep arrival order.
     order = np.lexsort((id_hash, time, user))
@@ -244,32 +287,22 @@ def merge_batch(
     keep = ends[user] - np.arange(len(user)) <= max_events  # the newest max_events of each user
     user, time, id_hash, value, pair = (a[keep] for a in (user, time, id_hash, value, pair))
 
-    # Each user's symbol table: the distinct pairs the kept events use, in pair-code order.
-    n_pairs = len(pair_first)
+    # Each user's symbol table: the distinct pairs the kept events use, in id order.
+    n_pairs = len(SYMBOLS)
     user_pairs, symbol_of_row = np.unique(user * n_pairs + pair, return_inverse=True)
     pair_user = user_pairs // n_pairs
     pair_start = np.searchsorted(pair_user, np.arange(len(users) + 1))
     symbol = np.arange(len(user_pairs)) - pair_start[pair_user]
     rows = pack_rows(time, symbol[symbol_of_row], id_hash, value)
+    symbols = (user_pairs % n_pairs).astype(np.int32)
 
-    take = pa.array(pair_first[user_pairs % n_pairs])
-    pair_actions = _interned(actions.take(take).to_pylist())
-    pair_properties = _interned(properties.take(take).to_pylist())
     row_bounds = np.concatenate([[0], np.cumsum(np.bincount(user, minlength=len(users)))]).tolist()
     symbol_bounds = pair_start.tolist()
     merged = [
-        Window(users[u], rows[row_bounds[u] : row_bounds[u + 1]],
-               pair_actions[symbol_bounds[u] : symbol_bounds[u + 1]], pair_properties[symbol_bounds[u] : symbol_bounds[u + 1]])
+        Window(users[u], rows[row_bounds[u] : row_bounds[u + 1]], symbols[symbol_bounds[u] : symbol_bounds[u + 1]])
         for u in range(len(users))
     ]
     return merged, counts
-
-
-def _interned(strings: list[str | None]) -> list[str | None]:
-    """One string object per distinct action or property in the whole process: windows
-    held in memory then cost a pointer per symbol, not a string (bench/state_size.py:
-    61 -> 20 bytes per event)."""
-    return [s if s is None else sys.intern(s) for s in strings]
 
 
 def _pair_codes(actions: pa.Array, properties: pa.Array) -> tuple[np.ndarray, np.ndarray]:

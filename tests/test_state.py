@@ -16,7 +16,7 @@ CODEC = AvroCodec("user_window", "beat.windows")
 def window(user: str, n: int) -> Window:
     rows = np.zeros(n, ROW)
     rows["time_lo"] = np.arange(n)
-    return Window(user, rows, ["view"], ["books"])
+    return Window.from_strings(user, rows, ["view"], ["books"])
 
 
 def decode(payload: bytes) -> Window:

@@ -71,7 +71,7 @@ def test_window_message_round_trip_and_size() -> None:
     assert len(payload) <= 16 * len(window) + symbols + 32
     # The stream worker's direct encoder writes exactly what fastavro writes.
     assert payload == codec.framing.header() + encode_window_body(window, 0)
-    odd = Window("ü" * 70, window.rows[:3], ["a", "ß" * 200, ""], [None, "p", ""])
+    odd = Window.from_strings("ü" * 70, window.rows[:3], ["a", "ß" * 200, ""], [None, "p", ""])
     assert codec.encode(odd.to_record(-(2**40))) == codec.framing.header() + encode_window_body(odd, -(2**40))
     assert codec.encode(Window.empty("x").to_record(1)) == codec.framing.header() + encode_window_body(Window.empty("x"), 1)
     with pytest.raises(ValueError, match="multiple of 16"):
