@@ -191,8 +191,8 @@ def encode_window_body(window: Window, emitted_at_ms: int) -> bytes:
     ])
 
 
-def _avro_long(n: int) -> bytes:
-    """Zig-zag varint."""
+def _zigzag_varint(n: int) -> bytes:
+    """An Avro long: zig-zag, then base-128 varint."""
     n = (n << 1) ^ (n >> 63)
     out = bytearray()
     while n > 0x7F:
@@ -200,6 +200,14 @@ def _avro_long(n: int) -> bytes:
         n >>= 7
     out.append(n)
     return bytes(out)
+
+
+# Lengths and counts of a window are small: look them up.
+_SMALL_LONGS = [_zigzag_varint(n) for n in range(1 << 14)]
+
+
+def _avro_long(n: int) -> bytes:
+    return _SMALL_LONGS[n] if 0 <= n < len(_SMALL_LONGS) else _zigzag_varint(n)
 
 
 def _avro_string(text: str) -> bytes:
