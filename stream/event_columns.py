@@ -27,7 +27,7 @@ from stream.codec import AvroCodec, DecodeError
 
 # The writer layout the vectorized walk implements: behavior_event as shipped. A schema
 # change must be mirrored in _walk, which __init__ checks against the codec's schema.
-_LAYOUT = (
+LAYOUT = (
     ("user_id", "string"),
     ("event_id", "string"),
     ("event_time", "long"),
@@ -71,7 +71,7 @@ class EventColumns:
         )  # fmt: skip
 
 
-def _layout(schema: dict) -> tuple:
+def schema_layout(schema: dict) -> tuple:
     def kind(t: object) -> object:
         if isinstance(t, list):
             return tuple(kind(b) for b in t)
@@ -91,10 +91,10 @@ class EventDecoder:
     """
 
     def __init__(self, codec: AvroCodec) -> None:
-        if _layout(codec.schema) != _LAYOUT:
+        if schema_layout(codec.schema) != LAYOUT:
             raise ValueError(
                 f"schema {codec.schema['name']} is not the layout stream/event_columns.py decodes "
-                f"({_layout(codec.schema)} != {_LAYOUT}): update _LAYOUT and EventDecoder._walk with the schema"
+                f"({schema_layout(codec.schema)} != {LAYOUT}): update LAYOUT and EventDecoder._walk with the schema"
             )
         self.codec = codec
         self.header = np.frombuffer(codec.framing.header(), np.uint8)

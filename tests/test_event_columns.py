@@ -216,5 +216,5 @@ def test_other_writer_schema_falls_back_to_the_codec() -> None:
 
 
 def test_a_different_schema_layout_is_refused() -> None:
-    with pytest.raises(ValueError, match="update _LAYOUT"):
+    with pytest.raises(ValueError, match="update LAYOUT"):
         EventDecoder(AvroCodec("user_embedding", "beat.embeddings"))

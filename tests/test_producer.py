@@ -1,0 +1,50 @@
+"""EventProducer against a real broker: batches arrive as the codec's values keyed by
+user_id, and failed deliveries are reported at flush."""
+
+from __future__ import annotations
+
+import socket
+from datetime import UTC, datetime
+
+import pytest
+from conftest import read_topic
+
+import stream.producer
+from stream.broker import producer_config
+from stream.codec import AvroCodec
+from stream.config import Settings, load_settings
+from stream.events import SyntheticEvents
+from stream.producer import EventProducer
+
+
+def batch(n: int):  # noqa: ANN201
+    events = SyntheticEvents(n_users=40, seed=3).history(datetime(2024, 5, 1, tzinfo=UTC), datetime(2024, 5, 3, tzinfo=UTC))
+    return next(events).slice(0, n)
+
+
+def test_a_batch_arrives_as_the_codec_encodes_it_keyed_by_user(settings: Settings) -> None:
+    events = batch(300)
+    producer = EventProducer(settings)
+
+    assert producer.send_batch(events) == 300
+    producer.flush()
+    del producer  # its connection would hold up the broker's shutdown
+
+    codec = AvroCodec("behavior_event", settings.events_topic)
+    expected = {(row["user_id"].encode(), codec.encode({**row, "attributes": dict(row["attributes"])}))
+                for row in events.to_pylist()}  # fmt: skip
+    received = [(m.key(), m.value()) for m in read_topic(settings, settings.events_topic)]
+    assert len(received) == 300 and set(received) == expected
+
+
+def test_undelivered_events_are_reported_at_flush(monkeypatch: pytest.MonkeyPatch) -> None:
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setattr(stream.producer, "producer_config",
+                        lambda settings, **extra: producer_config(settings, **extra, **{"message.timeout.ms": 300}))  # fmt: skip
+    producer = EventProducer(load_settings(bootstrap_servers=f"127.0.0.1:{port}"))
+    producer.send_batch(batch(3))
+
+    with pytest.raises(RuntimeError, match="3 events were rejected"):
+        producer.flush(10)
