@@ -41,7 +41,7 @@ from stream.window import MAX_TIME_MS, NewEvents, Window, encode_window_body, ev
 
 log = logging.getLogger(__name__)
 
-# Key of the tombstone that seals each batch's windows (see WindowEmitter.seal). No user has
+# Key of the tombstone that seals each batch's windows (see StreamWorker.seal). No user has
 # an empty user_id (validation rejects it), so it never names a window.
 SEAL_KEY = b""
 RESTORE_BATCH = 10_000
@@ -330,11 +330,15 @@ class StreamWorker:
         try:
             _, high = reader.get_watermark_offsets(topic, timeout=10)
             reader.assign([topic])
-            position = 0
-            while position < high:
-                messages = [m for m in reader.consume(RESTORE_BATCH, 1.0) if not self._is_error(m)]
-                latest = {m.key(): m.value() for m in messages if m.offset() < high}
-                for key in [k for k, v in latest.items() if v is None]:
+            position, at_end = 0, high == 0
+            while position < high and not at_end:
+                batch = reader.consume(RESTORE_BATCH, 1.0)
+                # The end of the partition as the broker knows it: offsets below the
+                # watermark may have been compacted away.
+                at_end = any(m.error() is not None and m.error().code() == KafkaError._PARTITION_EOF for m in batch)
+                messages = [m for m in batch if not self._is_error(m) and m.offset() < high]
+                latest = {m.key(): m.value() for m in messages}
+                for key in [k for k, v in latest.items() if v is None]:  # tombstones and seals
                     store.delete(key)
                     del latest[key]
                 store.put_many(list(latest), [self._decode_window(v) for v in latest.values()], list(latest.values()))

@@ -52,14 +52,15 @@ def assert_final_windows_exact(settings: Settings, events: list[dict], timeout_s
     expected = {user: window_columns(w) for user, w in expected_windows(events).items()}
     codec = AvroCodec("user_window", settings.windows_topic)
     latest: dict[str, dict[str, list]] = {}
-    read = 0
+    read = windows = 0
 
     def exact(messages: list) -> bool:
-        nonlocal read
+        nonlocal read, windows
         for message in messages[read:]:
-            if message.value() is not None:  # a seal (see stream_worker.seal)
+            if message.value() is not None:  # None: a seal (see StreamWorker.seal)
                 window = Window.from_record(codec.decode(message.value()))
                 latest[window.user_id] = window.columns()
+                windows += 1
         read = len(messages)
         return latest == expected
 
@@ -73,7 +74,7 @@ def assert_final_windows_exact(settings: Settings, events: list[dict], timeout_s
         f"{len(mismatched)} of {len(expected)} users' final windows differ ({missing_events} expected "
         f"events missing), e.g. {mismatched[:5]}; unexpected users: {sorted(set(latest) - set(expected))}"
     )
-    return read
+    return windows
 
 
 def test_sigkilled_worker_restarts_with_exact_windows(settings: Settings, tmp_path: Path) -> None:
