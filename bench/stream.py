@@ -4,8 +4,8 @@
 
 Starts an embedded Tansu broker, pre-produces synthetic events (100k users, Zipf
 activity) so producing is not measured, then runs, one after the other and each in its
-own process: (1) the stream worker (stream.stream_worker.StreamWorker), (2) a naive faust
-agent that decodes one event at a time and appends it to a list-valued table (the
+own process: (1) the stream worker (stream.stream_worker.StreamWorker) with its memory
+store, (1b) the same with its RocksDB store, (2) a naive faust agent that decodes one event at a time and appends it to a list-valued table (the
 baseline), (3) the stream worker again with its batch processing under cProfile. Each
 process samples its own event counter and CPU time every 50 ms, so start-up and group
 join are not timed; the rate is events / (time of the last event - time of the first).
@@ -44,6 +44,7 @@ from stream.stream_worker import StreamWorker, WindowStats  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
 SAMPLE_S = 0.05
+STATE_STORES = {"rocksdb": "rocksdb"}  # roles whose worker keeps its windows in RocksDB
 HISTORY_START = datetime(2026, 1, 1, tzinfo=timezone.utc)
 
 
@@ -156,7 +157,7 @@ def cpu_seconds(pid: int) -> float:
 def run_role(settings: Settings, role: str, target: int, workdir: Path, broker_pid: int, batch_events: int) -> dict:
     out = workdir / f"{role}.json"
     env = {**os.environ, **settings.to_env(), "BEAT_GROUP_PREFIX": f"{settings.group_prefix}-{role}",
-           "BEAT_MAX_BATCH_EVENTS": str(batch_events)}
+           "BEAT_MAX_BATCH_EVENTS": str(batch_events), "BEAT_STATE_STORE": STATE_STORES.get(role, "memory")}
     command = [sys.executable, __file__, "--child", role, "--target", str(target), "--out", str(out)]
     broker_cpu = cpu_seconds(broker_pid)
     with open(workdir / f"{role}.log", "w") as log:
@@ -176,7 +177,7 @@ def main() -> None:
     # A pre-loaded topic lets a worker take huge batches (catch-up mode, which coalesces
     # more); 10,000 is one 100-ms flush interval at the 100,000 events/s target.
     parser.add_argument("--batch-events", type=int, default=10_000, help="BEAT_MAX_BATCH_EVENTS of our worker")
-    parser.add_argument("--child", choices=["ours", "naive", "profile"], help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=["ours", "rocksdb", "naive", "profile"], help=argparse.SUPPRESS)
     parser.add_argument("--target", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -198,13 +199,14 @@ def main() -> None:
         pid = broker._process.pid
         results = {
             "ours": run_role(settings, "ours", sent, workdir, pid, args.batch_events),
+            "rocksdb": run_role(settings, "rocksdb", sent, workdir, pid, args.batch_events),
             "naive": run_role(settings, "naive", min(sent, args.naive_events), workdir, pid, args.batch_events),
         }
         profile = run_role(settings, "profile", sent, workdir, pid, args.batch_events)
     results["speedup"] = results["ours"]["events_per_s"] / results["naive"]["events_per_s"]
     results["profile"] = {"tottime": profile["profile_tottime"], "cumulative": profile["profile_cumulative"]}
     print(f"{'worker':<8}{'events':>10}{'seconds':>9}{'events/s':>11}{'CPU us/event':>14}")
-    for role in ("ours", "naive"):
+    for role in ("ours", "rocksdb", "naive"):
         r = results[role]
         print(f"{role:<8}{r['events']:>10}{r['seconds']:>9.2f}{r['events_per_s']:>11,.0f}{r['cpu_us_per_event']:>14.1f}")
     print(f"ours / naive: {results['speedup']:.1f}x; coalescing (events in / windows out): "

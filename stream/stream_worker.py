@@ -37,7 +37,9 @@ from stream.codec import AvroCodec
 from stream.config import Settings
 from stream.event_columns import EventColumns, EventDecoder
 from stream.state import PartitionStore, open_store
-from stream.window import MAX_TIME_MS, NewEvents, Window, encode_window_body, event_id_hashes, merge_batch
+from stream.window import (
+    MAX_TIME_MS, NewEvents, Window, decode_window_body, encode_window_body, event_id_hashes, merge_batch,
+)
 
 log = logging.getLogger(__name__)
 
@@ -258,6 +260,8 @@ class StreamWorker:
             raise KafkaException(self.delivery_error)
 
     def _decode_window(self, payload: bytes) -> Window:
+        if payload.startswith(self.window_header):  # written by a stream worker: read it directly
+            return decode_window_body(memoryview(payload)[len(self.window_header):])
         return Window.from_record(self.window_codec.decode(payload))
 
     def _on_delivery(self, err: KafkaError | None, _: Message) -> None:
