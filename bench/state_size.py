@@ -5,8 +5,9 @@
 Full windows (256 events) are taken from the heaviest users of a synthetic history, so
 their symbol tables (distinct action/property pairs) are those of real personas, and
 repeated over --users users. Measured at --users and scaled to 1M (the stores grow
-linearly): the memory store's allocations (Window objects, keys and the dict; tracemalloc), a RocksDB store's files after a flush and compaction, and the
-window messages (what beat.windows, the changelog, holds per user after compaction).
+linearly): the memory store's allocations (Window objects, keys and the dict; tracemalloc),
+a RocksDB store's files after a flush and compaction, and the window messages (what
+beat.windows, the changelog, holds per user after compaction).
 Writes bench/results/state_size.json.
 """
 
@@ -77,7 +78,7 @@ def main() -> None:
     for start in range(0, args.users, 10_000):
         chunk = keys[start : start + 10_000]
         windows = [fresh_copy(templates[(start + i) % len(templates)], key.decode()) for i, key in enumerate(chunk)]
-        store.put_many(chunk, windows, [])
+        store.put_many(chunk, windows)
         del windows
     memory_bytes = tracemalloc.get_traced_memory()[0]
     tracemalloc.stop()
@@ -85,10 +86,10 @@ def main() -> None:
 
     payloads = [header + encode_window_body(t, 1_700_000_000_000) for t in templates]
     directory = Path(tempfile.mkdtemp(prefix="beat-rocks-"))
-    rocks = RocksStore(directory / "p0", lambda payload: Window.from_record(codec.decode(payload)))
+    rocks = RocksStore(directory / "p0")
     for start in range(0, args.users, 10_000):
         chunk = keys[start : start + 10_000]
-        rocks.put_many(chunk, [], [payloads[(start + i) % len(payloads)] for i in range(len(chunk))])
+        rocks.put_many(chunk, [templates[(start + i) % len(templates)] for i in range(len(chunk))])
     rocks._db.flush()
     rocks._db.compact_range(None, None)
     disk_bytes = sum(f.stat().st_size for f in (directory / "p0").rglob("*") if f.is_file())

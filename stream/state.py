@@ -1,26 +1,29 @@
 """The stream workers' state: one key-value store per assigned partition, user_id -> window.
 
 Stores are caches of the windows topic, which is the changelog: a store is rebuilt from its
-partition of beat.windows whenever the partition is assigned (stream_worker.restore), so a
-store never needs to survive a crash. The memory store keeps Window objects, ready to merge;
-RocksDB (rocksdict) keeps the window messages' bytes, for states larger than memory, and
-decodes them when read.
+partition of beat.windows whenever the partition is assigned (StreamWorker.restore), so a
+store never needs to survive a crash. The memory store keeps Window objects, ready to merge.
+RocksDB (rocksdict) keeps states larger than memory, each window as its rows and its symbol
+ids (valid for the process that wrote them, which is the store's whole life: it is emptied
+when opened), so reading one back is two numpy views, not an Avro decode.
 """
 
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable, Sequence
+import struct
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
-from stream.window import Window
+import numpy as np
+
+from stream.window import ROW, Window
 
 
 class PartitionStore(Protocol):
     def get_many(self, keys: Sequence[bytes]) -> list[Window | None]: ...
-    def put_many(self, keys: Sequence[bytes], windows: Sequence[Window], payloads: Sequence[bytes]) -> None:
-        """Store windows under keys; payloads are the same windows as window messages."""
+    def put_many(self, keys: Sequence[bytes], windows: Sequence[Window]) -> None: ...
     def delete(self, key: bytes) -> None: ...
     def __len__(self) -> int: ...
     def close(self) -> None: ...
@@ -34,7 +37,7 @@ class MemoryStore:
         get = self._data.get
         return [get(key) for key in keys]
 
-    def put_many(self, keys: Sequence[bytes], windows: Sequence[Window], payloads: Sequence[bytes]) -> None:
+    def put_many(self, keys: Sequence[bytes], windows: Sequence[Window]) -> None:
         self._data.update(zip(keys, windows))
 
     def delete(self, key: bytes) -> None:
@@ -47,27 +50,29 @@ class MemoryStore:
         self._data.clear()
 
 
+_COUNTS = struct.Struct("<II")  # rows, symbols
+
+
 class RocksStore:
     """A RocksDB database per partition, emptied when opened (the changelog refills it)."""
 
-    def __init__(self, path: Path, decode: Callable[[bytes], Window]) -> None:
+    def __init__(self, path: Path) -> None:
         from rocksdict import Options, Rdict, WriteBatch
 
         shutil.rmtree(path, ignore_errors=True)
         path.parent.mkdir(parents=True, exist_ok=True)
-        options = Options(raw_mode=True)
-        self._db = Rdict(str(path), options)
+        self._db = Rdict(str(path), Options(raw_mode=True))
         self._write_batch = WriteBatch
         self._path = path
-        self._decode = decode
 
     def get_many(self, keys: Sequence[bytes]) -> list[Window | None]:
-        return [None if value is None else self._decode(value) for value in self._db.get(list(keys))]
+        values = self._db.get(list(keys))
+        return [None if value is None else _unpack(key, value) for key, value in zip(keys, values)]
 
-    def put_many(self, keys: Sequence[bytes], windows: Sequence[Window], payloads: Sequence[bytes]) -> None:
+    def put_many(self, keys: Sequence[bytes], windows: Sequence[Window]) -> None:
         batch = self._write_batch(raw_mode=True)
-        for key, payload in zip(keys, payloads):
-            batch.put(key, payload)
+        for key, window in zip(keys, windows):
+            batch.put(key, _pack(window))
         self._db.write(batch)
 
     def delete(self, key: bytes) -> None:
@@ -81,7 +86,19 @@ class RocksStore:
         shutil.rmtree(self._path, ignore_errors=True)
 
 
-def open_store(kind: str, data_dir: Path, group: str, partition: int, decode: Callable[[bytes], Window]) -> PartitionStore:
+def _pack(window: Window) -> bytes:
+    symbols = window.symbols.astype(np.int32, copy=False)
+    return b"".join([_COUNTS.pack(len(window.rows), len(symbols)), window.rows.tobytes(), symbols.tobytes()])
+
+
+def _unpack(key: bytes, value: bytes) -> Window:
+    n_rows, n_symbols = _COUNTS.unpack_from(value)
+    rows = np.frombuffer(value, ROW, n_rows, _COUNTS.size)
+    symbols = np.frombuffer(value, np.int32, n_symbols, _COUNTS.size + ROW.itemsize * n_rows)
+    return Window(key.decode(), rows, symbols)
+
+
+def open_store(kind: str, data_dir: Path, group: str, partition: int) -> PartitionStore:
     if kind == "memory":
         return MemoryStore()
-    return RocksStore(data_dir / "state" / group / f"partition-{partition}", decode)
+    return RocksStore(data_dir / "state" / group / f"partition-{partition}")

@@ -37,9 +37,7 @@ from stream.codec import AvroCodec
 from stream.config import Settings
 from stream.event_columns import EventColumns, EventDecoder
 from stream.state import PartitionStore, open_store
-from stream.window import (
-    MAX_TIME_MS, NewEvents, Window, decode_window_body, encode_window_body, event_id_hashes, merge_batch,
-)
+from stream.window import MAX_TIME_MS, NewEvents, Window, encode_window_body, event_id_hashes, merge_batch
 
 log = logging.getLogger(__name__)
 
@@ -223,17 +221,16 @@ class StreamWorker:
         """Send every merged window (even an unchanged one: after a crash, the replayed
         events' windows may never have reached beat.windows), store it, and seal."""
         topic = self.settings.windows_topic
-        by_partition: dict[int, tuple[list[bytes], list[Window], list[bytes]]] = {}
+        by_partition: dict[int, tuple[list[bytes], list[Window]]] = {}
         for partition, window in windows:
             key = window.user_id.encode()
             value = self.window_header + encode_window_body(window, now_ms)
             self.producer.produce(topic, value, key, partition=partition, on_delivery=self._on_delivery)
-            keys, merged, values = by_partition.setdefault(partition, ([], [], []))
+            keys, merged = by_partition.setdefault(partition, ([], []))
             keys.append(key)
             merged.append(window)
-            values.append(value)
-        for partition, (keys, merged, values) in by_partition.items():
-            self.stores[partition].put_many(keys, merged, values)
+        for partition, (keys, merged) in by_partition.items():
+            self.stores[partition].put_many(keys, merged)
         self.stats.counts["windows"] += len(windows)
         self.seal(set(by_partition))
 
@@ -258,11 +255,6 @@ class StreamWorker:
             # Crash rather than commit events whose windows were not written: the restart
             # replays them.
             raise KafkaException(self.delivery_error)
-
-    def _decode_window(self, payload: bytes) -> Window:
-        if payload.startswith(self.window_header):  # written by a stream worker: read it directly
-            return decode_window_body(memoryview(payload)[len(self.window_header):])
-        return Window.from_record(self.window_codec.decode(payload))
 
     def _on_delivery(self, err: KafkaError | None, _: Message) -> None:
         if err is not None and self.delivery_error is None:
@@ -328,7 +320,7 @@ class StreamWorker:
         """A store holding the latest window of every user of the partition, read from
         beat.windows up to its high watermark (which seal() keeps past every window)."""
         settings = self.settings
-        store = open_store(settings.state_store, settings.data_dir, settings.stream_group, partition, self._decode_window)
+        store = open_store(settings.state_store, settings.data_dir, settings.stream_group, partition)
         topic = TopicPartition(settings.windows_topic, partition, OFFSET_BEGINNING)
         reader = Consumer(consumer_config(settings, f"{settings.stream_group}-restore", **{"enable.partition.eof": True}))
         try:
@@ -345,7 +337,7 @@ class StreamWorker:
                 for key in [k for k, v in latest.items() if v is None]:  # tombstones and seals
                     store.delete(key)
                     del latest[key]
-                store.put_many(list(latest), [self._decode_window(v) for v in latest.values()], list(latest.values()))
+                store.put_many(list(latest), [Window.from_record(self.window_codec.decode(v)) for v in latest.values()])
                 if messages:
                     position = messages[-1].offset() + 1
         finally:

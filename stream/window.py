@@ -20,7 +20,7 @@ merge_batch() does this for every user of a batch at once, on flat numpy columns
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -189,59 +189,6 @@ def encode_window_body(window: Window, emitted_at_ms: int) -> bytes:
         _avro_array([SYMBOLS.avro_actions[i] for i in ids]),
         _avro_array([SYMBOLS.avro_properties[i] for i in ids]),
     ])
-
-
-def decode_window_body(body: bytes) -> Window:
-    """The Window of an Avro body written by encode_window_body (or any writer of this
-    schema): the read twin of it, for the stream worker's RocksDB store and restore."""
-    reader = _AvroReader(body)
-    user_id = reader.string()
-    reader.long()  # emitted_at
-    events = reader.bytes()
-    actions = reader.array(reader.string)
-    properties = reader.array(reader.optional_string)
-    if reader.position != len(body):
-        raise ValueError(f"window of {user_id!r}: {len(body) - reader.position} bytes after the Avro body")
-    return Window.from_record({"user_id": user_id, "events": events, "actions": actions, "properties": properties})
-
-
-class _AvroReader:
-    """Reads the Avro primitives of one body, front to back."""
-
-    def __init__(self, body: bytes) -> None:
-        self.body, self.position = body, 0
-
-    def long(self) -> int:
-        shift = result = 0
-        while True:
-            byte = self.body[self.position]
-            self.position += 1
-            result |= (byte & 0x7F) << shift
-            if byte < 0x80:
-                return (result >> 1) ^ -(result & 1)
-            shift += 7
-
-    def bytes(self) -> bytes:
-        size = self.long()
-        start, self.position = self.position, self.position + size
-        if size < 0 or self.position > len(self.body):
-            raise ValueError("Avro body ends inside a string or bytes value")
-        return self.body[start : self.position]
-
-    def string(self) -> str:
-        return self.bytes().decode()
-
-    def optional_string(self) -> str | None:
-        return None if self.long() == 0 else self.string()
-
-    def array(self, item: Callable[[], object]) -> list:
-        items: list = []
-        while count := self.long():
-            if count < 0:  # a block with its size in bytes: the size is not needed here
-                count = -count
-                self.long()
-            items += [item() for _ in range(count)]
-        return items
 
 
 def _zigzag_varint(n: int) -> bytes:

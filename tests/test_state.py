@@ -1,4 +1,4 @@
-"""The stream workers' partition stores: memory (Window objects) and RocksDB (message bytes)."""
+"""The stream workers' partition stores: memory (Window objects) and RocksDB (rows + symbol ids)."""
 
 from __future__ import annotations
 
@@ -6,12 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from stream.codec import AvroCodec
 from stream.state import open_store
-from stream.window import ROW, Window, encode_window_body
-
-CODEC = AvroCodec("user_window", "beat.windows")
-
+from stream.window import ROW, Window
 
 def window(user: str, n: int) -> Window:
     rows = np.zeros(n, ROW)
@@ -19,24 +15,20 @@ def window(user: str, n: int) -> Window:
     return Window.from_strings(user, rows, ["view"], ["books"])
 
 
-def decode(payload: bytes) -> Window:
-    return Window.from_record(CODEC.decode(payload))
-
-
 def test_stores_keep_the_latest_window_per_key_and_forget_on_close(tmp_path: Path) -> None:
     for kind in ("memory", "rocksdb"):
-        store = open_store(kind, tmp_path, "group", 3, decode)
-        first = [window("a", 2), window("b", 1)]
-        store.put_many([b"a", b"b"], first, [CODEC.framing.header() + encode_window_body(w, 0) for w in first])
+        store = open_store(kind, tmp_path, "group", 3)
+        store.put_many([b"a", b"b"], [window("a", 2), window("b", 1)])
         newer = window("a", 5)
-        store.put_many([b"a"], [newer], [CODEC.framing.header() + encode_window_body(newer, 1)])
+        store.put_many([b"a"], [newer])
         store.delete(b"b")
         got = store.get_many([b"a", b"b", b"c"])
         assert got[0].rows.tobytes() == newer.rows.tobytes() and got[0].actions == ["view"], kind
+        assert got[0].user_id == "a" and got[0].columns() == newer.columns(), kind
         assert got[1:] == [None, None], kind
         assert len(store) == 1, kind
         store.close()
     # A RocksDB store is a cache of beat.windows: its files go when the partition does,
     # and a store opened again starts empty (restore() refills it from the topic).
     assert not (tmp_path / "state" / "group" / "partition-3").exists()
-    assert len(open_store("rocksdb", tmp_path, "group", 3, decode)) == 0
+    assert len(open_store("rocksdb", tmp_path, "group", 3)) == 0
