@@ -48,7 +48,8 @@ class EventBatch:
 
     action_ids    [B, L] int64    vocabulary ids, 0 at padding
     property_ids  [B, L] int64    vocabulary ids, 0 at padding
-    time_gaps     [B, L] float64  days before the newest event of the same row (newest: 0)
+    time_gaps     [B, L] float64  days before the row's reference time, as_of (default: the
+                                  row's newest event, which then has age 0)
     padding_mask  [B, L] bool     True for a real event
     event_times   [B, L] int64    unix ms (UTC), for the hour-of-day / day-of-week signals
     """
@@ -61,10 +62,21 @@ class EventBatch:
 
     @classmethod
     def from_windows(
-        cls, windows: Sequence[EventWindow], actions: Vocabulary, properties: Vocabulary
+        cls,
+        windows: Sequence[EventWindow],
+        actions: Vocabulary,
+        properties: Vocabulary,
+        as_of_ms: int | Sequence[int] | np.ndarray | None = None,
     ) -> EventBatch:
         """Pad windows to the longest one (at least one slot, so an empty window still has a
-        row); values the vocabularies have never seen become the out-of-vocabulary id."""
+        row); values the vocabularies have never seen become the out-of-vocabulary id.
+
+        as_of_ms: the moment each embedding is for (unix ms; one for all windows or one per
+        window). Ages count back from it, so the newest event's age is how long the user has
+        been silent by then. None: each window's newest event (age 0). A window whose newest
+        event is after as_of (clock skew, the stream's future tolerance) is taken as of that
+        event: a negative silence means nothing.
+        """
         lengths = np.array([len(window) for window in windows])
         width = max(int(lengths.max(initial=0)), 1)
         real = np.arange(width) < lengths[:, None]  # [B, width] bool, right-padded
@@ -76,8 +88,9 @@ class EventBatch:
         # Boolean-mask assignment fills row by row, matching the order of the concatenation.
         flat_times = np.concatenate([window.event_time_ms for window in windows])
         times[real] = flat_times
-        newest = np.repeat([w.event_time_ms[-1] if len(w) else 0 for w in windows], lengths)
-        ages[real] = (newest - flat_times) / MS_PER_DAY
+        newest = np.array([w.event_time_ms[-1] if len(w) else 0 for w in windows], np.int64)
+        reference = newest if as_of_ms is None else np.maximum(newest, as_of_ms)  # [B]
+        ages[real] = (np.repeat(reference, lengths) - flat_times) / MS_PER_DAY
         action_ids[real] = actions.lookup(np.concatenate([w.action for w in windows]))
         property_ids[real] = properties.lookup(np.concatenate([w.property for w in windows]))
         return cls(

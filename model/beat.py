@@ -4,8 +4,10 @@ Inputs, one row per user, events oldest → newest:
 
     action_ids    [B, L] long    vocabulary ids; 0 is padding
     property_ids  [B, L] long    vocabulary ids; 0 is padding
-    time_gaps     [B, L] float   age of each event in days, counted back from the newest event of
-                                 the same row: the newest event is 0, older events are > 0
+    time_gaps     [B, L] float   age of each event in days (>= 0), counted back from the row's
+                                 reference time ("as of"): the newest event's age is how long the
+                                 user had been silent by then (0 when the reference time is the
+                                 newest event itself)
     padding_mask  [B, L] bool    True for a real event (default: action_ids != 0)
     event_times   [B, L] int64 or float64 unix milliseconds, optional; used only for the
                                  hour-of-day and day-of-week signals (UTC)
@@ -49,8 +51,12 @@ def log_bucket(days: Tensor, num_buckets: int, window_days: float) -> Tensor:
 
 
 class AgeEncoding(nn.Module):
-    """How long before the newest event an event happened: a learned embedding of the log-bucketed
-    age plus a learned projection of fixed sinusoids spanning the window."""
+    """How long before the reference time an event happened: a learned embedding of the
+    log-bucketed age plus a learned projection of fixed sinusoids spanning the window.
+
+    Ages beyond window_days (a silence plus a whole window) saturate: the last bucket, and the
+    sinusoids of window_days, whose slowest wave would otherwise wrap around and make an event
+    100 days old look like one 10 days old."""
 
     def __init__(self, config: BeatConfig) -> None:
         super().__init__()
@@ -66,7 +72,7 @@ class AgeEncoding(nn.Module):
             math.log10(self.window_days), math.log10(1 / 24), AGE_FREQUENCIES,
             dtype=torch.float64, device=age.device,
         )
-        angles = age[..., None] * (2 * math.pi / periods)  # [B, L, F]
+        angles = age.clamp_max(self.window_days)[..., None] * (2 * math.pi / periods)  # [B, L, F]
         waves = torch.cat([angles.sin(), angles.cos()], dim=-1)  # [B, L, 2F]
         return self.buckets(bucket) + self.sinusoids(waves.to(self.sinusoids.weight.dtype))
 

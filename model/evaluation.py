@@ -457,7 +457,10 @@ def evaluate_model(
     history_lengths, future_lengths = lengths(past), lengths(future)
     active = pa.array(history_lengths > 0)
     history, after = past.filter(active), future.filter(active)
-    embeddings = encoder.encode(to_windows(history))  # [active users, E], as served at the cutoff
+    # [active users, E], as served at the cutoff: as of it, so silence up to the cutoff shows. The
+    # next-event metrics use the same embeddings: as of the first future event would tell the
+    # model when the user comes back, which a server asking "now" never knows.
+    embeddings = encoder.encode(to_windows(history), as_of_ms=cutoff_ms)
     rng = np.random.default_rng(config.seed)
 
     results: dict[str, Any] = {

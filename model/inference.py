@@ -83,18 +83,30 @@ class BeatEncoder:
     def embedding_size(self) -> int:
         return self.model.config.embedding_size
 
-    def encode(self, windows: Sequence[EventWindow]) -> np.ndarray:
+    def encode(
+        self, windows: Sequence[EventWindow], as_of_ms: int | Sequence[int] | None = None
+    ) -> np.ndarray:
         """Embeddings float32 [N, embedding_size], in the order of `windows`.
 
-        Each window is first cut to what the model reads: events within window_days of its
-        newest event, then the newest max_events of those. Windows are then encoded in
-        length-aware batches (see length_batches), each padded only to its own longest window.
+        as_of_ms: the moment the embeddings describe (unix ms, one for all windows or one per
+        window; serving passes "now"): the model then sees how long each user has been silent.
+        None: as of each window's newest event. Each window is first cut to what the model
+        reads: events within window_days of its newest event, then the newest max_events of
+        those. Windows are then encoded in length-aware batches (see length_batches), each padded
+        only to its own longest window.
         """
         clipped = [self._clip(window) for window in windows]
+        as_of = None  # [N] unix ms, or each window's newest event
+        if as_of_ms is not None:
+            as_of = np.broadcast_to(np.asarray(as_of_ms, np.int64), len(windows))
         embeddings = np.empty((len(clipped), self.embedding_size), dtype=np.float32)
         lengths = np.array([len(window) for window in clipped], dtype=np.int64)
         for rows in length_batches(lengths, self.max_batch, self.bucket_width):
-            embeddings[rows] = self._encode_batch([clipped[i] for i in rows])
+            batch = EventBatch.from_windows(
+                [clipped[i] for i in rows], self.actions, self.properties,
+                None if as_of is None else as_of[rows],
+            )
+            embeddings[rows] = self.embed(batch).cpu().numpy()
         return embeddings
 
     def _clip(self, window: EventWindow) -> EventWindow:
@@ -111,10 +123,6 @@ class BeatEncoder:
         first_in_window = int(np.searchsorted(times, oldest_kept, side="left"))
         start = max(first_in_window, len(times) - config.max_events)
         return EventWindow(times[start:], window.action[start:], window.property[start:])
-
-    def _encode_batch(self, windows: list[EventWindow]) -> np.ndarray:
-        batch = EventBatch.from_windows(windows, self.actions, self.properties)
-        return self.embed(batch).cpu().numpy()
 
     @torch.inference_mode()
     def embed(self, batch: EventBatch) -> torch.Tensor:

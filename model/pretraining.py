@@ -5,7 +5,9 @@ One step, for B users' event histories (an EventBatch of whole histories, right-
 1. sample_views cuts each history at a random event c into two adjacent time windows (CoLES-style
    sub-sequences): view A = events [c - len_a, c), view B = events [c, c + len_b). The event after
    each view (c for A, c + len_b for B) is that view's next-event target. Each view's time_gaps
-   are re-counted from its own newest event, as serving does.
+   are counted as of the time of that next event, so the view's newest event is as old as the
+   silence that followed it: serving encodes as of "now", and the time since a user's last event
+   (seconds to weeks) is what says most about churn, so the model must learn to read it.
 2. mask_events hides 15 % of the views' events: their action and property ids become the
    out-of-vocabulary id (the token serving already uses for "a value the model cannot name"),
    while their times stay visible.
@@ -72,7 +74,8 @@ def _uniform_int(low: Tensor, high: Tensor, generator: torch.Generator | None) -
 
 
 def _slice(histories: EventBatch, start: Tensor, length: Tensor) -> EventBatch:
-    """Events [start, start + length) of each row, right-padded; ages from each slice's newest."""
+    """Events [start, start + length) of each row, right-padded; ages as of the event that
+    follows each slice (every history has one: sample_views keeps a next event per view)."""
     width = int(length.max())
     offsets = torch.arange(width, device=start.device)  # [W]
     keep = offsets < length[:, None]  # [B, W]
@@ -82,8 +85,8 @@ def _slice(histories: EventBatch, start: Tensor, length: Tensor) -> EventBatch:
         return torch.where(keep, column.gather(1, index), 0)
 
     times = take(histories.event_times)  # [B, W] int64 ms
-    newest = histories.event_times.gather(1, (start + length - 1)[:, None])  # [B, 1]
-    ages = torch.where(keep, (newest - times).double() / MS_PER_DAY, 0.0)
+    as_of = histories.event_times.gather(1, (start + length)[:, None])  # [B, 1] next event
+    ages = torch.where(keep, (as_of - times).double() / MS_PER_DAY, 0.0)
     return EventBatch(
         take(histories.action_ids), take(histories.property_ids), ages, keep, times
     )

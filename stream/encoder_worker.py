@@ -131,15 +131,19 @@ class EncoderWorker:
         return windows
 
     def _encode_and_write(self, windows: dict[str, EventWindow]) -> None:
+        # Encoded as of now (the time the rows carry), so that the embedding knows how long each
+        # user has been silent when it is written.
+        now = utc_now()
+        as_of_ms = int(now.timestamp() * 1000)  # = rows.updated_at_ms, what readers see
         with self.stats.stage("encode"):
-            embeddings = self.encoder.encode(list(windows.values()))
+            embeddings = self.encoder.encode(list(windows.values()), as_of_ms=as_of_ms)
         rows = EmbeddingRows(
             user_id=list(windows),
             embedding=embeddings,
             model_version=self.encoder.model_version,
             event_count=np.array([len(w) for w in windows.values()], np.int64),
             last_event_time_ms=np.array([w.event_time_ms[-1] for w in windows.values()], np.int64),
-            updated_at=utc_now(),
+            updated_at=now,
         )
         with self.stats.stage("feast"):
             self.sink.write(rows)
@@ -147,7 +151,8 @@ class EncoderWorker:
             self._publish(rows)
         self.stats.users += len(windows)
         self.stats.batches += 1
-        self.stats.freshness_ms.extend((rows.updated_at_ms - rows.last_event_time_ms).tolist())
+        written_ms = int(time.time() * 1000)  # event time -> both writes done
+        self.stats.freshness_ms.extend((written_ms - rows.last_event_time_ms).tolist())
 
     def _publish(self, rows: EmbeddingRows) -> None:
         for i, user_id in enumerate(rows.user_id):

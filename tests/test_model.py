@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from model import Beat, BeatConfig, BeatEncoder, EventWindow, Vocabulary, init_model_dir
+from model.batch import EventBatch
 from model.beat import GapEncoding, log_bucket
 from model.inference import length_batches
 from model.vocab import NONE_ID, OOV_ID, PAD_ID
@@ -296,6 +297,50 @@ def test_encoder_uses_relative_ages_and_unordered_input(encoder):
     base = encoder.encode([window])
     np.testing.assert_allclose(encoder.encode([week_later]), base, atol=1e-5, rtol=0)
     np.testing.assert_allclose(encoder.encode([reversed_]), base, atol=1e-5, rtol=0)
+
+
+def test_batch_ages_count_back_from_as_of_and_default_to_the_newest_event():
+    rng = np.random.default_rng(4)
+    windows = [make_window(rng, 5), make_window(rng, 3)]
+    vocab = Vocabulary(ACTIONS), Vocabulary(PROPERTIES)
+    default = EventBatch.from_windows(windows, *vocab)
+    for row, window in enumerate(windows):  # the old inputs: newest event 0, days before it
+        ages = (window.event_time_ms[-1] - window.event_time_ms) / DAY
+        np.testing.assert_array_equal(default.time_gaps[row, : len(window)].numpy(), ages)
+
+    newest = np.array([w.event_time_ms[-1] for w in windows])
+    silent = EventBatch.from_windows(windows, *vocab, as_of_ms=newest + [3 * DAY, DAY // 2])
+    shift = silent.time_gaps - default.time_gaps
+    torch.testing.assert_close(shift[0, :5], torch.full((5,), 3.0, dtype=torch.float64))
+    torch.testing.assert_close(shift[1, :3], torch.full((3,), 0.5, dtype=torch.float64))
+    assert (silent.time_gaps[1, 3:] == 0).all()  # padding untouched
+    # as_of at or before the newest event (clock skew) is the newest event
+    for as_of in (newest, newest - DAY, int(newest.min()) - DAY):
+        assert torch.equal(EventBatch.from_windows(windows, *vocab, as_of).time_gaps, default.time_gaps)
+
+
+def test_encoder_as_of_tells_the_embedding_how_long_the_user_has_been_silent(encoder):
+    rng = np.random.default_rng(5)
+    window = make_window(rng, 20)
+    newest = int(window.event_time_ms[-1])
+    base = encoder.encode([window])
+    # as of the newest event is the default; later, the same window is a different user state
+    np.testing.assert_array_equal(encoder.encode([window], as_of_ms=newest), base)
+    week = encoder.encode([window], as_of_ms=newest + 7 * DAY)
+    assert not np.allclose(week, base, atol=1e-3)
+    # one as_of for all windows, or one per window, in the windows' order (batching reorders)
+    windows = [make_window(rng, n) for n in (30, 2, 11)] + [window]
+    as_of = np.array([w.event_time_ms[-1] for w in windows]) + np.array([1, 2, 3, 7]) * DAY
+    each = encoder.encode(windows, as_of_ms=as_of)
+    np.testing.assert_allclose(each[-1], week[0], atol=1e-5, rtol=0)
+    for i, w in enumerate(windows):
+        np.testing.assert_allclose(each[i], encoder.encode([w], as_of_ms=int(as_of[i]))[0], atol=1e-5, rtol=0)
+    shared = encoder.encode(windows, as_of_ms=newest + 7 * DAY)
+    np.testing.assert_allclose(shared[-1], week[0], atol=1e-5, rtol=0)
+    # ages past the window saturate: no periodic wrap-around of the slowest sinusoid
+    days = encoder.model.config.window_days
+    far = [encoder.encode([window], as_of_ms=newest + (days + k) * DAY) for k in (0, 10)]
+    np.testing.assert_allclose(far[0], far[1], atol=1e-5, rtol=0)
 
 
 def test_unknown_actions_and_properties_encode_as_oov(encoder):

@@ -129,18 +129,18 @@ def test_events_become_windows_and_embeddings_in_feast(
 
         codec = AvroCodec("user_embedding", settings.embeddings_topic)
 
+        def newest_records(messages: list) -> dict[str, dict]:
+            return {record["user_id"]: record for record in (codec.decode(m.value()) for m in messages)}
+
         def all_users_final(messages: list) -> bool:
             assert windows_process.poll() is None, f"stream worker died: {(tmp_path / 'stream.log').read_text()[-3000:]}"
-            latest = {}
-            for m in messages:
-                record = codec.decode(m.value())
-                latest[record["user_id"]] = record
+            latest = newest_records(messages)
             return all(
                 u in latest and latest[u]["event_count"] == len(w) and latest[u]["last_event_time"] == w[-1]["event_time"]
                 for u, w in expected.items()
             )
 
-        read_topic(settings, settings.embeddings_topic, until=all_users_final, timeout_s=90)
+        published = newest_records(read_topic(settings, settings.embeddings_topic, until=all_users_final, timeout_s=90))
 
     latest = latest_windows(settings)
     for user, window in expected.items():
@@ -150,18 +150,23 @@ def test_events_become_windows_and_embeddings_in_feast(
 
     users = sorted(expected)
     stored = FeatureSink(settings).read(users)
-    direct = encoder.encode([
+    windows = [
         EventWindow(
             np.array([ms(e["event_time"]) for e in expected[u]]),
             np.array([e["action"] for e in expected[u]], dtype=object),
             np.array([e["property"] for e in expected[u]], dtype=object),
         )
         for u in users
-    ])
+    ]
+    # The worker encodes as of the time it writes, which the published record carries.
+    direct = encoder.encode(windows, as_of_ms=[ms(published[u]["updated_at"]) for u in users])
+    as_of_newest = encoder.encode(windows)
     for i, user in enumerate(users):
         assert stored["model_version"][i] == encoder.model_version
         assert stored["event_count"][i] == len(expected[user])
         np.testing.assert_allclose(np.array(stored["embedding"][i], np.float32), direct[i], rtol=1e-4, atol=1e-5)
+        # the users' events are days old: the embedding says so
+        assert not np.allclose(stored["embedding"][i], as_of_newest[i], atol=1e-3), user
     # Different users have different embeddings: the store did not keep one row for all.
     assert not np.allclose(stored["embedding"][0], stored["embedding"][1])
 

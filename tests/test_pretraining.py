@@ -65,9 +65,11 @@ def test_views_are_adjacent_windows_followed_by_their_next_event():
         assert torch.equal(b, torch.arange(a[-1] + 1, a[-1] + 1 + len(b)))
         assert views.next_a[0][row] == b[0] and views.next_b[0][row] == b[-1] + 1
         assert views.next_b[1][row] == b[-1] + 1 + 100
-        # ages re-counted from the view's own newest event, in days (events are an hour apart)
-        ages = views.b.time_gaps[row][views.b.padding_mask[row]]
-        torch.testing.assert_close(ages, torch.arange(len(b) - 1, -1, -1).double() / 24)
+        # ages count back from the event after each view, in days (events are an hour apart):
+        # the newest event of a view is as old as the silence that followed it
+        for view, n in ((views.a, len(a)), (views.b, len(b))):
+            ages = view.time_gaps[row][view.padding_mask[row]]
+            torch.testing.assert_close(ages, torch.arange(n, 0, -1).double() / 24)
     assert len(set(views.a.lengths.tolist())) > 3  # lengths vary
     with pytest.raises(ValueError, match="at least 7 events"):
         sample_views(EventBatch(*(t[:, :6] for t in batch.inputs().values())), config)
