@@ -46,6 +46,9 @@ from stream.config import Settings
 from stream.event_columns import EventColumns, EventDecoder
 
 _NO_END = np.iinfo(np.int64).max
+# consume() returns before its timeout only with a full batch: the last, partial one
+# costs this wait, however many events came before.
+_POLL_S = 0.02
 
 
 @dataclass
@@ -169,7 +172,7 @@ def _read(consumer: Consumer, partitions: _Partitions, decoder: EventDecoder, co
     idle_since = None
     while not partitions.done().all():
         reached = partitions.reached().all()
-        messages = consumer.consume(config.batch_messages, timeout=config.idle_s / 5 if reached else 1.0)
+        messages = consumer.consume(config.batch_messages, timeout=_POLL_S)
         if any(map(Message.error, messages)):
             messages = _note_errors(messages, partitions)
         if not messages:
