@@ -129,7 +129,7 @@ def _string_map(attributes: pa.MapArray) -> list[pa.Array]:
         raise ValueError(f"{items.null_count} attributes have a null value: map values must be strings")
     entries = pc.binary_join_element_wise(*_string(keys), *_string(items), b"")  # [entries]
     null = attributes.is_null().to_numpy(zero_copy_only=False)
-    joined = pc.binary_join(pa.ListArray.from_arrays(pa.array(offsets - first, pa.int32()), entries, mask=pa.array(null)),
-                            b"").fill_null(b"")  # fmt: skip
+    per_event = pa.ListArray.from_arrays(pa.array(offsets - first, pa.int32()), entries, mask=pa.array(null))
+    joined = pc.binary_join(per_event, b"").fill_null(b"")  # [n] the entries of each event, back to back
     count = np.where(null, 0, np.diff(offsets))
     return [_varints(_zigzag(count), count > 0), joined, pa.scalar(b"\x00", pa.binary())]

@@ -22,8 +22,9 @@ Speed: librdkafka stops prefetching a partition once its queue holds
 ``queued.min.messages`` (default 100,000) and then backs off for
 ``fetch.queue.backoff.ms`` (default 1 s), which stalled every replay of more than 100k
 events for a second. The count limit is raised so the bytes cap
-(``queued.max.messages.kbytes``) governs, and the backoff is short. Per message, Python touches only value, partition and offset, through
-``map`` over the unbound methods (no bytecode per message).
+(``queued.max.messages.kbytes``) governs, and the backoff is short. Per message, Python
+touches only value, partition and offset, through ``map`` over the unbound methods (no
+bytecode per message).
 """
 
 from __future__ import annotations

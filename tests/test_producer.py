@@ -6,6 +6,7 @@ from __future__ import annotations
 import socket
 from datetime import UTC, datetime
 
+import pyarrow as pa
 import pytest
 from conftest import read_topic
 
@@ -17,9 +18,9 @@ from stream.events import SyntheticEvents
 from stream.producer import EventProducer
 
 
-def batch(n: int):  # noqa: ANN201
-    events = SyntheticEvents(n_users=40, seed=3).history(datetime(2024, 5, 1, tzinfo=UTC), datetime(2024, 5, 3, tzinfo=UTC))
-    return next(events).slice(0, n)
+def batch(n: int) -> pa.RecordBatch:
+    days = datetime(2024, 5, 1, tzinfo=UTC), datetime(2024, 5, 3, tzinfo=UTC)
+    return next(SyntheticEvents(n_users=40, seed=3).history(*days)).slice(0, n)
 
 
 def test_a_batch_arrives_as_the_codec_encodes_it_keyed_by_user(settings: Settings) -> None:
@@ -41,8 +42,10 @@ def test_undelivered_events_are_reported_at_flush(monkeypatch: pytest.MonkeyPatc
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    monkeypatch.setattr(stream.producer, "producer_config",
-                        lambda settings, **extra: producer_config(settings, **extra, **{"message.timeout.ms": 300}))  # fmt: skip
+    def quick_timeout(settings: Settings, **extra: object) -> dict:
+        return producer_config(settings, **extra, **{"message.timeout.ms": 300})
+
+    monkeypatch.setattr(stream.producer, "producer_config", quick_timeout)
     producer = EventProducer(load_settings(bootstrap_servers=f"127.0.0.1:{port}"))
     producer.send_batch(batch(3))
 
