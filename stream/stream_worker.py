@@ -117,7 +117,8 @@ class StreamWorker:
         self.window_header = self.window_codec.framing.header()
         self.consumer = Consumer(consumer_config(
             settings, settings.stream_group,
-            **{"fetch.max.bytes": 64 << 20, "max.partition.fetch.bytes": 16 << 20, "queued.min.messages": 200_000},
+            **{"fetch.max.bytes": 64 << 20, "max.partition.fetch.bytes": 16 << 20, "queued.min.messages": 200_000,
+               "fetch.queue.backoff.ms": 10},  # librdkafka otherwise pauses 1 s once the queue is full
         ))
         self.producer = Producer(producer_config(settings, **{"linger.ms": 5, "batch.size": 1 << 20}))
         self.stores: dict[int, PartitionStore] = {}

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 import pyarrow as pa
@@ -191,6 +192,7 @@ def encode_window_body(window: Window, emitted_at_ms: int) -> bytes:
     ])
 
 
+@lru_cache(maxsize=64)  # emitted_at repeats in every window of a batch
 def _zigzag_varint(n: int) -> bytes:
     """An Avro long: zig-zag, then base-128 varint."""
     n = (n << 1) ^ (n >> 63)
