@@ -66,7 +66,9 @@ class EmbeddedBroker:
         if self._process and self._process.poll() is None:
             self._process.send_signal(signal.SIGTERM)
             try:
-                self._process.wait(5)
+                # Tansu waits for its clients to leave before it exits on SIGTERM; with memory
+                # storage there is nothing to save, so it is not given long.
+                self._process.wait(1)
             except subprocess.TimeoutExpired:
                 self._process.kill()
                 self._process.wait()
