@@ -132,6 +132,16 @@ def cmd_encode(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_refresh(args: argparse.Namespace, settings: Settings) -> int:
+    from stream.encoder_worker import load_worker
+    from stream.refresh import refresh_idle
+
+    summary = refresh_idle(settings, load_worker(settings), int(args.idle_hours * 3_600_000))
+    print(f"re-encoded {summary.refreshed:,} of {summary.users:,} users (idle over {args.idle_hours:g} h) "
+          f"as of now in {summary.seconds:.1f}s")
+    return 0
+
+
 def cmd_topics(args: argparse.Namespace, settings: Settings) -> int:
     from stream.broker import ensure_topics
 
@@ -250,6 +260,11 @@ def build_parser() -> argparse.ArgumentParser:
     encode.add_argument("--ready-file", type=Path, help="created once the worker holds partitions")
     encode.set_defaults(run=cmd_encode)
 
+    refresh = sub.add_parser("refresh", help="re-encode users idle for a while, as of now (run it on a schedule)")
+    refresh.add_argument("--idle-hours", type=float, default=24.0, help="re-encode users whose newest event is older")
+    refresh.add_argument("--model-dir", type=Path, help="overrides BEAT_MODEL_DIR")
+    refresh.set_defaults(run=cmd_refresh)
+
     topics = sub.add_parser("topics", help="create beatstream's topics")
     topics.set_defaults(run=cmd_topics)
 
@@ -270,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-NEEDS_BROKER = {cmd_produce, cmd_export, cmd_stream, cmd_encode, cmd_topics}
+NEEDS_BROKER = {cmd_produce, cmd_export, cmd_stream, cmd_encode, cmd_refresh, cmd_topics}
 
 
 def main(argv: list[str] | None = None) -> int:

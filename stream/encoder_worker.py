@@ -102,7 +102,7 @@ class EncoderWorker:
         with self.stats.stage("decode"):
             windows = self._latest_windows(messages)
         if windows:
-            self._encode_and_write(windows)
+            self.encode_and_write(windows)
         with self.stats.stage("commit"):
             self.producer.flush()
             self.consumer.commit(asynchronous=False)
@@ -130,7 +130,8 @@ class EncoderWorker:
             windows[window.user_id] = window.event_window()
         return windows
 
-    def _encode_and_write(self, windows: dict[str, EventWindow]) -> None:
+    def encode_and_write(self, windows: dict[str, EventWindow]) -> None:
+        """Encode the users' windows as of now; write the rows to Feast and beat.embeddings."""
         # Encoded as of now (the time the rows carry), so that the embedding knows how long each
         # user has been silent when it is written.
         now = utc_now()
@@ -174,8 +175,8 @@ class EncoderWorker:
         )
 
 
-def run_worker(settings: Settings, ready_file: Path | None = None) -> None:
-    """Load the model and Feast, then encode until SIGINT/SIGTERM."""
+def load_worker(settings: Settings) -> EncoderWorker:
+    """An encoder worker with the model of BEAT_MODEL_DIR and the Feast sink."""
     if settings.model_dir is None:
         raise SystemExit("no model: set BEAT_MODEL_DIR or pass --model-dir (see `beat model init`)")
     if settings.torch_threads:
@@ -183,8 +184,13 @@ def run_worker(settings: Settings, ready_file: Path | None = None) -> None:
 
         torch.set_num_threads(settings.torch_threads)
     encoder = BeatEncoder.from_pretrained(settings.model_dir, device=settings.device, max_batch=settings.encode_batch)
-    worker = EncoderWorker(settings, encoder, FeatureSink(settings))
+    log.info("encoder: model %s on %s", encoder.model_version, settings.device)
+    return EncoderWorker(settings, encoder, FeatureSink(settings))
+
+
+def run_worker(settings: Settings, ready_file: Path | None = None) -> None:
+    """Load the model and Feast, then encode until SIGINT/SIGTERM."""
+    worker = load_worker(settings)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: worker.stop())
-    log.info("encoder worker: model %s on %s", encoder.model_version, settings.device)
     worker.run(ready_file=ready_file)

@@ -1,0 +1,73 @@
+"""`beat refresh`: re-encode users who have gone quiet, as of now.
+
+An embedding is computed as of the moment it is written (ages count back from that time,
+so it knows how long its user has been silent). The encoder workers write one when a
+user's window changes, so a user who stops acting keeps an embedding as of their last
+event, which says nothing of the silence since. Run this job on a schedule (daily, say):
+it reads the newest window of every user from the compacted ``beat.windows``, and
+re-encodes and writes, as of now, those whose newest event is older than ``idle``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
+
+from stream.broker import client_config
+from stream.codec import AvroCodec
+from stream.config import Settings
+from stream.encoder_worker import EncoderWorker
+from stream.window import Window
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RefreshSummary:
+    users: int  # with a window in beat.windows
+    refreshed: int  # idle ones, re-encoded as of now
+    seconds: float
+
+
+def latest_windows(settings: Settings) -> dict[str, Window]:
+    """The newest window of every user in beat.windows, read to the end of each partition."""
+    codec = AvroCodec("user_window", settings.windows_topic, settings.schema_registry_url)
+    consumer = Consumer(client_config(settings, **{
+        "group.id": f"{settings.group_prefix}-refresh",  # assign() only: never joins or commits
+        "enable.auto.commit": False,
+        "enable.partition.eof": True,
+    }))
+    try:
+        partitions = consumer.list_topics(settings.windows_topic, timeout=10).topics[settings.windows_topic].partitions
+        consumer.assign([TopicPartition(settings.windows_topic, p, OFFSET_BEGINNING) for p in partitions])
+        windows: dict[str, Window] = {}
+        unfinished = set(partitions)
+        while unfinished:
+            for message in consumer.consume(10_000, 1.0):
+                if message.error() is not None:
+                    if message.error().code() != KafkaError._PARTITION_EOF:
+                        raise RuntimeError(f"reading {settings.windows_topic}: {message.error()}")
+                    unfinished.discard(message.partition())
+                elif message.value() is not None:  # None: a stream worker's seal
+                    window = Window.from_record(codec.decode(message.value()))
+                    windows[window.user_id] = window
+        return windows
+    finally:
+        consumer.close()
+
+
+def refresh_idle(settings: Settings, worker: EncoderWorker, idle_ms: int) -> RefreshSummary:
+    """Re-encode, as of now, every user whose newest event is more than idle_ms old."""
+    began = time.monotonic()
+    windows = latest_windows(settings)
+    cutoff_ms = int(time.time() * 1000) - idle_ms
+    idle = [w for w in windows.values() if len(w) and int(w.event_time[-1]) < cutoff_ms]
+    for start in range(0, len(idle), settings.max_batch):
+        worker.encode_and_write({w.user_id: w.event_window() for w in idle[start : start + settings.max_batch]})
+    worker.producer.flush()
+    summary = RefreshSummary(len(windows), len(idle), time.monotonic() - began)
+    log.info("refresh: %s", summary)
+    return summary
