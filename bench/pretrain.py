@@ -47,14 +47,16 @@ def beat(env: dict[str, str], *args: str) -> float:
     return time.monotonic() - began
 
 
-def run_dataset(name: str, spec: dict, env: dict[str, str], train_args: list[str]) -> dict:
-    out = RESULTS / name
+def run_dataset(name: str, spec: dict, env: dict[str, str], train_args: list[str], variants: list[str],
+                results: Path) -> dict:
+    out = results / name
     produce_s = beat(env, "produce", *spec["produce"])
     sequences = out / "sequences.parquet"
     out.mkdir(parents=True, exist_ok=True)
     export_s = beat(env, "export", "--out", str(sequences))
     runs = {}
-    for variant, flags in VARIANTS.items():
+    for variant in variants:
+        flags = VARIANTS[variant]
         source = [] if variant == "full" else ["--sequences", str(sequences)]
         wall = beat(env, "pretrain", "--out", str(out / variant), "--no-resume", *source, *spec["pretrain"],
                     *flags, *train_args)
@@ -85,6 +87,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--out", type=Path, default=RESULTS, help=f"results folder (default {RESULTS})")
     args = parser.parse_args()
     train_args = ["--preset", args.preset, "--steps", str(args.steps), "--batch-size", str(args.batch_size),
                   "--warmup-steps", str(max(1, args.steps // 20)), "--checkpoint-every", str(max(1, args.steps // 4))]
@@ -92,13 +96,13 @@ def main() -> None:
     for name in args.datasets:
         with EmbeddedBroker() as broker:
             settings = load_settings(bootstrap_servers=broker.bootstrap_servers,
-                                     group_prefix=f"pretrain-{uuid.uuid4().hex[:6]}", data_dir=RESULTS / "data")
+                                     group_prefix=f"pretrain-{uuid.uuid4().hex[:6]}", data_dir=args.out / "data")
             ensure_topics(settings)
             env = {**os.environ, **settings.to_env()}
-            results["datasets"][name] = run_dataset(name, DATASETS[name], env, train_args)
-        (RESULTS / "pretrain.json").write_text(json.dumps(results, indent=1, default=str))
+            results["datasets"][name] = run_dataset(name, DATASETS[name], env, train_args, args.variants, args.out)
+        (args.out / "pretrain.json").write_text(json.dumps(results, indent=1, default=str))
         print(churn_table(name, results["datasets"][name]))
-    print(f"\nwrote {RESULTS / 'pretrain.json'}")
+    print(f"\nwrote {args.out / 'pretrain.json'}")
 
 
 if __name__ == "__main__":
