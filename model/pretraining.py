@@ -11,7 +11,11 @@ One step, for B users' event histories (an EventBatch of whole histories, right-
 2. mask_events hides 15 % of the views' events: their action and property ids become the
    out-of-vocabulary id (the token serving already uses for "a value the model cannot name"),
    while their times stay visible.
-3. One forward pass over the 2B views, then
+3. The model reads the 2B views in length buckets (_forward_in_buckets): views sorted by length,
+   cut into length_buckets chunks, each padded only to its own longest view, so that far fewer
+   padding positions are computed than in one batch padded to the longest view. Every view is
+   encoded on its own (attention never crosses rows), so this is the one-pass computation up to
+   float rounding; only dropout draws differ. Then
      masked       cross-entropy of each masked event's action and property, from its hidden state
      next         cross-entropy of the next event's action and property, from the view's embedding
      contrastive  InfoNCE between the embeddings of A and B of the same user, the other users'
@@ -44,6 +48,7 @@ class PretrainConfig:
     temperature: float = 0.1  # InfoNCE, on unit-normalized embeddings
     min_view_events: int = 4  # a history needs 2 * min_view_events + 1 events to give two views
     max_view_events: int = 256  # capped by the model's max_events
+    length_buckets: int = 4  # forward passes per step over views of similar length (1: one pass)
 
     def __post_init__(self) -> None:
         if not 0 < self.mask_fraction < 1:
@@ -53,6 +58,8 @@ class PretrainConfig:
                 f"need 1 <= min_view_events <= max_view_events, got "
                 f"{self.min_view_events} and {self.max_view_events}"
             )
+        if self.length_buckets < 1:
+            raise ValueError(f"length_buckets must be at least 1, got {self.length_buckets}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be positive, got {self.temperature}")
 
@@ -151,6 +158,32 @@ def _stack(a: EventBatch, b: EventBatch) -> EventBatch:
     return EventBatch(*(cat(x, y) for x, y in zip(a.inputs().values(), b.inputs().values())))
 
 
+def _forward_in_buckets(
+    model: Beat, batch: EventBatch, selected: Tensor, buckets: int
+) -> tuple[Tensor, Tensor]:
+    """Beat over batch's N rows in up to `buckets` chunks of rows of similar length, each chunk
+    cropped to its own longest row. Returns the embeddings [N, E] in batch's row order, and the
+    hidden states at `selected` ([N, L] bool, inside the padding mask) [S, H], in the order
+    model(batch)["hidden_states"][selected] gives them (row-major)."""
+    lengths = batch.lengths  # [N]
+    order = lengths.argsort(stable=True)  # [N], shortest first
+    embedding_parts, state_parts = [], []
+    for rows in order.tensor_split(min(buckets, len(order))):  # [n] each, consecutive in order
+        width = int(lengths[rows[-1]])  # the chunk's longest row
+        chunk = EventBatch(*(t[rows, :width] for t in batch.inputs().values()))  # [n, width]
+        out = model(**chunk.inputs())
+        embedding_parts.append(out["embedding"])  # [n, E]
+        state_parts.append(out["hidden_states"][selected[rows, :width]])  # [s, H], row-major
+    embedding, states = torch.cat(embedding_parts), torch.cat(state_parts)  # rows in `order`
+
+    # Undo the sort: states are row-major over selected[order]; number them there, then read
+    # the numbers back in batch's row order.
+    rank = order.argsort()  # [N], each row's place in order
+    slot = torch.zeros(selected.shape, dtype=torch.long, device=selected.device)  # [N, L]
+    slot[selected[order]] = torch.arange(len(states), device=selected.device)
+    return embedding[rank], states[slot[rank][selected]]
+
+
 def info_nce(a: Tensor, b: Tensor, temperature: float) -> Tensor:
     """Symmetric InfoNCE: row i of a and row i of b are positives, other rows negatives."""
     a, b = F.normalize(a, dim=-1), F.normalize(b, dim=-1)  # [B, E]
@@ -199,21 +232,20 @@ class BeatPretrainer(nn.Module):
         views = sample_views(histories, config, generator)
         originals = _stack(views.a, views.b)  # [2B, L]: A of every user, then B
         inputs, hidden = mask_events(originals, config.mask_fraction, generator)
-        out = self.model(**inputs.inputs())  # embedding [2B, E], hidden_states [2B, L, H]
+        # embedding [2B, E]; states [N masked, H]
+        embedding, states = _forward_in_buckets(self.model, inputs, hidden, config.length_buckets)
         B = len(histories)
 
         losses = {
             "masked": self.masked_head.loss(
-                out["hidden_states"][hidden],  # [N masked, H]
-                originals.action_ids[hidden],
-                originals.property_ids[hidden],
+                states, originals.action_ids[hidden], originals.property_ids[hidden]
             ),
             "next": self.next_head.loss(
-                out["embedding"],
+                embedding,
                 torch.cat([views.next_a[0], views.next_b[0]]),
                 torch.cat([views.next_a[1], views.next_b[1]]),
             ),
-            "contrastive": info_nce(out["embedding"][:B], out["embedding"][B:], config.temperature),
+            "contrastive": info_nce(embedding[:B], embedding[B:], config.temperature),
         }
         losses["loss"] = (
             config.masked_weight * losses["masked"]

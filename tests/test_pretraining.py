@@ -13,7 +13,15 @@ import pytest
 import torch
 
 from model import Beat, BeatConfig, EventBatch, EventWindow, Vocabulary
-from model.pretraining import BeatPretrainer, PretrainConfig, info_nce, mask_events, sample_views
+from model.pretraining import (
+    BeatPretrainer,
+    PretrainConfig,
+    _forward_in_buckets,
+    _stack,
+    info_nce,
+    mask_events,
+    sample_views,
+)
 from model.vocab import OOV_ID
 from stream.events import SyntheticEvents
 
@@ -104,6 +112,62 @@ def test_loss_is_the_configured_weighted_sum():
     losses["loss"].backward()
     assert pretrainer.model.summary.grad is not None
     assert pretrainer.masked_head.action.weight.grad.abs().sum() > 0
+
+
+# --- length buckets ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("buckets", [1, 3, 4, 100])
+def test_bucketed_forward_matches_one_padded_pass(buckets):
+    torch.manual_seed(0)
+    model = Beat(BeatConfig.preset("tiny")).eval()  # dropout off: the same computation
+    batch, selected = mask_events(histories(29), 0.3, torch.Generator().manual_seed(1))
+    widths = []  # of every forward pass
+    model.register_forward_pre_hook(lambda m, a, kw: widths.append(kw["action_ids"].shape[1]),
+                                    with_kwargs=True)
+    embedding, states = _forward_in_buckets(model, batch, selected, buckets)
+    assert len(widths) == min(buckets, 29) and max(widths) == int(batch.lengths.max())
+    one_pass = model(**batch.inputs())
+    torch.testing.assert_close(embedding, one_pass["embedding"])
+    torch.testing.assert_close(states, one_pass["hidden_states"][selected])
+
+
+def one_pass_losses(pretrainer: BeatPretrainer, batch: EventBatch, seed: int) -> dict:
+    """The losses as computed before length buckets: one pass over the 2B views padded to the
+    longest; the reference the bucketed forward must reproduce."""
+    config, generator = pretrainer.config, torch.Generator().manual_seed(seed)
+    views = sample_views(batch, config, generator)
+    originals = _stack(views.a, views.b)
+    inputs, hidden = mask_events(originals, config.mask_fraction, generator)
+    out = pretrainer.model(**inputs.inputs())
+    next_ids = [torch.cat([views.next_a[i], views.next_b[i]]) for i in (0, 1)]
+    B = len(batch)
+    losses = {
+        "masked": pretrainer.masked_head.loss(out["hidden_states"][hidden],
+                                              originals.action_ids[hidden],
+                                              originals.property_ids[hidden]),
+        "next": pretrainer.next_head.loss(out["embedding"], *next_ids),
+        "contrastive": info_nce(out["embedding"][:B], out["embedding"][B:], config.temperature),
+    }
+    losses["loss"] = sum(losses.values())  # weights of 1
+    return losses
+
+
+def test_bucketed_losses_match_the_one_pass_losses_with_less_padding():
+    torch.manual_seed(0)
+    config = PretrainConfig(min_view_events=3, max_view_events=30, length_buckets=4)
+    pretrainer = BeatPretrainer(Beat(BeatConfig.preset("tiny")), config).eval()  # no dropout
+    tokens = []  # positions each forward pass computes
+    pretrainer.model.register_forward_pre_hook(
+        lambda m, a, kw: tokens.append(kw["action_ids"].numel()), with_kwargs=True
+    )
+    batch = histories(64)
+    bucketed = pretrainer(batch, torch.Generator().manual_seed(2))
+    expected = one_pass_losses(pretrainer, batch, seed=2)
+    for name in ("loss", "masked", "next", "contrastive"):
+        torch.testing.assert_close(bucketed[name], expected[name])
+    assert len(tokens) == 5  # four buckets, then the one pass
+    assert sum(tokens[:4]) < 0.8 * tokens[4], tokens
 
 
 # --- a short pretraining run ---------------------------------------------------------------
