@@ -172,13 +172,3 @@ def _projection(schema: dict, fields: tuple[str, ...]) -> dict:
     if unknown:
         raise ValueError(f"{schema['name']} has no fields {sorted(unknown)}")
     return fastavro.parse_schema({**schema, "fields": [f for f in schema["fields"] if f["name"] in fields]})
-
-
-def encode_state(schema_name: str, record: dict) -> bytes:
-    """Unframed Avro body, for values that never leave this platform (table state)."""
-    return _write_body(load_schema(schema_name), record)
-
-
-def decode_state(schema_name: str, body: bytes) -> dict:
-    schema = load_schema(schema_name)
-    return _read_body(schema, body)
