@@ -250,7 +250,7 @@ def _hex_ids(words: np.ndarray) -> pa.StringArray:
     return pa.StringArray.from_buffers(len(words), pa.py_buffer(offsets), pa.py_buffer(text))
 
 
-def _hash_strings(array: pa.Array) -> np.ndarray:
+def hash_strings(array: pa.Array) -> np.ndarray:
     """A uint64 content hash per string, computed on Arrow's byte buffer: each byte is mixed
     with its position in the string and the per-string sums are read off a cumulative sum."""
     array = array.cast(pa.string())
@@ -817,7 +817,7 @@ def _content_ids(out: dict[str, pa.Array], first_row: int) -> pa.StringArray:
     n = len(out["user_id"])
     h = _mix(np.arange(first_row, first_row + n, dtype=_U64))
     for field in ("user_id", "action", "property"):
-        h = _mix(h ^ _hash_strings(out[field]))
+        h = _mix(h ^ hash_strings(out[field]))
     h = _mix(h ^ out["event_time"].cast(pa.int64()).to_numpy().astype(_U64))
     value = out["value"].to_numpy(zero_copy_only=False)
     return _hex_ids(_mix(h ^ np.nan_to_num(value, nan=np.inf).view(_U64)))

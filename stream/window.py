@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from model.batch import EventWindow
-from stream.events import _hash_strings
+from stream.events import hash_strings
 
 ROW = np.dtype(
     [("time_lo", "<u4"), ("time_hi", "<u2"), ("symbol", "<u2"), ("id_hash", "<u4"), ("value", "<f4")]
@@ -41,7 +41,7 @@ MAX_SYMBOLS = 2**16  # distinct (action, property) pairs in one window, so max_e
 
 def event_id_hashes(event_ids: pa.Array) -> np.ndarray:
     """A stable (process- and platform-independent) 32-bit hash per event_id, uint32 [n]."""
-    return (_hash_strings(event_ids) & np.uint64(0xFFFFFFFF)).astype(np.uint32)
+    return (hash_strings(event_ids) & np.uint64(0xFFFFFFFF)).astype(np.uint32)
 
 
 def pack_rows(time_ms: np.ndarray, symbol: np.ndarray, id_hash: np.ndarray, value: np.ndarray) -> np.ndarray:
