@@ -48,7 +48,7 @@ class PretrainConfig:
     temperature: float = 0.1  # InfoNCE, on unit-normalized embeddings
     min_view_events: int = 4  # a history needs 2 * min_view_events + 1 events to give two views
     max_view_events: int = 256  # capped by the model's max_events
-    length_buckets: int = 4  # forward passes per step over views of similar length (1: one pass)
+    length_buckets: int = 8  # forward passes per step over views of similar length (1: one pass)
 
     def __post_init__(self) -> None:
         if not 0 < self.mask_fraction < 1:
