@@ -120,7 +120,10 @@ class StreamWorker:
             **{"fetch.max.bytes": 64 << 20, "max.partition.fetch.bytes": 16 << 20, "queued.min.messages": 200_000,
                "fetch.queue.backoff.ms": 10},  # librdkafka otherwise pauses 1 s once the queue is full
         ))
-        self.producer = Producer(producer_config(settings, **{"linger.ms": 5, "batch.size": 1 << 20}))
+        # Delivery reports only for failures: no Python callback per window sent.
+        self.producer = Producer(producer_config(
+            settings, **{"linger.ms": 5, "batch.size": 1 << 20, "delivery.report.only.error": True},
+        ))
         self.stores: dict[int, PartitionStore] = {}
         self.pending: list[Message] = []
         self.stats = WindowStats()
