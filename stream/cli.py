@@ -15,10 +15,10 @@ DEMO_USERS = 3_000
 DEMO_MODEL_DIR = Path("data/demo-model")
 
 
-def _synthetic(users: int, seed: int):  # noqa: ANN202
+def _synthetic(users: int, seed: int, **population: object):  # noqa: ANN202
     from stream.events import SyntheticEvents
 
-    return SyntheticEvents(n_users=users, seed=seed)
+    return SyntheticEvents(n_users=users, seed=seed, **population)
 
 
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
@@ -50,11 +50,9 @@ def cmd_produce(args: argparse.Namespace, settings: Settings) -> int:
     elif args.history_days:
         from datetime import UTC, datetime, timedelta
 
-        from stream.events import SyntheticEvents
-
         # The population's churn clock starts with the history, so churners fade inside it.
         start = datetime.now(UTC) - timedelta(days=args.history_days)
-        population = SyntheticEvents(args.users, args.seed, origin=start, churn_horizon_days=args.history_days)
+        population = _synthetic(args.users, args.seed, origin=start, churn_horizon_days=args.history_days)
         batches = population.history(start, start + timedelta(days=args.history_days))
     else:
         batches = _synthetic(args.users, args.seed).live(args.rate)

@@ -14,9 +14,9 @@ import logging
 import time
 from dataclasses import dataclass
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
+from confluent_kafka.admin import AdminClient
 
-from stream.broker import client_config
+from stream.broker import client_config, read_compacted
 from stream.codec import AvroCodec
 from stream.config import Settings
 from stream.encoder_worker import EncoderWorker
@@ -33,30 +33,20 @@ class RefreshSummary:
 
 
 def latest_windows(settings: Settings) -> dict[str, Window]:
-    """The newest window of every user in beat.windows, read to the end of each partition."""
+    """The newest window of every user in beat.windows."""
     codec = AvroCodec("user_window", settings.windows_topic, settings.schema_registry_url)
-    consumer = Consumer(client_config(settings, **{
-        "group.id": f"{settings.group_prefix}-refresh",  # assign() only: never joins or commits
-        "enable.auto.commit": False,
-        "enable.partition.eof": True,
-    }))
-    try:
-        partitions = consumer.list_topics(settings.windows_topic, timeout=10).topics[settings.windows_topic].partitions
-        consumer.assign([TopicPartition(settings.windows_topic, p, OFFSET_BEGINNING) for p in partitions])
-        windows: dict[str, Window] = {}
-        unfinished = set(partitions)
-        while unfinished:
-            for message in consumer.consume(10_000, 1.0):
-                if message.error() is not None:
-                    if message.error().code() != KafkaError._PARTITION_EOF:
-                        raise RuntimeError(f"reading {settings.windows_topic}: {message.error()}")
-                    unfinished.discard(message.partition())
-                elif message.value() is not None:  # None: a stream worker's seal
-                    window = Window.from_record(codec.decode(message.value()))
+    admin = AdminClient(client_config(settings))
+    partitions = admin.list_topics(settings.windows_topic, timeout=10).topics[settings.windows_topic].partitions
+    windows: dict[str, Window] = {}
+    for partition in partitions:
+        for latest in read_compacted(settings, settings.windows_topic, partition):
+            for key, value in latest.items():
+                if value is None:  # a tombstone, or a stream worker's seal
+                    windows.pop(key.decode(errors="replace"), None)
+                else:
+                    window = Window.from_record(codec.decode(value))
                     windows[window.user_id] = window
-        return windows
-    finally:
-        consumer.close()
+    return windows
 
 
 def refresh_idle(settings: Settings, worker: EncoderWorker, idle_ms: int) -> RefreshSummary:

@@ -30,9 +30,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
-from stream.broker import consumer_config, dead_letter_headers, producer_config
+from stream.broker import consumer_config, dead_letter_headers, producer_config, read_compacted
 from stream.codec import AvroCodec
 from stream.config import Settings
 from stream.event_columns import EventColumns, EventDecoder
@@ -44,7 +44,6 @@ log = logging.getLogger(__name__)
 # Key of the tombstone that seals each batch's windows (see StreamWorker.seal). No user has
 # an empty user_id (validation rejects it), so it never names a window.
 SEAL_KEY = b""
-RESTORE_BATCH = 10_000
 
 
 @dataclass
@@ -59,7 +58,7 @@ class Rejected:
         self.reason += [reason] * len(index) if isinstance(reason, str) else list(reason)
 
 
-def validate(events: EventColumns, keys: list[bytes | None], now_ms: int, future_tolerance_ms: int, rejected: Rejected) -> np.ndarray:
+def validate(events: EventColumns, keys: pa.BinaryArray, now_ms: int, future_tolerance_ms: int, rejected: Rejected) -> np.ndarray:
     """Indices (into events' rows) of the valid events; the others are added to rejected."""
     problems = [
         (pc.equal(events.user_id, ""), "missing user_id"),
@@ -72,7 +71,7 @@ def validate(events: EventColumns, keys: list[bytes | None], now_ms: int, future
         rejected.add(events.row[hit], reason)
         bad |= hit
     # A user's events must share a partition: the window state lives with the partition.
-    row_keys = pa.array([keys[i] for i in events.row.tolist()], pa.binary())
+    row_keys = keys.take(pa.array(events.row))
     keyed = pc.fill_null(pc.equal(row_keys, events.user_id.cast(pa.binary())), False)
     wrong_key = ~np.asarray(keyed.to_numpy(zero_copy_only=False), bool) & ~bad
     rejected.add(events.row[wrong_key], [
@@ -172,19 +171,18 @@ class StreamWorker:
 
     def process(self, messages: list[Message]) -> None:
         with self._stage("decode"):
-            messages = [m for m in messages if not self._is_error(m)]
+            if any(map(Message.error, messages)):
+                messages = [m for m in messages if not self._is_error(m)]
             now_ms = int(time.time() * 1000)
-            values, keys, partitions = [], [], []
-            for message in messages:
-                values.append(message.value())
-                keys.append(message.key())
-                partitions.append(message.partition())
-            events = self.events.decode(values)
+            # Per message, only C calls through map(): no Python bytecode per event.
+            keys = pa.array(list(map(Message.key, messages)), pa.binary())
+            partitions = np.fromiter(map(Message.partition, messages), np.int64, len(messages))
+            events = self.events.decode(list(map(Message.value, messages)))
             rejected = Rejected()
             rejected.add(np.array([i for i, _ in events.rejected], np.int64), [r for _, r in events.rejected])
             valid = validate(events, keys, now_ms, self.settings.future_tolerance_ms, rejected)
         with self._stage("merge"):
-            windows = self._merge(events, valid, np.array(partitions, np.int64))
+            windows = self._merge(events.take(valid), partitions)
         with self._stage("emit"):
             self._dead_letter(messages, rejected)
             self._emit(windows, now_ms)
@@ -193,15 +191,16 @@ class StreamWorker:
         self.stats.counts["events"] += len(messages)
         self.stats.counts["batches"] += 1
 
-    def _merge(self, events: EventColumns, valid: np.ndarray, partitions: np.ndarray) -> list[tuple[int, Window]]:
-        """Merged windows of the batch's users, with each one's partition."""
-        if not len(valid):
+    def _merge(self, events: EventColumns, partitions: np.ndarray) -> list[tuple[int, Window]]:
+        """Merged windows of the users of events (the batch's valid ones), with each one's
+        partition; partitions holds the partition of every message of the batch."""
+        if not len(events):
             return []
-        users = pc.dictionary_encode(events.user_id.take(pa.array(valid)))
+        users = pc.dictionary_encode(events.user_id)
         user_ids = users.dictionary.to_pylist()
         user_code = users.indices.to_numpy().astype(np.int64)
         user_partition = np.empty(len(user_ids), np.int64)
-        user_partition[user_code] = partitions[events.row[valid]]
+        user_partition[user_code] = partitions[events.row]
         keys = [u.encode() for u in user_ids]
         stored: list[Window | None] = [None] * len(keys)
         for partition in np.unique(user_partition).tolist():
@@ -209,12 +208,7 @@ class StreamWorker:
             for i, window in zip(members, self.stores[partition].get_many([keys[i] for i in members])):
                 stored[i] = window
         new = NewEvents(
-            user_code,
-            events.event_time[valid],
-            event_id_hashes(events.event_id.take(pa.array(valid))),
-            events.action.take(pa.array(valid)),
-            events.property.take(pa.array(valid)),
-            events.value[valid],
+            user_code, events.event_time, event_id_hashes(events.event_id), events.action, events.property, events.value,
         )
         merged, counts = merge_batch(stored, user_ids, new, self.settings.max_events, self.settings.window_ms)
         self.stats.counts["duplicates"] += counts.duplicates
@@ -239,14 +233,16 @@ class StreamWorker:
         self.seal(set(by_partition))
 
     def seal(self, partitions: set[int]) -> None:
-        """Make the batch's windows recoverable before its offsets can be committed.
+        """Put the batch's windows below the partitions' high watermark before its offsets
+        can be committed.
 
-        Tansu reports a partition's high watermark as the base offset of its last record
-        batch + 1, and restore() reads a partition up to its high watermark: it would
-        miss every window but the first of the last record batch. A tombstone of a key no
-        user has, sent in a record batch of its own after the windows are flushed, puts
-        every window below the watermark. On Kafka it costs one tiny record per partition
-        and batch, and compaction removes it.
+        Tansu reports a partition's high watermark (ListOffsets) as the base offset of its
+        last record batch + 1, so a reader that stops there (tools, other stream
+        processors' restores) would miss every window but the first of the last record
+        batch. A tombstone of a key no user has, sent in a record batch of its own after
+        the windows are flushed, puts every window below it. restore() itself reads to the
+        end-of-partition report (broker.read_compacted). On Kafka the seal costs one tiny
+        record per partition and batch, and compaction removes it.
         """
         self._flush()
         for partition in partitions:
@@ -273,11 +269,13 @@ class StreamWorker:
             )
         self.stats.counts["dead_letters"] += len(rejected.index)
 
-    def _commit(self, messages: list[Message], partitions: list[int]) -> None:
+    def _commit(self, messages: list[Message], partitions: np.ndarray) -> None:
         """Commit past the last message of each partition in the batch."""
-        last = {p: i for i, p in enumerate(partitions)}  # a later index overwrites
+        found, from_end = np.unique(partitions[::-1], return_index=True)
+        last = len(partitions) - 1 - from_end  # index of each partition's last message
         self.consumer.commit(asynchronous=False, offsets=[
-            TopicPartition(self.settings.events_topic, p, messages[i].offset() + 1) for p, i in last.items()
+            TopicPartition(self.settings.events_topic, p, messages[i].offset() + 1)
+            for p, i in zip(found.tolist(), last.tolist())
         ])
 
     @staticmethod
@@ -322,30 +320,14 @@ class StreamWorker:
 
     def restore(self, partition: int) -> PartitionStore:
         """A store holding the latest window of every user of the partition, read from
-        beat.windows up to its high watermark (which seal() keeps past every window)."""
+        beat.windows to its end."""
         settings = self.settings
         store = open_store(settings.state_store, settings.data_dir, settings.stream_group, partition)
-        topic = TopicPartition(settings.windows_topic, partition, OFFSET_BEGINNING)
-        reader = Consumer(consumer_config(settings, f"{settings.stream_group}-restore", **{"enable.partition.eof": True}))
-        try:
-            _, high = reader.get_watermark_offsets(topic, timeout=10)
-            reader.assign([topic])
-            position, at_end = 0, high == 0
-            while position < high and not at_end:
-                batch = reader.consume(RESTORE_BATCH, 1.0)
-                # The end of the partition as the broker knows it: offsets below the
-                # watermark may have been compacted away.
-                at_end = any(m.error() is not None and m.error().code() == KafkaError._PARTITION_EOF for m in batch)
-                messages = [m for m in batch if not self._is_error(m) and m.offset() < high]
-                latest = {m.key(): m.value() for m in messages}
-                for key in [k for k, v in latest.items() if v is None]:  # tombstones and seals
-                    store.delete(key)
-                    del latest[key]
-                store.put_many(list(latest), [Window.from_record(self.window_codec.decode(v)) for v in latest.values()])
-                if messages:
-                    position = messages[-1].offset() + 1
-        finally:
-            reader.close()
+        for latest in read_compacted(settings, settings.windows_topic, partition):
+            for key in [k for k, v in latest.items() if v is None]:  # tombstones and seals
+                store.delete(key)
+                del latest[key]
+            store.put_many(list(latest), [Window.from_record(self.window_codec.decode(v)) for v in latest.values()])
         log.info("stream worker: restored %d windows of partition %d", len(store), partition)
         return store
 
