@@ -39,7 +39,7 @@ from rich.table import Table  # noqa: E402
 from stream.broker import EmbeddedBroker, client_config, ensure_topics  # noqa: E402
 from stream.codec import AvroCodec  # noqa: E402
 from stream.config import Settings, load_settings  # noqa: E402
-from stream.events import SyntheticEvents  # noqa: E402
+from stream.synthetic import SyntheticEvents  # noqa: E402
 from stream.producer import EventProducer  # noqa: E402
 from stream.replay import ReplayConfig, replay, replay_consumer_config  # noqa: E402
 

@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from stream.codec import AvroCodec  # noqa: E402
-from stream.events import SyntheticEvents  # noqa: E402
+from stream.synthetic import SyntheticEvents  # noqa: E402
 from stream.state import MemoryStore, RocksStore  # noqa: E402
 from stream.window import ROW, NewEvents, Window, encode_window_body, event_id_hashes, merge_batch  # noqa: E402
 

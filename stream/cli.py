@@ -16,7 +16,7 @@ DEMO_MODEL_DIR = Path("data/demo-model")
 
 
 def _synthetic(users: int, seed: int, **population: object):  # noqa: ANN202
-    from stream.events import SyntheticEvents
+    from stream.synthetic import SyntheticEvents
 
     return SyntheticEvents(n_users=users, seed=seed, **population)
 
@@ -39,7 +39,7 @@ def cmd_produce(args: argparse.Namespace, settings: Settings) -> int:
     from stream.producer import produce
 
     if args.file or args.dataset:
-        from stream.events import dataset_path, read_event_file
+        from stream.event_files import dataset_path, read_event_file
 
         mapping = dict(pair.split("=", 1) for pair in args.column)
         try:

@@ -23,7 +23,7 @@ import pyarrow.compute as pc
 
 from stream.codec import AvroCodec
 from stream.event_columns import LAYOUT, schema_layout
-from stream.events import EVENT_SCHEMA
+from stream.event_contract import EVENT_SCHEMA
 
 _MAX_VARINT = 10  # bytes of a 64-bit varint
 _REQUIRED = ("user_id", "event_id", "action")  # strings that cannot be null
@@ -43,7 +43,7 @@ class EventEncoder:
         self.header = pa.scalar(codec.framing.header(), pa.binary())
 
     def encode(self, batch: pa.RecordBatch) -> pa.BinaryArray:
-        """The value of every event of a batch in stream.events.EVENT_SCHEMA layout [num_rows]."""
+        """The value of every event of a batch in stream.event_contract.EVENT_SCHEMA layout [num_rows]."""
         batch = batch.select(_TYPES.names).cast(_TYPES)
         for name in _REQUIRED:
             if batch[name].null_count:

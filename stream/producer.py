@@ -39,7 +39,7 @@ class EventProducer:
         return count
 
     def send_batch(self, batch: pa.RecordBatch) -> int:
-        """Send a batch in stream.events.EVENT_SCHEMA layout, encoded all at once."""
+        """Send a batch in stream.event_contract.EVENT_SCHEMA layout, encoded all at once."""
         values = self.encoder.encode(batch).to_pylist()
         keys = batch["user_id"].cast(pa.binary()).to_pylist()
         for key, value in zip(keys, values):

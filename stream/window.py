@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from model.batch import EventWindow
-from stream.events import hash_strings
+from stream.event_contract import hash_strings
 
 ROW = np.dtype(
     [("time_lo", "<u4"), ("time_hi", "<u2"), ("symbol", "<u2"), ("id_hash", "<u4"), ("value", "<f4")]

@@ -21,7 +21,7 @@ from confluent_kafka import Consumer, Message, TopicPartition
 from model.sequences import EVENT_COLUMNS, SEQUENCE_SCHEMA
 from stream.broker import EmbeddedBroker, client_config, ensure_topics
 from stream.config import Settings, load_settings
-from stream.events import SyntheticEvents
+from stream.synthetic import SyntheticEvents
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -26,7 +26,7 @@ from model.evaluation import (
 from model.report import print_summary, write_report
 from model.sequences import SEQUENCE_SCHEMA, lengths, split_at
 from model.train import TrainConfig, train
-from stream.events import SyntheticEvents
+from stream.synthetic import SyntheticEvents
 
 from conftest import synthetic_sequences
 

@@ -10,7 +10,7 @@ import pytest
 
 from stream.codec import AvroCodec
 from stream.event_encoding import EventEncoder
-from stream.events import EVENT_SCHEMA
+from stream.event_contract import EVENT_SCHEMA
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 ALPHABET = ["a", "Z", "0", "_", " ", "é", "ß", "中", "😀", "\x00", "\u200b"]

@@ -1,4 +1,5 @@
-"""stream.events: the event layout, the synthetic population's planted structure, file reading."""
+"""The event layout (stream.event_contract), the synthetic population's planted structure
+(stream.synthetic) and file reading (stream.event_files)."""
 
 from __future__ import annotations
 
@@ -15,9 +16,9 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 import pytest
 
-from stream.events import (
-    ACTIONS, EVENT_SCHEMA, MONEY_ACTIONS, PROPERTIES, SyntheticEvents, dataset_path, read_event_file,
-)
+from stream.event_contract import EVENT_SCHEMA
+from stream.event_files import dataset_path, read_event_file
+from stream.synthetic import ACTIONS, MONEY_ACTIONS, PROPERTIES, SyntheticEvents
 
 ORIGIN = datetime(2024, 1, 1, tzinfo=UTC)
 HORIZON = timedelta(days=28)

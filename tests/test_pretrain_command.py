@@ -11,7 +11,7 @@ import pytest
 from model import BeatEncoder
 from stream.cli import main
 from stream.config import Settings
-from stream.events import SyntheticEvents
+from stream.synthetic import SyntheticEvents
 from stream.producer import produce
 
 

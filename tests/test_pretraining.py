@@ -23,7 +23,7 @@ from model.pretraining import (
     sample_views,
 )
 from model.vocab import OOV_ID
-from stream.events import SyntheticEvents
+from stream.synthetic import SyntheticEvents
 
 STEPS = 250
 

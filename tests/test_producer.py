@@ -14,7 +14,7 @@ import stream.producer
 from stream.broker import producer_config
 from stream.codec import AvroCodec
 from stream.config import Settings, load_settings
-from stream.events import SyntheticEvents
+from stream.synthetic import SyntheticEvents
 from stream.producer import EventProducer
 
 

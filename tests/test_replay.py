@@ -14,7 +14,7 @@ from model.sequences import SEQUENCE_SCHEMA, read_sequences
 from stream.broker import client_config, producer_config
 from stream.cli import main
 from stream.config import Settings
-from stream.events import SyntheticEvents
+from stream.synthetic import SyntheticEvents
 from stream.producer import EventProducer, produce
 from stream.replay import ReplayConfig, replay
 

@@ -32,7 +32,7 @@ from model.train import (
     value_counts,
 )
 from model.vocab import Vocabulary
-from stream.events import SyntheticEvents
+from stream.synthetic import SyntheticEvents
 
 from conftest import synthetic_sequences
 

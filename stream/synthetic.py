@@ -1,14 +1,12 @@
-"""Behavioral events as Arrow columns: the one layout every part of beatstream uses, a
-synthetic population with planted structure, and a reader for users' own event files.
+"""A synthetic user population with planted structure, emitting behavioral events as Arrow
+batches in the EVENT_SCHEMA layout (stream/event_contract.py).
 
-Everything here works on whole columns (numpy / pyarrow), never on one Python object per
-event, so a generator or a file can feed Kafka, pretraining and tests at millions of events
-per second. Nothing here talks to Kafka: callers encode and send the batches.
-
-The synthetic population is there to be *checked*, not only to produce load: each user has a
+The population is there to be *checked*, not only to produce load: each user has a
 persona (distinct action mixes, favourite properties, daily and weekly rhythms), some users
 churn, activity is Zipf-distributed, and events come in sessions. ``personas()`` tells
-evaluation what was planted, so an embedding can be tested for recovering it.
+evaluation what was planted, so an embedding can be tested for recovering it. Generation
+works on whole columns, so it feeds Kafka, pretraining and tests at millions of events per
+second.
 """
 
 from __future__ import annotations
@@ -16,32 +14,22 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
-from pathlib import Path
+from datetime import UTC, datetime
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.csv as pa_csv
-import pyarrow.json as pa_json
-import pyarrow.parquet as pq
 
-EVENT_SCHEMA = pa.schema(
-    [
-        pa.field("user_id", pa.string(), nullable=False),
-        pa.field("event_id", pa.string(), nullable=False),
-        pa.field("event_time", pa.timestamp("ms", tz="UTC"), nullable=False),
-        pa.field("action", pa.string(), nullable=False),
-        pa.field("property", pa.string()),  # category, merchant, page type...
-        pa.field("value", pa.float64()),  # amount, for money actions
-        pa.field("attributes", pa.map_(pa.string(), pa.string()), nullable=False),  # may be empty
-    ]
+from stream.event_contract import (
+    DAY_MS,
+    EVENT_SCHEMA,
+    HOUR_MS,
+    U64,
+    epoch_ms,
+    hex_ids,
+    key64,
+    mix64,
+    string_map,
 )
-REQUIRED_FIELDS = ("user_id", "event_time", "action")
-
-HOUR_MS = 3_600_000
-DAY_MS = 24 * HOUR_MS
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 # ---------------------------------------------------------------------------------------
 # Catalog: every action and property the generator can emit (model vocabularies use it).
@@ -56,7 +44,14 @@ ACTIONS = [
 MONEY_ACTIONS = ("purchase", "card_payment", "refund")
 
 # What an action is done to; None: the action has no property.
-_PROPERTY_KIND_SIZES = {"page": 24, "category": 80, "merchant": 160, "game": 30, "destination": 40, "topic": 12}
+_PROPERTY_KIND_SIZES = {
+    "page": 24,
+    "category": 80,
+    "merchant": 160,
+    "game": 30,
+    "destination": 40,
+    "topic": 12,
+}
 _ACTION_PROPERTY_KIND = {
     "page_view": "page", "search": "category", "view_item": "category", "add_to_cart": "category",
     "remove_from_cart": "category", "wishlist_add": "category", "purchase": "category",
@@ -95,7 +90,8 @@ PERSONAS = [
     _Persona(
         "browser", 0.28, 2.0, 6, 20,
         {"page_view": 25, "search": 10, "view_item": 10, "add_to_cart": 1, "wishlist_add": 1.5,
-         "purchase": 0.3, "card_payment": 0.3, "login": 2, "logout": 1.5, "app_open": 5, "review": 0.3},
+         "purchase": 0.3, "card_payment": 0.3, "login": 2, "logout": 1.5, "app_open": 5,
+         "review": 0.3},
         ((8.0, 1.5, 0.7), (13.0, 2.0, 0.5), (21.5, 2.0, 1.0)), (1, 1, 1, 1, 1, 0.9, 0.9), 0.8,
     ),
     _Persona(
@@ -106,8 +102,9 @@ PERSONAS = [
     ),
     _Persona(
         "traveller", 0.12, 0.35, 7, 40,
-        {"search": 8, "page_view": 6, "booking": 3, "check_in": 2, "card_payment": 3, "purchase": 0.5,
-         "login": 2, "view_item": 2, "support_call": 0.5, "refund": 0.3, "logout": 1},
+        {"search": 8, "page_view": 6, "booking": 3, "check_in": 2, "card_payment": 3,
+         "purchase": 0.5, "login": 2, "view_item": 2, "support_call": 0.5, "refund": 0.3,
+         "logout": 1},
         ((10.0, 2.5, 0.8), (15.0, 2.5, 0.7)), (1.2, 1.2, 1.1, 1.1, 1.0, 0.6, 0.8), 6.0,
     ),
     _Persona(
@@ -118,7 +115,8 @@ PERSONAS = [
     ),
     _Persona(  # card testing: long night-time bursts of tiny payments, many declined
         "fraudster", 0.06, 0.8, 16, 3,
-        {"login": 2, "password_reset": 1.5, "card_payment": 14, "card_declined": 9, "page_view": 1, "purchase": 1},
+        {"login": 2, "password_reset": 1.5, "card_payment": 14, "card_declined": 9,
+         "page_view": 1, "purchase": 1},
         ((3.0, 1.5, 1.0),), (1, 1, 1, 1, 1, 1, 1), 0.06,
     ),
 ]  # fmt: skip
@@ -203,89 +201,15 @@ def _draw(cdf_rows: np.ndarray, u: np.ndarray) -> np.ndarray:
 _T = _persona_tables()
 _MONEY = np.isin(ACTIONS, MONEY_ACTIONS)
 _KIND_NAMES = list(_PROPERTY_KIND_SIZES)
-_KIND_OF_ACTION = np.array([_KIND_NAMES.index(k) if (k := _ACTION_PROPERTY_KIND[a]) else -1 for a in ACTIONS])
+_KIND_OF_ACTION = np.array(
+    [_KIND_NAMES.index(k) if (k := _ACTION_PROPERTY_KIND[a]) else -1 for a in ACTIONS]
+)
 _KIND_SIZES = np.array(list(_PROPERTY_KIND_SIZES.values()))
 _KIND_OFFSETS = np.concatenate([[0], np.cumsum(_KIND_SIZES)[:-1]])
 _PROPERTY_ZIPF_CDF = [_cdf(np.arange(1, n + 1) ** -_PROPERTY_ZIPF) for n in _KIND_SIZES]
 _ACTIONS_ARROW = pa.array(ACTIONS)
 _PROPERTIES_ARROW = pa.array(PROPERTIES)
 _CHANNELS_ARROW = pa.array(CHANNELS)
-
-# ---------------------------------------------------------------------------------------
-# Hashing and ids: 64-bit mixing on whole arrays.
-# ---------------------------------------------------------------------------------------
-
-_U64 = np.uint64
-
-
-def _mix(x: np.ndarray | np.integer | int) -> np.ndarray:
-    """splitmix64's finalizer: a bijection on uint64 that scrambles every bit, so distinct
-    counters give distinct, random-looking ids and content hashes spread evenly."""
-    x = np.array(x, dtype=_U64, copy=True)
-    x ^= x >> _U64(30)
-    x *= _U64(0xBF58476D1CE4E5B9)
-    x ^= x >> _U64(27)
-    x *= _U64(0x94D049BB133111EB)
-    x ^= x >> _U64(31)
-    return x
-
-
-def _key(*parts: int) -> np.uint64:
-    """A 64-bit key from integers (seed, stream, day...)."""
-    h = np.uint64(0x9E3779B97F4A7C15)
-    for part in parts:
-        h = np.uint64(_mix(h ^ np.uint64(part & 0xFFFFFFFFFFFFFFFF)))
-    return h
-
-
-_HEX_PAIRS = np.array([f"{i:02x}".encode() for i in range(256)], dtype="S2")
-
-
-def _hex_ids(words: np.ndarray) -> pa.StringArray:
-    """32-hex-digit ids (uuid-like) from one uint64 per event: the word itself (unique when
-    the words are) followed by a scrambled copy, built straight into an Arrow buffer."""
-    pair = np.stack([words, _mix(words ^ _U64(0x5851F42D4C957F2D))], axis=1).astype(">u8")
-    text = _HEX_PAIRS[pair.view(np.uint8)].tobytes()
-    offsets = np.arange(0, 32 * (len(words) + 1), 32, dtype=np.int32)
-    return pa.StringArray.from_buffers(len(words), pa.py_buffer(offsets), pa.py_buffer(text))
-
-
-def hash_strings(array: pa.Array) -> np.ndarray:
-    """A uint64 content hash per string, computed on Arrow's byte buffer: each byte is mixed
-    with its position in the string and the per-string sums are read off a cumulative sum."""
-    array = array.cast(pa.string())
-    n = len(array)
-    _, offsets_buffer, data_buffer = array.buffers()
-    offsets = np.frombuffer(offsets_buffer, np.int32, n + 1, array.offset * 4).astype(np.int64)
-    data = np.frombuffer(data_buffer, np.uint8) if data_buffer else np.empty(0, np.uint8)
-    data = data[offsets[0] : offsets[-1]].astype(_U64)
-    offsets -= offsets[0]
-    lengths = np.diff(offsets)
-    position = np.arange(offsets[-1]) - np.repeat(offsets[:-1], lengths)
-    mixed = _mix(data | (position.astype(_U64) << _U64(8)))
-    summed = np.concatenate([[_U64(0)], np.cumsum(mixed, dtype=_U64)])
-    hashed = _mix((summed[offsets[1:]] - summed[offsets[:-1]]) ^ lengths.astype(_U64))
-    hashed[np.asarray(array.is_null())] = _U64(0x2545F4914F6CDD1D)
-    return hashed
-
-
-# ---------------------------------------------------------------------------------------
-# Batches
-# ---------------------------------------------------------------------------------------
-
-
-def _epoch_ms(moment: datetime) -> int:
-    """Unix milliseconds; a naive datetime is taken as UTC."""
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return (moment - _EPOCH) // timedelta(milliseconds=1)
-
-
-def _string_map(rows: np.ndarray, keys: pa.Array, values: pa.Array, n: int) -> pa.MapArray:
-    """A map<string,string> column of n rows from (row, key, value) entries in any order."""
-    order = np.argsort(rows, kind="stable")
-    offsets = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=n))]).astype(np.int32)
-    return pa.MapArray.from_arrays(pa.array(offsets), keys.take(order), values.take(order))
 
 
 @dataclass
@@ -304,7 +228,9 @@ class _Events:
 
     @staticmethod
     def concat(parts: list[_Events]) -> _Events:
-        return _Events(*(np.concatenate(columns) for columns in zip(*(vars(p).values() for p in parts))))
+        return _Events(
+            *(np.concatenate(columns) for columns in zip(*(vars(p).values() for p in parts)))
+        )
 
 
 # ---------------------------------------------------------------------------------------
@@ -347,17 +273,21 @@ class SyntheticEvents:
         self._persona = rng.choice(len(PERSONAS), size=n_users, p=_T["share"] / _T["share"].sum())
         self._activity = self._zipf_activity(rng, n_users) * _T["sessions_per_day"][self._persona]
         self._channel = rng.choice(len(CHANNELS), size=n_users, p=[0.45, 0.3, 0.25])
-        self._favourite_key = _mix(np.arange(n_users, dtype=_U64) ^ _key(seed, _POPULATION))
+        self._favourite_key = mix64(np.arange(n_users, dtype=U64) ^ key64(seed, _POPULATION))
         # Each persona ranks each property kind differently: its popular subset.
         self._ranking = np.zeros((len(PERSONAS), len(_KIND_SIZES), _KIND_SIZES.max()), np.int64)
         for p, k in itertools.product(range(len(PERSONAS)), range(len(_KIND_SIZES))):
-            self._ranking[p, k, : _KIND_SIZES[k]] = _KIND_OFFSETS[k] + rng.permutation(_KIND_SIZES[k])
+            self._ranking[p, k, : _KIND_SIZES[k]] = _KIND_OFFSETS[k] + rng.permutation(
+                _KIND_SIZES[k]
+            )
         self._churner = rng.random(n_users) < churn_fraction
         horizon_ms = churn_horizon_days * DAY_MS
-        self._churn_start = _epoch_ms(origin) + rng.uniform(0.1, 0.7, n_users) * horizon_ms
+        self._churn_start = epoch_ms(origin) + rng.uniform(0.1, 0.7, n_users) * horizon_ms
         self._churn_length = rng.uniform(0.1, 0.3, n_users) * horizon_ms
         width = max(6, len(str(n_users - 1)))
-        self._user_ids = pa.array(np.char.add("u", np.char.zfill(np.arange(n_users).astype(str), width)))
+        self._user_ids = pa.array(
+            np.char.add("u", np.char.zfill(np.arange(n_users).astype(str), width))
+        )
 
     @staticmethod
     def _zipf_activity(rng: np.random.Generator, n_users: int) -> np.ndarray:
@@ -380,11 +310,13 @@ class SyntheticEvents:
 
     # -- history --------------------------------------------------------------------------
 
-    def history(self, start: datetime, end: datetime, batch_size: int = 50_000) -> Iterator[pa.RecordBatch]:
+    def history(
+        self, start: datetime, end: datetime, batch_size: int = 50_000
+    ) -> Iterator[pa.RecordBatch]:
         """Events with start <= event_time < end, in event-time order, in batches of at most
         batch_size rows. Each day is generated from its own seed, so overlapping ranges agree
         (up to sessions running over a range's first midnight)."""
-        start_ms, end_ms = _epoch_ms(start), _epoch_ms(end)
+        start_ms, end_ms = epoch_ms(start), epoch_ms(end)
         if start_ms >= end_ms:
             raise ValueError(f"history needs start < end, got {start} .. {end}")
         if batch_size < 1:
@@ -414,8 +346,10 @@ class SyntheticEvents:
         hour = _draw(_T["hour_cdf"][self._persona[users], weekday], rng.random(len(users)))
         start_ms = day * DAY_MS + hour * HOUR_MS + rng.integers(0, HOUR_MS, len(users))
         users, time_ms, action = self._sessions(rng, users, start_ms)
-        counter = (np.uint64(day & 0x7FFFFFFF) << _U64(32)) | np.arange(len(users), dtype=_U64)
-        return self._events(rng, users, time_ms, action, _mix(counter ^ _key(self.seed, _HISTORY)))
+        counter = (np.uint64(day & 0x7FFFFFFF) << U64(32)) | np.arange(len(users), dtype=U64)
+        return self._events(
+            rng, users, time_ms, action, mix64(counter ^ key64(self.seed, _HISTORY))
+        )
 
     def _sessions(
         self, rng: np.random.Generator, users: np.ndarray, start_ms: np.ndarray
@@ -429,7 +363,9 @@ class SyntheticEvents:
         gap_s = rng.lognormal(np.log(_T["gap_median_s"][persona[session]]), _GAP_SIGMA)
         gap_s[first] = 0.0
         elapsed_s = np.cumsum(gap_s)
-        time_ms = start_ms[session] + np.round((elapsed_s - elapsed_s[first][session]) * 1000).astype(np.int64)
+        time_ms = start_ms[session] + np.round(
+            (elapsed_s - elapsed_s[first][session]) * 1000
+        ).astype(np.int64)
 
         action = np.empty(len(session), dtype=np.int64)
         previous = np.full(len(users), -1)
@@ -440,19 +376,30 @@ class SyntheticEvents:
         return users[session], time_ms, action
 
     def _events(
-        self, rng: np.random.Generator, users: np.ndarray, time_ms: np.ndarray, action: np.ndarray, id_word: np.ndarray
+        self,
+        rng: np.random.Generator,
+        users: np.ndarray,
+        time_ms: np.ndarray,
+        action: np.ndarray,
+        id_word: np.ndarray,
     ) -> _Events:
         """Completes (user, time, action) triples with properties and amounts."""
         persona = self._persona[users]
         amount = _T["amount"][persona, action] * rng.lognormal(0.0, _AMOUNT_SIGMA, len(users))
         value = np.where(_MONEY[action], np.maximum(np.round(amount, 2), 0.01), np.nan)
-        return _Events(users, time_ms, action, self._properties(rng, users, persona, action), value, id_word)
+        return _Events(
+            users, time_ms, action, self._properties(rng, users, persona, action), value, id_word
+        )
 
     @staticmethod
-    def _next_actions(rng: np.random.Generator, persona: np.ndarray, previous: np.ndarray) -> np.ndarray:
+    def _next_actions(
+        rng: np.random.Generator, persona: np.ndarray, previous: np.ndarray
+    ) -> np.ndarray:
         """One Markov step per row; previous == -1 opens a session."""
         rows = np.where(
-            (previous < 0)[:, None], _T["start_cdf"][persona], _T["next_cdf"][persona, np.maximum(previous, 0)]
+            (previous < 0)[:, None],
+            _T["start_cdf"][persona],
+            _T["next_cdf"][persona, np.maximum(previous, 0)],
         )
         return _draw(rows, rng.random(len(persona)))
 
@@ -467,9 +414,9 @@ class SyntheticEvents:
         for k, cdf in enumerate(_PROPERTY_ZIPF_CDF):
             rows = np.flatnonzero(kind == k)
             rank = np.searchsorted(cdf, rng.random(len(rows)))
-            which = rng.integers(0, _FAVOURITES, len(rows)).astype(_U64)
-            favourite = _mix(self._favourite_key[users[rows]] ^ _U64(k << 8) ^ which)
-            favourite = (favourite % _U64(min(_FAVOURITE_POOL, _KIND_SIZES[k]))).astype(np.int64)
+            which = rng.integers(0, _FAVOURITES, len(rows)).astype(U64)
+            favourite = mix64(self._favourite_key[users[rows]] ^ U64(k << 8) ^ which)
+            favourite = (favourite % U64(min(_FAVOURITE_POOL, _KIND_SIZES[k]))).astype(np.int64)
             rank = np.where(rng.random(len(rows)) < _FAVOURITE_SHARE, favourite, rank)
             out[rows] = self._ranking[persona[rows], k, rank]
         return out
@@ -500,17 +447,20 @@ class SyntheticEvents:
         The generator never sleeps; the caller paces, e.g. sends a batch when the wall clock
         reaches its event_time, so event_time is "now" and freshness can be measured
         downstream. The total rate is fixed; who acts follows activity, churn (churned users
-        stay silent) and the personas' rhythm at that hour. Sessions carry on across batches: each batch is first
-        filled with the next events of sessions whose next event is due, the rest opens new
-        sessions, so the stream settles into the same bursty structure as ``history``."""
+        stay silent) and the personas' rhythm at that hour. Sessions carry on across batches:
+        each batch is first filled with the next events of sessions whose next event is due,
+        the rest opens new sessions, so the stream settles into the same bursty structure as
+        ``history``."""
         if rate_per_s <= 0 or interval_ms <= 0:
-            raise ValueError(f"live needs rate_per_s > 0 and interval_ms > 0, got {rate_per_s}, {interval_ms}")
-        start_ms = _epoch_ms(start if start is not None else datetime.now(UTC))
+            raise ValueError(
+                f"live needs rate_per_s > 0 and interval_ms > 0, got {rate_per_s}, {interval_ms}"
+            )
+        start_ms = epoch_ms(start if start is not None else datetime.now(UTC))
         return self._live(rate_per_s, start_ms, interval_ms)
 
     def _live(self, rate_per_s: float, start_ms: int, interval_ms: int) -> Iterator[pa.RecordBatch]:
         rng = np.random.default_rng([_LIVE, self.seed & 0xFFFFFFFF, start_ms & 0xFFFFFFFFFFFF])
-        id_key = _key(self.seed, _LIVE, start_ms)
+        id_key = key64(self.seed, _LIVE, start_ms)
         sessions = _OpenSessions(rng, self._persona)
         emitted = 0
         hour, cumulative_weights = start_ms // HOUR_MS, np.cumsum(self._live_weights(start_ms))
@@ -526,24 +476,33 @@ class SyntheticEvents:
             action = self._next_actions(rng, self._persona[users], previous)
             sessions.advance(going, action[: len(going)], now_ms)
             sessions.open(opened, action[len(going) :], now_ms)
-            id_word = _mix(np.arange(emitted, emitted + len(users), dtype=_U64) ^ id_key)
+            id_word = mix64(np.arange(emitted, emitted + len(users), dtype=U64) ^ id_key)
             emitted += len(users)
-            yield self._batch(self._events(rng, users, np.full(len(users), now_ms), action, id_word))
+            yield self._batch(
+                self._events(rng, users, np.full(len(users), now_ms), action, id_word)
+            )
 
     def _live_weights(self, time_ms: int) -> np.ndarray:
         """How likely each user is to open a session at this hour."""
         weekday, hour = (time_ms // DAY_MS + 3) % 7, (time_ms // HOUR_MS) % 24
-        return self._activity * _T["intensity"][self._persona, weekday, hour] * self._still_active(time_ms)
+        return (
+            self._activity
+            * _T["intensity"][self._persona, weekday, hour]
+            * self._still_active(time_ms)
+        )
 
     def _batch(self, events: _Events) -> pa.RecordBatch:
         n = len(events.user)
-        attributes = _string_map(
-            np.arange(n), pa.array(np.full(n, "channel")), _CHANNELS_ARROW.take(self._channel[events.user]), n
+        attributes = string_map(
+            np.arange(n),
+            pa.array(np.full(n, "channel")),
+            _CHANNELS_ARROW.take(self._channel[events.user]),
+            n,
         )
         return pa.RecordBatch.from_arrays(
             [
                 self._user_ids.take(events.user),
-                _hex_ids(events.id_word),
+                hex_ids(events.id_word),
                 pa.array(events.time_ms, pa.timestamp("ms", tz="UTC")),
                 _ACTIONS_ARROW.take(events.action),
                 _PROPERTIES_ARROW.take(pa.array(events.property, mask=events.property < 0)),
@@ -608,245 +567,3 @@ class _OpenSessions:
     def _gaps_ms(self, users: np.ndarray) -> np.ndarray:
         median_s = _T["gap_median_s"][self.persona[users]]
         return np.round(self.rng.lognormal(np.log(median_s), _GAP_SIGMA) * 1000).astype(np.int64)
-
-
-# ---------------------------------------------------------------------------------------
-# Reading event files
-# ---------------------------------------------------------------------------------------
-
-_FORMATS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet", ".jsonl": "json", ".ndjson": "json",
-            ".txt": "text"}  # fmt: skip
-
-# Public event logs that ship in installed packages: name -> (package, file inside it).
-DATASETS = {"cdnow": ("lifetimes", "datasets/CDNOW_master.txt")}
-# CDNOW's purchase log (lifetimes): one row per customer and purchase day.
-_CDNOW_COLUMNS = ["customer_id", "date", "number_of_cds", "dollar_value"]
-_CD_BUCKETS = pa.array(["cds_1", "cds_2", "cds_3-4", "cds_5+"])
-_CD_BUCKET_STARTS = np.array([2, 3, 5])  # number_of_cds where the next bucket starts
-
-
-def dataset_path(name: str) -> Path:
-    """Where an installed package keeps a dataset of DATASETS."""
-    import importlib.resources
-
-    if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}: known ones are {', '.join(DATASETS)}")
-    package, file = DATASETS[name]
-    try:
-        return Path(str(importlib.resources.files(package) / file))
-    except ModuleNotFoundError:
-        raise ValueError(f"dataset {name!r} ships in the {package} package: pip install {package}") from None
-
-
-def read_event_file(
-    path: str | Path, columns: Mapping[str, str] | None = None, batch_size: int = 50_000
-) -> Iterator[pa.RecordBatch]:
-    """Batches in EVENT_SCHEMA layout from a CSV, Parquet, JSON-lines or whitespace-separated
-    text file (``.txt``, a header line first) of events.
-
-    ``columns`` maps our field names to the file's column names ({"user_id": "customer"});
-    a field without an entry is looked up under its own name. event_time may be ISO strings
-    (a zone offset is honoured, none means UTC), dates, timestamps, or epoch seconds or
-    milliseconds (numbers above 1e11 are milliseconds), or in text files YYYYMMDD dates. A
-    text file with CDNOW's columns (customer_id date number_of_cds dollar_value, as in
-    ``dataset_path("cdnow")``) becomes purchases: value = dollar_value, property = a bucket
-    of number_of_cds (cds_1, cds_2, cds_3-4, cds_5+). Without an event_id column each row
-    gets a deterministic id from its content and row number, so reading the same file twice
-    gives the same ids and the windows de-duplicate a re-sent file. Columns that feed no
-    field become string attributes (nested ones are left out), merged with an
-    ``attributes`` map or JSON object column if there is one.
-
-    The file's columns are checked before this returns: a required field with no column
-    raises ValueError saying how to map it.
-    """
-    path = Path(path)
-    kind = _FORMATS.get(path.suffix.lower())
-    if kind is None:
-        raise ValueError(f"can't tell the format of {path.name}: use one of {', '.join(_FORMATS)}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, not {batch_size}")
-    names, batches = _open_events(path, kind, batch_size)
-    source = _source_columns(path.name, names, columns or {})
-    return _conform_all(batches, source, [n for n in names if n not in source.values()], batch_size)
-
-
-def _open_events(path: Path, kind: str, batch_size: int) -> tuple[list[str], Iterator[pa.RecordBatch]]:
-    """The file's column names and a lazy iterator over its raw batches."""
-    if kind == "parquet":
-        file = pq.ParquetFile(path)
-        return file.schema_arrow.names, file.iter_batches(batch_size=batch_size)
-    if kind == "json":
-        reader = pa_json.open_json(path)
-        return reader.schema.names, iter(reader)
-    if kind == "text":
-        table = _read_whitespace_text(path)
-        if table.column_names == _CDNOW_COLUMNS:
-            table = _cdnow_purchases(table)
-        return table.column_names, iter(table.to_batches(batch_size))
-    # CSV: every column as text (nulls for empty cells), so no column's type is guessed
-    # from its first block; conversion below parses what each field needs.
-    names = pa_csv.open_csv(path).schema.names
-    reader = pa_csv.open_csv(
-        path,
-        convert_options=pa_csv.ConvertOptions(
-            column_types={name: pa.string() for name in names}, strings_can_be_null=True
-        ),
-    )
-    return names, iter(reader)
-
-
-def _read_whitespace_text(path: Path) -> pa.Table:
-    """Columns separated by runs of spaces or tabs, all as text; the first line names them."""
-    import pandas as pd
-
-    frame = pd.read_csv(path, sep=r"\s+", dtype=str, keep_default_na=False, na_values=[""])
-    return pa.Table.from_pandas(frame, preserve_index=False)
-
-
-def _cdnow_purchases(table: pa.Table) -> pa.Table:
-    """CDNOW rows as events: every row is a purchase of number_of_cds CDs for dollar_value."""
-    cds = table["number_of_cds"].cast(pa.int64()).to_numpy()
-    return pa.table({
-        "user_id": table["customer_id"],
-        "event_time": table["date"],
-        "action": pa.array(np.full(len(table), "purchase")),
-        "property": _CD_BUCKETS.take(np.searchsorted(_CD_BUCKET_STARTS, cds, side="right")),
-        "value": table["dollar_value"],
-        "number_of_cds": table["number_of_cds"],  # kept as an attribute
-    })  # fmt: skip
-
-
-def _source_columns(file_name: str, names: list[str], columns: Mapping[str, str]) -> dict[str, str]:
-    """Our field -> the file's column, for every field the file can fill."""
-    unknown = set(columns) - set(EVENT_SCHEMA.names)
-    if unknown:
-        raise ValueError(
-            f"unknown event field(s) {', '.join(sorted(unknown))}: the fields are {', '.join(EVENT_SCHEMA.names)}"
-        )
-    listing = ", ".join(names)
-    for field, column in columns.items():
-        if column not in names:
-            raise ValueError(f"no column {column!r} (mapped to {field!r}) in {file_name} (columns: {listing})")
-    source = {f: columns.get(f, f) for f in EVENT_SCHEMA.names if columns.get(f, f) in names}
-    for field in REQUIRED_FIELDS:
-        if field not in source:
-            raise ValueError(
-                f"no column for {field!r} in {file_name} (columns: {listing}); "
-                f"map it with --column {field}=YOUR_COLUMN"
-            )
-    return source
-
-
-def _conform_all(
-    batches: Iterator[pa.RecordBatch], source: dict[str, str], extras: list[str], batch_size: int
-) -> Iterator[pa.RecordBatch]:
-    first_row = 0
-    for raw in batches:
-        for offset in range(0, raw.num_rows, batch_size):
-            piece = raw.slice(offset, batch_size)
-            yield _conform(piece, source, extras, first_row)
-            first_row += piece.num_rows
-
-
-def _conform(raw: pa.RecordBatch, source: dict[str, str], extras: list[str], first_row: int) -> pa.RecordBatch:
-    """One raw batch in EVENT_SCHEMA layout."""
-    n = raw.num_rows
-    column = {field: raw.column(name) for field, name in source.items()}
-    out = {
-        "user_id": column["user_id"].cast(pa.string()),
-        "event_time": _to_timestamp_ms(column["event_time"]),
-        "action": column["action"].cast(pa.string()),
-        "property": column["property"].cast(pa.string()) if "property" in column else pa.nulls(n, pa.string()),
-        "value": column["value"].cast(pa.float64()) if "value" in column else pa.nulls(n, pa.float64()),
-    }
-    for field in REQUIRED_FIELDS:
-        _check_present(out[field], field, source)
-    out["event_id"] = column["event_id"].cast(pa.string()) if "event_id" in column else _content_ids(out, first_row)
-    _check_present(out["event_id"], "event_id", source)
-    out["attributes"] = _attributes(column.get("attributes"), {name: raw.column(name) for name in extras}, n)
-    return pa.RecordBatch.from_arrays([out[f] for f in EVENT_SCHEMA.names], schema=EVENT_SCHEMA)
-
-
-def _check_present(array: pa.Array, field: str, source: dict[str, str]) -> None:
-    if array.null_count:
-        raise ValueError(f"{array.null_count} rows without {field} (column {source[field]!r})")
-
-
-def _to_timestamp_ms(array: pa.Array) -> pa.Array:
-    """timestamp[ms, UTC] from timestamps, dates, epoch numbers or text (see read_event_file)."""
-    target = pa.timestamp("ms", tz="UTC")
-    kind = array.type
-    if pa.types.is_timestamp(kind):
-        return array.cast(pa.timestamp("ms", tz=kind.tz), safe=False).cast(target)
-    if pa.types.is_date(kind):
-        return array.cast(pa.timestamp("ms")).cast(target)
-    if pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_decimal(kind):
-        return _epoch_number_to_ms(array.cast(pa.float64()))
-    if pa.types.is_string(kind) or pa.types.is_large_string(kind):
-        return _text_to_ms(array.cast(pa.string()))
-    raise ValueError(f"can't read event_time of type {kind}: use ISO text, a timestamp, a date or epoch numbers")
-
-
-def _epoch_number_to_ms(seconds_or_ms: pa.Array) -> pa.Array:
-    values = seconds_or_ms.to_numpy(zero_copy_only=False)
-    ms = np.round(np.where(np.abs(values) > 1e11, values, values * 1000))
-    nulls = np.isnan(ms)
-    return pa.array(np.where(nulls, 0, ms).astype(np.int64), pa.timestamp("ms", tz="UTC"), mask=nulls)
-
-
-def _text_to_ms(text: pa.Array) -> pa.Array:
-    """Each string parsed as a YYYYMMDD date, an epoch number, an ISO time with a zone, or
-    one without (UTC)."""
-    dated = pc.match_substring_regex(text, r"^\d{8}$")  # YYYYMMDD
-    numeric = pc.and_not(pc.match_substring_regex(text, r"^-?\d+(\.\d*)?([eE][+-]?\d+)?$"), dated)
-    zoned = pc.and_not(pc.match_substring_regex(text, r"(Z|[+-]\d\d:?\d\d)$"), numeric)
-    naive = pc.and_not(pc.is_valid(text), pc.or_(pc.or_(dated, numeric), zoned))
-    as_ms = pa.timestamp("ms", tz="UTC")
-    # Parse at ns so fractional seconds of any precision are accepted, then truncate to ms.
-    parsed = [
-        pc.strptime(pc.if_else(dated, text, None), format="%Y%m%d", unit="ms").cast(as_ms),
-        _epoch_number_to_ms(pc.if_else(numeric, text, None).cast(pa.float64())),
-        pc.if_else(zoned, text, None).cast(pa.timestamp("ns", tz="UTC")).cast(as_ms, safe=False),
-        pc.if_else(naive, text, None).cast(pa.timestamp("ns")).cast(pa.timestamp("ms"), safe=False).cast(as_ms),
-    ]
-    return pc.coalesce(*parsed)
-
-
-def _content_ids(out: dict[str, pa.Array], first_row: int) -> pa.StringArray:
-    """Deterministic ids: a hash of the row's fields and its row number in the file."""
-    n = len(out["user_id"])
-    h = _mix(np.arange(first_row, first_row + n, dtype=_U64))
-    for field in ("user_id", "action", "property"):
-        h = _mix(h ^ hash_strings(out[field]))
-    h = _mix(h ^ out["event_time"].cast(pa.int64()).to_numpy().astype(_U64))
-    value = out["value"].to_numpy(zero_copy_only=False)
-    return _hex_ids(_mix(h ^ np.nan_to_num(value, nan=np.inf).view(_U64)))
-
-
-def _attributes(attributes: pa.Array | None, extras: dict[str, pa.Array], n: int) -> pa.MapArray:
-    """The attributes map: entries of a map or struct column plus the extra columns as text."""
-    rows, keys, values = [], [], []
-
-    def add(key_array: pa.Array, value_array: pa.Array, row: np.ndarray) -> None:
-        present = np.asarray(value_array.is_valid())
-        rows.append(row[present])
-        keys.append(key_array.filter(present).cast(pa.string()))
-        values.append(value_array.filter(present).cast(pa.string()))
-
-    if attributes is not None and pa.types.is_map(attributes.type):
-        offsets = attributes.offsets.to_numpy()  # the slice's own, unlike .keys / .items
-        first, count = int(offsets[0]), int(offsets[-1] - offsets[0])
-        row = np.repeat(np.arange(n), np.diff(offsets))
-        in_map = np.asarray(attributes.is_valid())[row]
-        map_keys, map_items = attributes.keys.slice(first, count), attributes.items.slice(first, count)
-        add(map_keys.filter(in_map), map_items.filter(in_map), row[in_map])
-    elif attributes is not None and pa.types.is_struct(attributes.type):
-        extras = {**{f.name: child for f, child in zip(attributes.type, attributes.flatten())}, **extras}
-    elif attributes is not None:
-        extras = {"attributes": attributes, **extras}
-    for name, array in extras.items():
-        if not pa.types.is_nested(array.type):
-            add(pa.array(np.full(n, name)), array, np.arange(n))
-    if not rows:
-        return _string_map(np.empty(0, np.int64), pa.array([], pa.string()), pa.array([], pa.string()), n)
-    return _string_map(np.concatenate(rows), pa.concat_arrays(keys), pa.concat_arrays(values), n)
