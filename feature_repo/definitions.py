@@ -6,7 +6,7 @@ from feast import Entity, FeatureService, FeatureView, Field, FileSource, PushSo
 from feast.types import Array, Float32, Int64, String, UnixTimestamp
 from feast.value_type import ValueType
 
-EMBEDDING_SIZE = 768
+from model.config import EMBEDDING_SIZE  # the one definition of the embedding's size
 
 user = Entity(
     name="user",

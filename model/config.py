@@ -6,8 +6,12 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-# Overrides of the model-card defaults. Every preset keeps embedding_size=768 because the Feast
-# feature view stores a 768-float embedding whatever model produced it.
+# The size of the embedding every served model writes: the Feast feature view user_embedding
+# (feature_repo/definitions.py) and the encoder's start-up check read it from here.
+EMBEDDING_SIZE = 768
+
+# Overrides of the model-card defaults. Every preset keeps embedding_size=EMBEDDING_SIZE because
+# the Feast feature view stores that many floats whatever model produced them.
 PRESETS: dict[str, dict[str, Any]] = {
     "default": {},
     "small": {"hidden_size": 128, "num_layers": 2, "num_heads": 4},
@@ -24,7 +28,7 @@ class BeatConfig:
     num_layers: int = 12
     num_heads: int = 12
     max_events: int = 256  # newest events per user; the blocks see max_events + 1 (summary token)
-    embedding_size: int = 768  # size of the output embedding (the Feast contract)
+    embedding_size: int = EMBEDDING_SIZE  # size of the output embedding (the Feast contract)
     mlp_ratio: int = 4
     dropout: float = 0.1
     action_vocab_size: int = 512  # including the reserved ids (padding, out-of-vocabulary, none)
