@@ -23,6 +23,7 @@ from datetime import UTC, datetime, timedelta
 import numpy as np
 import pyarrow as pa
 
+from stream.avro_binary import read_varints, unzigzag
 from stream.codec import AvroCodec, DecodeError
 
 # The writer layout the vectorized walk implements: behavior_event as shipped. A schema
@@ -36,7 +37,6 @@ LAYOUT = (
     ("value", ("null", "double")),
     ("attributes", "map<string>"),
 )
-_MAX_VARINT = 10  # bytes of a 64-bit varint
 _PAD = bytes(16)  # after the last payload, so fixed-width reads past a cursor stay in bounds
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # event_time the codec can turn into a datetime (years 1..9999); others go to the codec.
@@ -214,23 +214,11 @@ class _Cursors:
         self.pos[rows] = np.clip(new, here, end)
 
     def long(self, rows: np.ndarray | slice) -> np.ndarray:
-        """Zig-zag varints, int64 [len(rows)]; most are one byte, so later bytes are read
-        only for the records whose varint goes on."""
-        pos = self.pos[rows]
-        byte = self.data[pos]
-        value = (byte & 0x7F).astype(np.uint64)
-        size = np.ones(len(pos), np.int64)
-        going = np.flatnonzero(byte >= 0x80)
-        for k in range(1, _MAX_VARINT):
-            if not len(going):
-                break
-            byte = self.data[pos[going] + k]
-            value[going] |= (byte & 0x7F).astype(np.uint64) << np.uint64(7 * k)
-            size[going] += 1
-            going = going[byte >= 0x80]
-        self.ok[_subset(rows, going)] = False  # no last byte within 10: not a long
+        """Avro longs, int64 [len(rows)]."""
+        value, size, unterminated = read_varints(self.data, self.pos[rows])
+        self.ok[_subset(rows, unterminated)] = False  # no last byte within 10: not a long
         self.skip(rows, size)
-        return (value >> np.uint64(1)).astype(np.int64) ^ -(value & np.uint64(1)).astype(np.int64)
+        return unzigzag(value)
 
     def string(self, rows: np.ndarray | slice) -> tuple[np.ndarray, np.ndarray]:
         """Length-prefixed bytes: their (start, end) in data [len(rows)] each."""

@@ -22,13 +22,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import lru_cache
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from model.batch import EventWindow
+from stream.avro_binary import write_array, write_long, write_optional_string, write_string
 from stream.event_contract import hash_strings
 
 ROW = np.dtype(
@@ -93,8 +93,8 @@ class Symbols:
         self._ids[(action, property)] = len(self.actions)
         self.actions.append(action)
         self.properties.append(property)
-        self.avro_actions.append(_avro_string(action))
-        self.avro_properties.append(b"\x00" if property is None else b"\x02" + _avro_string(property))
+        self.avro_actions.append(write_string(action))
+        self.avro_properties.append(write_optional_string(property))
         return len(self.actions) - 1
 
     def strings(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -184,42 +184,12 @@ def encode_window_body(window: Window, emitted_at_ms: int) -> bytes:
     events = window.rows.tobytes()
     ids = window.symbols.tolist()
     return b"".join([
-        _avro_string(window.user_id),
-        _avro_long(emitted_at_ms),
-        _avro_long(len(events)), events,
-        _avro_array([SYMBOLS.avro_actions[i] for i in ids]),
-        _avro_array([SYMBOLS.avro_properties[i] for i in ids]),
+        write_string(window.user_id),
+        write_long(emitted_at_ms),
+        write_long(len(events)), events,
+        write_array([SYMBOLS.avro_actions[i] for i in ids]),
+        write_array([SYMBOLS.avro_properties[i] for i in ids]),
     ])
-
-
-@lru_cache(maxsize=64)  # emitted_at repeats in every window of a batch
-def _zigzag_varint(n: int) -> bytes:
-    """An Avro long: zig-zag, then base-128 varint."""
-    n = (n << 1) ^ (n >> 63)
-    out = bytearray()
-    while n > 0x7F:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
-# Lengths and counts of a window are small: look them up.
-_SMALL_LONGS = [_zigzag_varint(n) for n in range(1 << 14)]
-
-
-def _avro_long(n: int) -> bytes:
-    return _SMALL_LONGS[n] if 0 <= n < len(_SMALL_LONGS) else _zigzag_varint(n)
-
-
-def _avro_string(text: str) -> bytes:
-    data = text.encode()
-    return _avro_long(len(data)) + data
-
-
-def _avro_array(items: list[bytes]) -> bytes:
-    """One block of items, then the empty block that ends an array."""
-    return _avro_long(len(items)) + b"".join(items) + b"\x00" if items else b"\x00"
 
 
 @dataclass
