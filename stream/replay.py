@@ -10,13 +10,11 @@ sends), because that is what the broker can seek by (``offsets_for_times``); eve
 inside the events may be anything. Split by event time afterwards with
 ``model.sequences.split_at``.
 
-Reaching the end: the consumer reports a partition's end (``enable.partition.eof``) when
-a fetch comes back empty at the high watermark of the fetch response, which is exact on
-Kafka and on Tansu alike. The watermark of ListOffsets (what ``get_watermark_offsets``
-asks) is not, on Tansu: it is the base offset of the partition's last record *batch* + 1,
-so the records of a last batch that holds several lie beyond it. That watermark is only
-the fallback: a partition read up to it counts as reached, and once all are, a consume
-that stays empty for ``idle_s`` ends the replay even without end-of-partition reports.
+Reaching the end: a partition is done at the consumer's end-of-partition report, which is
+exact on Kafka and on Tansu alike; the ListOffsets watermark is not, on Tansu
+(stream/broker.py). That watermark is only the fallback: a partition read up to it counts
+as reached, and once all are, a consume that stays empty for ``idle_s`` ends the replay
+even without end-of-partition reports.
 
 Speed: librdkafka stops prefetching a partition once its queue holds
 ``queued.min.messages`` (default 100,000) and then backs off for
@@ -38,10 +36,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
+from confluent_kafka import Consumer, Message, TopicPartition
 
 from model.sequences import SEQUENCE_SCHEMA
-from stream.broker import client_config
+from stream.broker import client_config, records_in
 from stream.codec import AvroCodec
 from stream.config import Settings
 from stream.event_columns import EventColumns, EventDecoder
@@ -174,8 +172,10 @@ def _read(consumer: Consumer, partitions: _Partitions, decoder: EventDecoder, co
     while not partitions.done().all():
         reached = partitions.reached().all()
         messages = consumer.consume(config.batch_messages, timeout=_POLL_S)
-        if any(map(Message.error, messages)):
-            messages = _note_errors(messages, partitions)
+        ends: dict[int, int] = {}
+        messages = records_in(messages, ends)
+        for p, offset in ends.items():
+            partitions.eof[p] = max(partitions.eof[p], offset)
         if not messages:
             idle_since = idle_since or time.monotonic()
             if reached and time.monotonic() - idle_since >= config.idle_s:
@@ -198,15 +198,6 @@ def _read(consumer: Consumer, partitions: _Partitions, decoder: EventDecoder, co
         for row, reason in columns.rejected[: 5 - len(summary.dead_letter_examples)]:
             summary.dead_letter_examples.append((int(partition[row]), int(offset[row]), reason))
         yield columns
-
-
-def _note_errors(messages: list[Message], partitions: _Partitions) -> list[Message]:
-    """The messages without error; end-of-partition reports go to partitions.eof. Other
-    errors (a broker going away...) are librdkafka's to retry, so they are dropped."""
-    for m in messages:
-        if m.error() is not None and m.error().code() == KafkaError._PARTITION_EOF:
-            partitions.eof[m.partition()] = max(partitions.eof[m.partition()], m.offset())
-    return [m for m in messages if m.error() is None]
 
 
 @contextmanager

@@ -32,7 +32,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
-from stream.broker import consumer_config, dead_letter_headers, producer_config, read_compacted
+from stream.broker import (
+    SEAL_KEY, consumer_config, dead_letter_headers, producer_config, read_compacted, records_in,
+)
 from stream.codec import AvroCodec
 from stream.config import Settings
 from stream.event_columns import EventColumns, EventDecoder
@@ -40,10 +42,6 @@ from stream.state import PartitionStore, open_store
 from stream.window import MAX_TIME_MS, NewEvents, Window, encode_window_body, event_id_hashes, merge_batch
 
 log = logging.getLogger(__name__)
-
-# Key of the tombstone that seals each batch's windows (see StreamWorker.seal). No user has
-# an empty user_id (validation rejects it), so it never names a window.
-SEAL_KEY = b""
 
 
 @dataclass
@@ -171,8 +169,7 @@ class StreamWorker:
 
     def process(self, messages: list[Message]) -> None:
         with self._stage("decode"):
-            if any(map(Message.error, messages)):
-                messages = [m for m in messages if not self._is_error(m)]
+            messages = records_in(messages)
             now_ms = int(time.time() * 1000)
             # Per message, only C calls through map(): no Python bytecode per event.
             keys = pa.array(list(map(Message.key, messages)), pa.binary())
@@ -233,17 +230,9 @@ class StreamWorker:
         self.seal(set(by_partition))
 
     def seal(self, partitions: set[int]) -> None:
-        """Put the batch's windows below the partitions' high watermark before its offsets
-        can be committed.
-
-        Tansu reports a partition's high watermark (ListOffsets) as the base offset of its
-        last record batch + 1, so a reader that stops there (tools, other stream
-        processors' restores) would miss every window but the first of the last record
-        batch. A tombstone of a key no user has, sent in a record batch of its own after
-        the windows are flushed, puts every window below it. restore() itself reads to the
-        end-of-partition report (broker.read_compacted). On Kafka the seal costs one tiny
-        record per partition and batch, and compaction removes it.
-        """
+        """Put the batch's windows below the partitions' high watermark, on Tansu too, before
+        its offsets can be committed: a tombstone of SEAL_KEY in a record batch of its own
+        after the windows are flushed (why: stream/broker.py)."""
         self._flush()
         for partition in partitions:
             self.producer.produce(self.settings.windows_topic, None, SEAL_KEY, partition=partition, on_delivery=self._on_delivery)
@@ -277,15 +266,6 @@ class StreamWorker:
             TopicPartition(self.settings.events_topic, p, messages[i].offset() + 1)
             for p, i in zip(found.tolist(), last.tolist())
         ])
-
-    @staticmethod
-    def _is_error(message: Message) -> bool:
-        """False for an event; logs a real consume error (end-of-partition notices are not)."""
-        if message.error() is None:
-            return False
-        if message.error().code() != KafkaError._PARTITION_EOF:
-            log.warning("consume error: %s", message.error())
-        return True
 
     def _stage(self, name: str) -> _StageTimer:
         return _StageTimer(self.stats.seconds, name)

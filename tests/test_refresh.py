@@ -15,7 +15,7 @@ from stream.codec import AvroCodec
 from stream.config import Settings
 from stream.encoder_worker import load_worker
 from stream.refresh import refresh_idle
-from stream.stream_worker import SEAL_KEY
+from stream.broker import SEAL_KEY
 from stream.window import ROW, Window
 
 from conftest import read_topic
