@@ -38,7 +38,7 @@ from stream.broker import EmbeddedBroker, ensure_topics  # noqa: E402
 from stream.codec import AvroCodec  # noqa: E402
 from stream.config import Settings, load_settings  # noqa: E402
 from stream.synthetic import SyntheticEvents  # noqa: E402
-from stream.faust_transport import broker_url  # noqa: E402
+from bench.faust_transport import broker_url  # noqa: E402
 from stream.producer import produce  # noqa: E402
 from stream.stream_worker import StreamWorker, WindowStats  # noqa: E402
 

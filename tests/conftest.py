@@ -86,7 +86,7 @@ def settings(bootstrap_servers: str, tmp_path: Path) -> Settings:
 
 @contextmanager
 def stream_worker(settings: Settings, log_path: Path, ready_file: Path | None = None) -> Iterator[subprocess.Popen]:
-    """A stream worker process (faust wants its own process and event loop).
+    """A stream worker process, as in production.
 
     With ready_file, the worker creates it once it holds partitions and has recovered
     its state. The log is appended to, so restarts of a worker share one log.
