@@ -16,6 +16,7 @@ import pandas as pd
 import yaml
 
 from stream.config import Settings
+from stream.online_writer import OnlineRows, RedisRowWriter, SqliteRowWriter
 
 FEATURE_VIEW = "user_embedding"
 FEATURES = ["embedding", "model_version", "event_count", "last_event_time"]
@@ -83,20 +84,21 @@ class FeatureSink:
 
         self.store = FeatureStore(config=repo_config(settings))
         self.store.apply(feast_objects(settings))
+        self.view = self.store.get_feature_view(FEATURE_VIEW)
+        self.join_key = self.view.entity_columns[0].name
+        writer = RedisRowWriter if settings.online_store == "redis" else SqliteRowWriter
+        self.writer = writer(self.store, self.view)
+        self.where = settings.redis_url if settings.online_store == "redis" else "sqlite"
         self._feature_refs = [f"{FEATURE_VIEW}:{name}" for name in FEATURES]
 
-    def write(self, rows: EmbeddingRows) -> None:
-        frame = pd.DataFrame(
-            {
-                "user_id": rows.user_id,
-                "embedding": list(rows.embedding),
-                "model_version": rows.model_version,
-                "event_count": rows.event_count,
-                "last_event_time": pd.to_datetime(rows.last_event_time_ms, unit="ms", utc=True),
-                "updated_at": rows.updated_at,
-            }
-        )
-        self.store.write_to_online_store(FEATURE_VIEW, frame)
+    def write(self, rows: EmbeddingRows) -> int:
+        """Rows written (Redis skips a row whose stored timestamp is at least as new)."""
+        return self.writer.write(OnlineRows.from_embeddings(rows, self.join_key))
+
+    def write_via_feast(self, rows: EmbeddingRows) -> None:
+        """The same rows through Feast's write_to_online_store (the baseline of
+        bench/feast_write.py, and the reference layout of the tests)."""
+        self.store.write_to_online_store(FEATURE_VIEW, embedding_frame(rows))
 
     def read(self, user_ids: list[str]) -> dict[str, list]:
         """Feature values per name, in the order of user_ids (None where a user has none)."""
@@ -104,6 +106,20 @@ class FeatureSink:
             features=self._feature_refs, entity_rows=[{"user_id": u} for u in user_ids]
         )
         return response.to_dict()
+
+
+def embedding_frame(rows: EmbeddingRows) -> pd.DataFrame:
+    """The rows as the frame Feast's write_to_online_store and push take."""
+    return pd.DataFrame(
+        {
+            "user_id": rows.user_id,
+            "embedding": list(rows.embedding),
+            "model_version": rows.model_version,
+            "event_count": rows.event_count,
+            "last_event_time": pd.to_datetime(rows.last_event_time_ms, unit="ms", utc=True),
+            "updated_at": rows.updated_at,
+        }
+    )
 
 
 def utc_now() -> datetime:
