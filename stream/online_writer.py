@@ -13,11 +13,11 @@
 and the entity keys as Feast serializes them (``serialize_entity_key``, version 3). Each
 store then gets the batch in as few calls as it takes:
 
-    redis   one Lua script per batch, so the batch is one command (packed by hiredis) and one
-            round trip. Per row, like Feast's RedisOnlineStore: the row is written only when
-            its timestamp is newer than the stored one (checked inside the script, so there
-            is no gap between the check and the write), into the hash Feast reads (key:
-            entity key + project; fields: murmur3 of "view:feature", and "_ts:view").
+    redis   two round trips per batch on a connection of Feast's client: one Lua script
+            answers, for every row, whether its timestamp is newer than the stored one
+            (Feast's rule: equal or older is skipped), then one HSET per newer row into the
+            hash Feast reads (key: entity key + project; fields: murmur3 of "view:feature",
+            and "_ts:view"), the commands built in Redis' wire format column by column.
     sqlite  one executemany upsert into Feast's table ``<project>_<view>`` (sqlite always
             overwrites, as Feast's SqliteOnlineStore does).
 
@@ -83,7 +83,9 @@ class OnlineRows:
                 "model_version": pa.array([string_value(rows.model_version)] * n, pa.binary()),
                 "event_count": varint_values(_INT64_VAL_TAG, rows.event_count),
                 # Feast keeps UNIX_TIMESTAMP values in whole seconds
-                "last_event_time": varint_values(_TIMESTAMP_VAL_TAG, rows.last_event_time_ms // 1000),
+                "last_event_time": varint_values(
+                    _TIMESTAMP_VAL_TAG, rows.last_event_time_ms // 1000
+                ),
             },
             texts={
                 "embedding": [None] * n,
@@ -98,7 +100,8 @@ class OnlineRows:
 def entity_keys(join_key: str, user_ids: Sequence[str]) -> pa.BinaryArray:
     """Feast's serialize_entity_key (version 3) of a single string join key, per value."""
     name = join_key.encode()
-    prefix = struct.pack("<III", 1, _STRING_TYPE, len(name)) + name + struct.pack("<I", _STRING_TYPE)
+    prefix = struct.pack("<III", 1, _STRING_TYPE, len(name)) + name
+    prefix += struct.pack("<I", _STRING_TYPE)
     ids = pa.array(user_ids, pa.string()).cast(pa.binary())
     lengths = pc.binary_length(ids).to_numpy().astype("<u4")
     length_bytes = _binary(np.full(len(ids), 4), lengths.view(np.uint8))
@@ -272,9 +275,11 @@ class SqliteRowWriter:
         config = store.config
         self.online = store._get_provider().online_store
         self.config = config
-        table = _quote_id(_table_id(config.project, view, config.registry.enable_online_feature_view_versioning))
+        versioned = config.registry.enable_online_feature_view_versioning
+        table = _quote_id(_table_id(config.project, view, versioned))
         self.upsert = (
-            f"INSERT INTO {table} (entity_key, feature_name, value, value_text, event_ts, created_ts) "
+            f"INSERT INTO {table} "
+            "(entity_key, feature_name, value, value_text, event_ts, created_ts) "
             "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(entity_key, feature_name) DO UPDATE SET "
             "value = excluded.value, value_text = excluded.value_text, "
             "event_ts = excluded.event_ts, created_ts = excluded.created_ts;"

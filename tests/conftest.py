@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -161,3 +162,30 @@ def synthetic_sequences(events: SyntheticEvents, start: datetime, end: datetime)
     # a single-threaded group_by keeps each group's rows in table order
     grouped = table.group_by("user_id", use_threads=False).aggregate([(name, "list") for name in EVENT_COLUMNS])
     return grouped.rename_columns(["user_id", *EVENT_COLUMNS]).sort_by("user_id").cast(SEQUENCE_SCHEMA)
+
+
+@pytest.fixture
+def redis_url(request: pytest.FixtureRequest) -> str:
+    """127.0.0.1:6379, started here if a redis-server binary exists and none is running."""
+    url = "127.0.0.1:6379"
+    if "online_store" in request.fixturenames and request.getfixturevalue("online_store") != "redis":
+        return url
+    import redis
+
+    client = redis.Redis(host="127.0.0.1", port=6379, socket_connect_timeout=1)
+    try:
+        client.ping()
+        return url
+    except redis.ConnectionError:
+        server = shutil.which("redis-server")
+        if not server:
+            pytest.skip("no Redis on 127.0.0.1:6379 and no redis-server binary to start one")
+        subprocess.run([server, "--daemonize", "yes", "--bind", "127.0.0.1", "--port", "6379",
+                        "--save", "", "--appendonly", "no"], check=True)
+        for _ in range(50):
+            try:
+                client.ping()
+                return url
+            except redis.ConnectionError:
+                time.sleep(0.1)
+        pytest.skip("redis-server was started but does not answer on 127.0.0.1:6379")

@@ -7,8 +7,6 @@ event history of each user.
 from __future__ import annotations
 
 import random
-import shutil
-import subprocess
 import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -169,30 +167,3 @@ def test_events_become_windows_and_embeddings_in_feast(
         assert not np.allclose(stored["embedding"][i], as_of_newest[i], atol=1e-3), user
     # Different users have different embeddings: the store did not keep one row for all.
     assert not np.allclose(stored["embedding"][0], stored["embedding"][1])
-
-
-@pytest.fixture
-def redis_url(request: pytest.FixtureRequest) -> str:
-    """127.0.0.1:6379, started here if a redis-server binary exists and none is running."""
-    url = "127.0.0.1:6379"
-    if "online_store" in request.fixturenames and request.getfixturevalue("online_store") != "redis":
-        return url
-    import redis
-
-    client = redis.Redis(host="127.0.0.1", port=6379, socket_connect_timeout=1)
-    try:
-        client.ping()
-        return url
-    except redis.ConnectionError:
-        server = shutil.which("redis-server")
-        if not server:
-            pytest.skip("no Redis on 127.0.0.1:6379 and no redis-server binary to start one")
-        subprocess.run([server, "--daemonize", "yes", "--bind", "127.0.0.1", "--port", "6379",
-                        "--save", "", "--appendonly", "no"], check=True)
-        for _ in range(50):
-            try:
-                client.ping()
-                return url
-            except redis.ConnectionError:
-                time.sleep(0.1)
-        pytest.skip("redis-server was started but does not answer on 127.0.0.1:6379")
