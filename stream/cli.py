@@ -13,6 +13,8 @@ from stream.config import ConfigError, Settings, load_settings
 # minute: 3,000 users give over 2,000 active ones.
 DEMO_USERS = 3_000
 DEMO_MODEL_DIR = Path("data/demo-model")
+LOGLEVELS = {"crit": logging.CRITICAL, "error": logging.ERROR, "warn": logging.WARNING,
+             "info": logging.INFO, "debug": logging.DEBUG}  # fmt: skip
 
 
 def _synthetic(users: int, seed: int, **population: object):  # noqa: ANN202
@@ -22,15 +24,22 @@ def _synthetic(users: int, seed: int, **population: object):  # noqa: ANN202
 
 
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
+    import json
+
+    from model.checkpoint import CONFIG_FILE
+    from model.config import BeatConfig
     from stream.demo import run_demo
 
     model_dir = args.model_dir or settings.data_dir / "demo-model"
-    if not (model_dir / "config.json").exists():
+    if not (model_dir / CONFIG_FILE).exists():
         from model import init_model_dir
 
         catalog = _synthetic(args.users, args.seed)
         version = init_model_dir(model_dir, args.preset, catalog.actions, catalog.properties, seed=args.seed)
         print(f"initialised {args.preset} BEAT model {version} in {model_dir} (untrained: run `beat pretrain` for a real one)")
+    # The demo's workers keep the windows its model reads, whatever the preset.
+    model = BeatConfig.from_dict(json.loads((model_dir / CONFIG_FILE).read_text())["config"])
+    settings = settings.model_copy(update={"max_events": model.max_events, "window_days": model.window_days})
     summary = run_demo(settings, args.duration, args.rate, args.users, model_dir)
     return 0 if summary.get("interrupted") or summary.get("users_encoded") else 1
 
@@ -119,7 +128,7 @@ def _iso_ms(text: str) -> int:
 def cmd_stream(args: argparse.Namespace, settings: Settings) -> int:
     from stream.stream_worker import run_worker
 
-    run_worker(settings, loglevel=args.loglevel, ready_file=args.ready_file)
+    run_worker(settings, ready_file=args.ready_file)
     return 0
 
 
@@ -249,7 +258,6 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.set_defaults(run=cmd_pretrain)
 
     stream = sub.add_parser("stream", help="run a stream worker (rolling windows)")
-    stream.add_argument("--loglevel", default="info", choices=["crit", "error", "warn", "info", "debug"])
     stream.add_argument("--ready-file", type=Path, help="created once the worker holds partitions")
     stream.set_defaults(run=cmd_stream)
 
@@ -280,6 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("dir", type=Path, nargs="?")
     info.add_argument("--preset", default="default", help="when no dir is given")
     info.set_defaults(run=cmd_model_info)
+    for command in sub.choices.values():
+        command.add_argument("--loglevel", default="info", choices=list(LOGLEVELS), help="default: info")
     return parser
 
 
@@ -288,7 +298,8 @@ NEEDS_BROKER = {cmd_produce, cmd_export, cmd_stream, cmd_encode, cmd_refresh, cm
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger().setLevel(LOGLEVELS[args.loglevel])  # also where handlers exist already
     logging.getLogger("feast").setLevel(logging.WARNING)  # it logs every registry refresh
     try:
         settings = load_settings(model_dir=getattr(args, "model_dir", None))
@@ -299,7 +310,11 @@ def main(argv: list[str] | None = None) -> int:
         print("KAFKA_BOOTSTRAP_SERVERS is not set: point it at your Kafka cluster "
               "(only `beat demo` starts an embedded broker)", file=sys.stderr)
         return 2
-    return args.run(args, settings)
+    try:
+        return args.run(args, settings)
+    except ConfigError as err:  # a setting that does not fit (the model's window...): said plainly
+        print(err, file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

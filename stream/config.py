@@ -8,10 +8,13 @@ the two settings shared with the rest of a Kafka shop keep their usual names:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import AliasChoices, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+if TYPE_CHECKING:
+    from model.config import BeatConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -128,3 +131,38 @@ def load_settings(**overrides: object) -> Settings:
             where = f"BEAT_{field.upper()}: " if field else ""
             problems.append(f"  {where}{e['msg']}" + (f" (got {e['input']!r})" if field else ""))
         raise ConfigError("invalid beatstream settings:\n" + "\n".join(problems)) from None
+
+
+def check_model_fits(settings: Settings, model: BeatConfig) -> None:
+    """The model an encoder serves must read the windows the stream workers keep
+    (BEAT_MAX_EVENTS, BEAT_WINDOW_DAYS) and write the embedding the Feast feature view
+    stores (model.config.EMBEDDING_SIZE). Raises ConfigError naming each setting and the fix.
+    """
+    from model.config import EMBEDDING_SIZE
+
+    where = f"the model in {settings.model_dir}"
+    problems = []
+    if model.max_events != settings.max_events:
+        problems.append(
+            f"BEAT_MAX_EVENTS is {settings.max_events}, but {where} reads the newest "
+            f"{model.max_events} events of a window: set BEAT_MAX_EVENTS={model.max_events} "
+            "for the stream and encoder workers, or serve a model with "
+            f"max_events={settings.max_events}"
+        )
+    if model.window_days != settings.window_days:
+        problems.append(
+            f"BEAT_WINDOW_DAYS is {settings.window_days:g}, but {where} covers "
+            f"{model.window_days:g} days: set BEAT_WINDOW_DAYS={model.window_days:g} for the "
+            "stream and encoder workers, or serve a model with "
+            f"window_days={settings.window_days:g}"
+        )
+    if model.embedding_size != EMBEDDING_SIZE:
+        problems.append(
+            f"{where} writes {model.embedding_size}-float embeddings, but the feature view "
+            f"user_embedding stores {EMBEDDING_SIZE} (model.config.EMBEDDING_SIZE): serve a model "
+            f"with embedding_size={EMBEDDING_SIZE} (BEAT_MODEL_DIR)"
+        )
+    if problems:
+        raise ConfigError("the model does not fit these settings:\n" + "\n".join(
+            f"  {problem}" for problem in problems
+        ))

@@ -24,7 +24,7 @@ from confluent_kafka import Consumer, Message, Producer
 from model import BeatEncoder, EventWindow
 from stream.broker import consumer_config, dead_letter_headers, producer_config, records_in
 from stream.codec import AvroCodec, DecodeError
-from stream.config import Settings
+from stream.config import ConfigError, Settings, check_model_fits
 from stream.feast_sink import EmbeddingRows, FeatureSink, utc_now
 from stream.window import Window
 
@@ -174,12 +174,13 @@ class EncoderWorker:
 def load_worker(settings: Settings) -> EncoderWorker:
     """An encoder worker with the model of BEAT_MODEL_DIR and the Feast sink."""
     if settings.model_dir is None:
-        raise SystemExit("no model: set BEAT_MODEL_DIR or pass --model-dir (see `beat model init`)")
+        raise ConfigError("BEAT_MODEL_DIR: no model; set it or pass --model-dir (see `beat model init`)")
     if settings.torch_threads:
         import torch
 
         torch.set_num_threads(settings.torch_threads)
     encoder = BeatEncoder.from_pretrained(settings.model_dir, device=settings.device, max_batch=settings.encode_batch)
+    check_model_fits(settings, encoder.model.config)
     log.info("encoder: model %s on %s", encoder.model_version, settings.device)
     return EncoderWorker(settings, encoder, FeatureSink(settings))
 

@@ -323,10 +323,9 @@ class _StageTimer:
         self.seconds[self.name] += time.perf_counter() - self.start
 
 
-def run_worker(settings: Settings, loglevel: str = "warn", ready_file: Path | None = None) -> None:
+def run_worker(settings: Settings, ready_file: Path | None = None) -> None:
     """Run a stream worker until SIGINT/SIGTERM, which finish the batch in hand, commit it
     and leave the group."""
-    logging.basicConfig(level=loglevel.upper(), format="%(asctime)s %(levelname)s %(message)s")
     worker = StreamWorker(settings, ready_file)
     signal.signal(signal.SIGINT, worker.stop)
     signal.signal(signal.SIGTERM, worker.stop)

@@ -10,12 +10,11 @@ import pytest
 from confluent_kafka import Producer
 
 from model import BeatEncoder, init_model_dir
-from stream.broker import ensure_topics, producer_config
+from stream.broker import SEAL_KEY, ensure_topics, producer_config
 from stream.codec import AvroCodec
-from stream.config import Settings
+from stream.config import ConfigError, Settings
 from stream.encoder_worker import load_worker
 from stream.refresh import refresh_idle
-from stream.broker import SEAL_KEY
 from stream.window import ROW, Window
 
 from conftest import read_topic
@@ -33,7 +32,8 @@ def window(user: str, newest_ms: int) -> Window:
 
 def test_refresh_re_encodes_only_idle_users_as_of_now(settings: Settings, tmp_path: Path) -> None:
     init_model_dir(tmp_path / "model", "tiny", ["login"], ["web"], seed=1)
-    settings = settings.model_copy(update={"model_dir": tmp_path / "model"})
+    # The tiny preset reads 64 events: the workers' windows must hold as many.
+    settings = settings.model_copy(update={"model_dir": tmp_path / "model", "max_events": 64})
     ensure_topics(settings)
     now_ms = int(time.time() * 1000)
     quiet, active = window("quiet", now_ms - 10 * DAY_MS), window("active", now_ms - 60_000)
@@ -63,5 +63,5 @@ def test_refresh_re_encodes_only_idle_users_as_of_now(settings: Settings, tmp_pa
 
 
 def test_refresh_needs_a_model(settings: Settings) -> None:
-    with pytest.raises(SystemExit, match="BEAT_MODEL_DIR"):
+    with pytest.raises(ConfigError, match="BEAT_MODEL_DIR"):
         load_worker(settings.model_copy(update={"model_dir": None}))

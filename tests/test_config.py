@@ -1,0 +1,113 @@
+"""Config errors name the setting and the fix; --loglevel sets the log level. No broker."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from model import init_model_dir
+from model.config import EMBEDDING_SIZE, BeatConfig
+from stream.cli import main
+from stream.config import ConfigError, check_model_fits, load_settings
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> pytest.MonkeyPatch:
+    """No beatstream variables from the caller's environment; Feast files under tmp_path."""
+    for name in ("KAFKA_BOOTSTRAP_SERVERS", "SCHEMA_REGISTRY_URL", "BEAT_MODEL_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("BEAT_FEAST_DATA_DIR", str(tmp_path / "feast"))
+    return monkeypatch
+
+
+@pytest.fixture
+def root_level() -> Iterator[None]:
+    level = logging.getLogger().level
+    yield
+    logging.getLogger().setLevel(level)
+
+
+@pytest.mark.parametrize(
+    "variable, value, says",
+    [
+        ("BEAT_PARTITIONS", "0", "greater than or equal to 1"),
+        ("BEAT_STATE_STORE", "disk", "'memory' or 'rocksdb'"),
+        ("BEAT_MAX_EVENTS", "many", "valid integer"),
+        ("BEAT_FEATURE_REPO", "/nowhere", "point BEAT_FEATURE_REPO at the beatstream"),
+    ],
+)
+def test_a_bad_setting_is_named_with_what_is_wrong(
+    clean_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, variable: str, value: str,
+    says: str,
+) -> None:
+    clean_env.setenv(variable, value)
+    with pytest.raises(ConfigError) as caught:
+        load_settings()
+    assert variable in str(caught.value) and says in str(caught.value)
+    assert main(["feast-config"]) == 2
+    assert variable in capsys.readouterr().err
+
+
+def test_commands_that_need_a_broker_say_which_variable_is_missing(
+    clean_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    assert main(["produce", "--synthetic", "--limit", "1"]) == 2
+    assert "KAFKA_BOOTSTRAP_SERVERS is not set" in capsys.readouterr().err
+
+
+def test_an_encoder_without_a_model_names_beat_model_dir(
+    clean_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    clean_env.setenv("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:1")  # never reached
+    assert main(["refresh"]) == 2
+    assert "BEAT_MODEL_DIR" in capsys.readouterr().err
+
+
+def test_the_model_must_read_the_windows_the_workers_keep(clean_env: pytest.MonkeyPatch) -> None:
+    settings = load_settings()  # 256 events, 90 days
+    check_model_fits(settings, BeatConfig.preset("small"))  # the same window: fits
+    with pytest.raises(ConfigError) as caught:
+        check_model_fits(settings, BeatConfig.preset("tiny"))  # 64 events
+    assert "BEAT_MAX_EVENTS is 256" in str(caught.value)
+    assert "set BEAT_MAX_EVENTS=64" in str(caught.value)
+    assert "BEAT_WINDOW_DAYS" not in str(caught.value)
+    with pytest.raises(ConfigError, match="set BEAT_WINDOW_DAYS=30 "):
+        check_model_fits(settings, BeatConfig(window_days=30.0))
+    wider = BeatConfig(embedding_size=EMBEDDING_SIZE * 2)
+    with pytest.raises(ConfigError, match=f"user_embedding stores {EMBEDDING_SIZE}"):
+        check_model_fits(settings, wider)
+
+
+def test_beat_refresh_stops_on_a_model_that_does_not_fit(
+    clean_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, tmp_path: Path
+) -> None:
+    init_model_dir(tmp_path / "model", "tiny", ["login"], ["web"])
+    clean_env.setenv("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:1")  # never reached
+    assert main(["refresh", "--model-dir", str(tmp_path / "model")]) == 2
+    assert "set BEAT_MAX_EVENTS=64" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name, level", [("debug", logging.DEBUG), ("warn", logging.WARNING),
+                                         ("crit", logging.CRITICAL)])  # fmt: skip
+def test_loglevel_sets_the_level_of_the_command(
+    clean_env: pytest.MonkeyPatch, root_level: None, name: str, level: int,
+    capsys: pytest.CaptureFixture,
+) -> None:
+    assert main(["feast-config", "--loglevel", name]) == 0
+    assert logging.getLogger().level == level
+    assert "online_store" in capsys.readouterr().out
+
+
+def test_every_model_preset_writes_the_feature_views_embedding(
+    clean_env: pytest.MonkeyPatch,
+) -> None:
+    from model.config import PRESETS
+    from stream.feast_sink import FEATURE_VIEW, feast_objects
+
+    sizes = {name: BeatConfig.preset(name).embedding_size for name in PRESETS}
+    assert set(sizes.values()) == {EMBEDDING_SIZE}, sizes
+    view = next(o for o in feast_objects(load_settings()) if o.name == FEATURE_VIEW)
+    assert view.tags["embedding_size"] == str(EMBEDDING_SIZE)
