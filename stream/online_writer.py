@@ -39,7 +39,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import redis
 
-from stream.event_encoding import _binary, _varints
+from stream.avro_binary import binary_array, varints
 
 if TYPE_CHECKING:
     from stream.feast_sink import EmbeddingRows
@@ -104,7 +104,7 @@ def entity_keys(join_key: str, user_ids: Sequence[str]) -> pa.BinaryArray:
     prefix += struct.pack("<I", _STRING_TYPE)
     ids = pa.array(user_ids, pa.string()).cast(pa.binary())
     lengths = pc.binary_length(ids).to_numpy().astype("<u4")
-    length_bytes = _binary(np.full(len(ids), 4), lengths.view(np.uint8))
+    length_bytes = binary_array(np.full(len(ids), 4), lengths.view(np.uint8))
     return pc.binary_join_element_wise(pa.scalar(prefix), length_bytes, ids, b"")
 
 
@@ -116,7 +116,7 @@ def float_list_values(matrix: np.ndarray) -> pa.BinaryArray:
     out = np.empty((n, len(prefix) + 4 * d), np.uint8)
     out[:, : len(prefix)] = np.frombuffer(prefix, np.uint8)
     out[:, len(prefix) :] = np.ascontiguousarray(matrix, "<f4").view(np.uint8)
-    return _binary(np.full(n, out.shape[1]), out.ravel())
+    return binary_array(np.full(n, out.shape[1]), out.ravel())
 
 
 def varint_values(tag: int, numbers: np.ndarray) -> pa.BinaryArray:
@@ -125,7 +125,7 @@ def varint_values(tag: int, numbers: np.ndarray) -> pa.BinaryArray:
     numbers = np.asarray(numbers, np.int64)
     if len(numbers) and numbers.min() < 0:
         raise ValueError("varint_values takes non-negative numbers")
-    body = _varints(numbers.view(np.uint64))
+    body = varints(numbers.view(np.uint64))
     return pc.binary_join_element_wise(pa.scalar(bytes([tag])), body, b"")
 
 
