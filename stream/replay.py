@@ -235,8 +235,9 @@ def _concat(parts: list[EventColumns]) -> EventColumns:
 def build_sequences(events: EventColumns) -> tuple[pa.Table, int]:
     """(the sequences table, duplicates removed) from events in log order.
 
-    Of the events sharing a (user_id, event_id), the first in log order is kept, as the
-    stream worker's window keeps the first one it sees. Three whole-column steps: rank
+    Of the events sharing a (user_id, event_id), the first in log order is kept. The window
+    keys events by (event_time, event-id hash) instead, having no event_id strings; README,
+    "Duplicates have two rules, on purpose", says where the two differ. Three whole-column steps: rank
     users by id, a stable sort by (user, event_id) that marks repeats, a stable sort of
     the rest by (user, event_time), which leaves equal times in event_id order.
     """

@@ -15,7 +15,9 @@ Merging is idempotent, so replaying events after a crash cannot change a window:
 whose event-id hash and event_time equal those of an event already in the window (or
 earlier in the batch) is a duplicate and ignored; a new event older than the window is
 dropped and counted; events pushed out by ``max_events`` are the window moving on.
-merge_batch() does this for every user of a batch at once, on flat numpy columns.
+merge_batch() does this for every user of a batch at once, on flat numpy columns. (Replay
+tells duplicates apart by event_id instead, having the strings: README, "Duplicates have
+two rules, on purpose", says where the two differ.)
 """
 
 from __future__ import annotations
