@@ -110,6 +110,11 @@ class EmbeddedBroker:
         self.stop()
 
 
+# Room a dead letter leaves under max_message_bytes for its headers and Kafka's framing.
+_DEAD_LETTER_HEADROOM = 4_096
+_MAX_REASON_CHARS = 1_000
+
+
 def dead_letter_headers(
     reason: str, topic: str, partition: int, offset: int
 ) -> list[tuple[str, bytes]]:
@@ -120,6 +125,40 @@ def dead_letter_headers(
         ("dlq.partition", str(partition).encode()),
         ("dlq.offset", str(offset).encode()),
     ]
+
+
+@dataclass
+class DeadLetter:
+    """A rejected message as it goes to the dead-letter topic."""
+
+    key: bytes | None
+    value: bytes | None
+    headers: list[tuple[str, bytes]]
+
+
+def dead_letter(
+    key: bytes | None,
+    value: bytes | None,
+    reason: str,
+    source: tuple[str, int, int],
+    max_message_bytes: int,
+) -> DeadLetter:
+    """The dead letter of a message from source (topic, partition, offset): its key and
+    value, and headers saying why it was rejected and where it came from.
+
+    A message too big for the broker (max_message_bytes) would make the dead letter itself
+    fail; its value (and a key over a quarter of the budget) is cut to fit instead, and
+    the header dlq.truncated gives the original sizes: key=K,value=V.
+    """
+    headers = dead_letter_headers(reason[:_MAX_REASON_CHARS], *source)
+    budget = max_message_bytes - _DEAD_LETTER_HEADROOM
+    key_size, value_size = len(key or b""), len(value or b"")
+    if key_size + value_size <= budget:
+        return DeadLetter(key, value, headers)
+    key_cut = key[: budget // 4] if key is not None else None
+    value_cut = value[: budget - len(key_cut or b"")] if value is not None else None
+    headers.append(("dlq.truncated", f"key={key_size},value={value_size}".encode()))
+    return DeadLetter(key_cut, value_cut, headers)
 
 
 def client_config(settings: Settings, **extra: Any) -> dict[str, Any]:
@@ -134,6 +173,9 @@ def producer_config(settings: Settings, **extra: Any) -> dict[str, Any]:
     return client_config(
         settings,
         **{
+            # What the broker accepts: a bigger message fails here, at produce(), with a
+            # clear error rather than in a delivery report (windows are sized to fit).
+            "message.max.bytes": settings.max_message_bytes,
             "enable.idempotence": True,
             "compression.type": "zstd",
             "linger.ms": 5,

@@ -8,7 +8,7 @@ the two settings shared with the rest of a Kafka shop keep their usual names:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, NamedTuple
 
 from pydantic import AliasChoices, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -21,6 +21,23 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 class ConfigError(ValueError):
     """A setting is missing or wrong; the message names the setting and the fix."""
+
+
+class EventLimits(NamedTuple):
+    """The largest event accepted (bytes of UTF-8 or Avro, attributes as entries); the
+    Settings fields of the same names document each one."""
+
+    max_event_bytes: int
+    max_id_bytes: int
+    max_action_bytes: int
+    max_property_bytes: int
+    max_attributes: int
+    max_attribute_bytes: int
+
+
+# Per window message beyond its rows and symbols: user_id and three Avro lengths and array
+# ends, the framing header, and what Kafka adds to a record (key, headers, batch framing).
+_WINDOW_OVERHEAD = 1_024
 
 
 class Settings(BaseSettings):
@@ -65,6 +82,18 @@ class Settings(BaseSettings):
     state_store: Literal["memory", "rocksdb"] = "memory"
     data_dir: Path = REPO_ROOT / "data"
 
+    # Limits of one event (dead-lettered beyond them, with the setting to raise). They bound
+    # the CPU one message can cost and, with max_events, the size of a window message.
+    max_event_bytes: int = Field(65_536, ge=64)  # the whole message value
+    max_id_bytes: int = Field(256, ge=1)  # user_id and event_id, each
+    max_action_bytes: int = Field(256, ge=1)
+    max_property_bytes: int = Field(1_024, ge=1)
+    max_attributes: int = Field(64, ge=0)  # entries of the attributes map
+    max_attribute_bytes: int = Field(16_384, ge=0)  # their keys and values together
+    # What the broker accepts (Kafka's message.max.bytes, about 1 MB by default), and what
+    # every beatstream producer is configured with: a window must fit (checked below).
+    max_message_bytes: int = Field(1_000_000, ge=10_000)
+
     # Encoder workers
     model_dir: Path | None = None
     # Window messages per micro-batch. Large, because the latest window per user wins:
@@ -94,6 +123,30 @@ class Settings(BaseSettings):
                 "point BEAT_FEATURE_REPO at the beatstream feature_repo/ folder"
             )
         return self
+
+    @model_validator(mode="after")
+    def _check_window_fits(self) -> Settings:
+        if self.largest_window_bytes > self.max_message_bytes:
+            raise ValueError(
+                f"a window of BEAT_MAX_EVENTS={self.max_events} events with distinct actions of "
+                f"BEAT_MAX_ACTION_BYTES={self.max_action_bytes} and properties of "
+                f"BEAT_MAX_PROPERTY_BYTES={self.max_property_bytes} could take "
+                f"{self.largest_window_bytes:,} bytes, over "
+                f"BEAT_MAX_MESSAGE_BYTES={self.max_message_bytes:,}: lower one of the first three, "
+                "or raise the broker's message.max.bytes and this setting"
+            )
+        return self
+
+    @property
+    def largest_window_bytes(self) -> int:
+        """A bound on the size of a window message under these limits: 16 bytes a row, and
+        per distinct (action, property) pair its two strings with their varint lengths."""
+        per_symbol = self.max_action_bytes + self.max_property_bytes + 2 * 10 + 1
+        return self.max_id_bytes + self.max_events * (16 + per_symbol) + _WINDOW_OVERHEAD
+
+    @property
+    def event_limits(self) -> EventLimits:
+        return EventLimits(**{name: getattr(self, name) for name in EventLimits._fields})
 
     def to_env(self) -> dict[str, str]:
         """These settings as environment variables, for child processes."""

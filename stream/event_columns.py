@@ -12,6 +12,11 @@ a corrupt body, invalid UTF-8...) goes to the codec's per-record decode: a recor
 with another resolvable schema is decoded there, anything else is rejected with the
 codec's own DecodeError message, the reason the stream worker writes to the dead-letter
 topic. So this module accepts exactly what ``AvroCodec.decode`` accepts.
+
+With EventLimits, an event over a limit is rejected with the limit's setting, and no
+message costs more than the limits allow: a value over max_event_bytes is not read at all,
+and the walk stops reading a map once its entries pass max_attributes, so the passes over
+a batch's attribute entries are at most about max_attributes however the maps are made.
 """
 
 from __future__ import annotations
@@ -22,9 +27,11 @@ from datetime import UTC, datetime, timedelta
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from stream.avro_binary import read_varints, unzigzag
 from stream.codec import AvroCodec, DecodeError
+from stream.config import EventLimits
 
 # The writer layout the vectorized walk implements: behavior_event as shipped. A schema
 # change must be mirrored in _walk, which __init__ checks against the codec's schema.
@@ -87,28 +94,37 @@ class EventDecoder:
 
     codec must decode (at least) the six fields user_id, event_id, event_time, action,
     property and value: it provides the framing header the fast path expects and
-    decodes whatever the fast path does not take.
+    decodes whatever the fast path does not take. limits: None accepts any size.
     """
 
-    def __init__(self, codec: AvroCodec) -> None:
+    def __init__(self, codec: AvroCodec, limits: EventLimits | None = None) -> None:
         if schema_layout(codec.schema) != LAYOUT:
             raise ValueError(
                 f"schema {codec.schema['name']} is not the layout stream/event_columns.py decodes "
                 f"({schema_layout(codec.schema)} != {LAYOUT}): update LAYOUT and EventDecoder._walk with the schema"
             )
         self.codec = codec
+        self.limits = limits
         self.header = np.frombuffer(codec.framing.header(), np.uint8)
 
     def decode(self, values: Sequence[bytes | None]) -> EventColumns:
-        """Columns of every decodable value; the others in ``rejected`` with the reason."""
+        """Columns of every decodable value within the limits; the others in ``rejected``
+        with the reason."""
         try:
             payloads, sizes = values, np.fromiter(map(len, values), np.int64, len(values))
         except TypeError:  # a None (a tombstone): rare, so only then a pass to replace it
             payloads = [v or b"" for v in values]
             sizes = np.fromiter(map(len, payloads), np.int64, len(payloads))
+        limits = self.limits
+        too_big = np.flatnonzero(sizes > limits.max_event_bytes) if limits else np.empty(0, np.int64)
+        if len(too_big):  # rare: such values are not even copied into the buffer
+            skipped = set(too_big.tolist())
+            payloads = [b"" if i in skipped else value for i, value in enumerate(payloads)]
         n = len(payloads)
-        ends = np.cumsum(sizes)  # [n]
-        starts = ends - sizes
+        kept_sizes = sizes.copy()
+        kept_sizes[too_big] = 0
+        ends = np.cumsum(kept_sizes)  # [n]
+        starts = ends - kept_sizes
         if n and ends[-1] > _MAX_BATCH_BYTES:
             raise ValueError(f"a batch of {ends[-1]:,} bytes is over 2 GiB: decode fewer messages at a time")
         buffer = pa.py_buffer(b"".join([*payloads, _PAD]))
@@ -116,12 +132,21 @@ class EventDecoder:
 
         fast = self._has_header(data, starts, ends)
         rows = np.flatnonzero(fast)
-        walked, ok = _walk(data, buffer, starts[rows] + len(self.header), ends[rows])
-        slow = np.sort(np.concatenate([np.flatnonzero(~fast), rows[~ok]]))
+        max_attributes = limits.max_attributes if limits else None
+        body = starts[rows] + len(self.header)
+        walked, ok, attributes = _walk(data, buffer, body, ends[rows], max_attributes)
+        slow = np.sort(np.concatenate([np.setdiff1d(np.flatnonzero(~fast), too_big), rows[~ok]]))
         fast_columns = walked.take(np.flatnonzero(ok)) if not ok.all() else walked
         fast_columns.row = rows[fast_columns.row]
-        columns = self._merge(fast_columns, self._decode_each(payloads, slow))
-        columns.bytes = int(ends[-1]) if n else 0
+        slow_decoded = self._decode_each(payloads, slow)
+        columns, attributes = self._merge(fast_columns, attributes[:, ok], slow_decoded)
+        if limits:
+            columns.rejected += [
+                (i, f"an event of {size:,} bytes is over BEAT_MAX_EVENT_BYTES={limits.max_event_bytes:,}")
+                for i, size in zip(too_big.tolist(), sizes[too_big].tolist())
+            ]
+            columns = _within_limits(columns, attributes, limits)
+        columns.bytes = int(sizes.sum())
         return columns
 
     def _has_header(self, data: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
@@ -144,11 +169,16 @@ class EventDecoder:
         return decoded, records, rejected
 
     @staticmethod
-    def _merge(fast: EventColumns, slow: tuple[list[int], list[dict], list[tuple[int, str]]]) -> EventColumns:
+    def _merge(
+        fast: EventColumns,
+        fast_attributes: np.ndarray,
+        slow: tuple[list[int], list[dict], list[tuple[int, str]]],
+    ) -> tuple[EventColumns, np.ndarray]:
+        """Fast and slow columns in input order, with their attribute (count, bytes) [2, n]."""
         rows, records, rejected = slow
         fast.rejected = rejected
         if not records:
-            return fast
+            return fast, fast_attributes
         columns = _records_to_columns(records, np.array(rows, np.int64))
         both = EventColumns(
             *(pa.concat_arrays([a, b]) for a, b in zip(
@@ -159,7 +189,42 @@ class EventDecoder:
             np.concatenate([fast.row, columns.row]),
             rejected,
         )  # fmt: skip
-        return both.take(np.argsort(both.row, kind="stable"))
+        attributes = np.concatenate([fast_attributes, _record_attributes(records)], axis=1)
+        order = np.argsort(both.row, kind="stable")
+        return both.take(order), attributes[:, order]
+
+
+def _record_attributes(records: list[dict]) -> np.ndarray:
+    """Attribute (count, bytes of keys and values) of fastavro records, int64 [2, n]."""
+    maps = [r.get("attributes") or {} for r in records]
+    sizes = [sum(len(k.encode()) + len(v.encode()) for k, v in m.items()) for m in maps]
+    return np.array([[len(m) for m in maps], sizes], np.int64).reshape(2, len(records))
+
+
+def _within_limits(columns: EventColumns, attributes: np.ndarray, limits: EventLimits) -> EventColumns:
+    """columns without the events over a limit, which are added to its rejected."""
+    checks = [  # (size of each event, the limit's setting, what the size is)
+        (_byte_lengths(columns.user_id), "max_id_bytes", "a user_id of {:,} bytes"),
+        (_byte_lengths(columns.event_id), "max_id_bytes", "an event_id of {:,} bytes"),
+        (_byte_lengths(columns.action), "max_action_bytes", "an action of {:,} bytes"),
+        (_byte_lengths(columns.property), "max_property_bytes", "a property of {:,} bytes"),
+        (attributes[0], "max_attributes", "{:,} attributes"),
+        (attributes[1], "max_attribute_bytes", "attributes of {:,} bytes"),
+    ]
+    over = np.zeros(len(columns), bool)
+    for size, setting, what in checks:
+        limit = getattr(limits, setting)
+        hit = np.flatnonzero((size > limit) & ~over)
+        over[hit] = True
+        columns.rejected += [
+            (row, f"{what.format(s)} is over BEAT_{setting.upper()}={limit:,}")
+            for row, s in zip(columns.row[hit].tolist(), size[hit].tolist())
+        ]
+    return columns.take(np.flatnonzero(~over)) if over.any() else columns
+
+
+def _byte_lengths(text: pa.Array) -> np.ndarray:
+    return pc.binary_length(text).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
 
 
 def decode_events(values: Sequence[bytes | None], codec: AvroCodec) -> EventColumns:
@@ -192,6 +257,7 @@ def _records_to_columns(records: list[dict], rows: np.ndarray) -> EventColumns:
 
 
 _ALL = slice(None)  # rows: every record, indexed without a gather
+_SCALAR_ROWS = 32  # maps still being read by this few records are finished record by record
 
 
 def _subset(rows: np.ndarray | slice, index: np.ndarray) -> np.ndarray:
@@ -237,32 +303,111 @@ class _Cursors:
         self.skip(rows, np.full(len(rows), 8))
         return raw.view("<f8")[:, 0]
 
-    def string_map(self, rows: np.ndarray) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    def string_map(
+        self, rows: np.ndarray, max_entries: int | None
+    ) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """Skips a map<string>: blocks of entries until a zero count; a negative count
-        -n means n entries preceded by the block's byte size. Returns (rows, start, end)
-        of its keys and values, for the UTF-8 check."""
-        spans = []
-        while len(rows):  # rows about to read a block count
-            count = self.long(rows)
-            sized = count < 0
-            self.long(rows[sized])  # the byte size: fastavro reads the entries regardless
-            left = np.abs(count)
-            self.ok[rows[left < 0]] = False  # -2**63 has no absolute value
-            more = (left > 0) & self.ok[rows]
-            rows, left = rows[more], left[more]
-            in_block, block_left = rows, left
-            while len(in_block):  # one entry of each unfinished block per pass
-                spans += [(in_block, *self.string(in_block)), (in_block, *self.string(in_block))]
-                block_left = block_left - 1
-                going = (block_left > 0) & self.ok[in_block]
-                in_block, block_left = in_block[going], block_left[going]
-            rows = rows[self.ok[rows]]
-        return spans
+        -n means n entries preceded by the block's byte size. Returns the entries of each
+        record, int64 [records], and (rows, start, end) of its keys and values, in buffer
+        order.
+
+        Each pass reads a block count or one entry of every record still in its map. A
+        record whose entries pass max_entries is not read further (its cursor moves to its
+        end): it will be rejected for its count. Once only a few records are left (the
+        widest maps of a batch), they are finished one at a time: a pass costs the same
+        for one record as for thousands, a scalar walk only what the record holds.
+        """
+        entries = np.zeros(len(self.pos), np.int64)
+        spans: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        left = np.zeros(len(rows), np.int64)  # entries left in the current block; 0: a count is next
+        while len(rows) > _SCALAR_ROWS:
+            head = left == 0
+            done = np.zeros(len(rows), bool)
+            if head.any():
+                at = rows[head]
+                count = self.long(at)
+                self.long(at[count < 0])  # the byte size: fastavro reads the entries regardless
+                count = np.abs(count)
+                self.ok[at[count < 0]] = False  # -2**63 has no absolute value
+                entries[at] += np.maximum(count, 0)
+                if max_entries is not None:
+                    over = entries[at] > max_entries
+                    self.pos[at[over]] = self.end[at[over]]
+                    count[over] = 0
+                left[head] = count
+                done[head] = count <= 0
+            body = ~head & (left > 0)
+            if body.any():
+                at = rows[body]
+                spans += [(at, *self.string(at)), (at, *self.string(at))]
+                left[body] -= 1
+            keep = ~done & self.ok[rows]
+            rows, left = rows[keep], left[keep]
+        for row, block_left in zip(rows.tolist(), left.tolist()):
+            spans.append(self._finish_map(row, block_left, entries, max_entries))
+        if not spans:
+            return entries, (np.empty(0, np.int64),) * 3
+        span_rows, start, end = (np.concatenate(parts) for parts in zip(*spans))
+        order = np.argsort(start, kind="stable")  # disjoint spans, in buffer order for _strings
+        return entries, (span_rows[order], start[order], end[order])
+
+    def _finish_map(
+        self, row: int, block_left: int, entries: np.ndarray, max_entries: int | None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """string_map for one record, from its cursor with block_left entries left in the
+        current block; returns (rows, start, end) of the strings read."""
+        begin, end = int(self.pos[row]), int(self.end[row])
+        raw = self.data[begin:end].tobytes()
+        at, found = 0, []
+        try:
+            while True:
+                if block_left == 0:
+                    count, at = _scalar_long(raw, at)
+                    if count == 0:
+                        break
+                    if count < 0:
+                        _, at = _scalar_long(raw, at)  # the block's byte size
+                    entries[row] += abs(count)
+                    if max_entries is not None and entries[row] > max_entries:
+                        at = len(raw)  # not read further: rejected for its count
+                        break
+                    block_left = abs(count)
+                for _ in range(2):  # key, value
+                    length, at = _scalar_long(raw, at)
+                    if length < 0 or at + length > len(raw):
+                        raise ValueError("string beyond the record")
+                    found.append(at)
+                    at += length
+                    found.append(at)
+                block_left -= 1
+        except ValueError:
+            self.ok[row] = False
+            at = len(raw)
+        self.pos[row] = begin + at
+        bounds = np.array(found, np.int64).reshape(-1, 2) + begin
+        return np.full(len(bounds), row, np.int64), bounds[:, 0], bounds[:, 1]
 
 
-def _walk(data: np.ndarray, buffer: pa.Buffer, pos: np.ndarray, end: np.ndarray) -> tuple[EventColumns, np.ndarray]:
-    """behavior_event bodies at [pos, end) of every record: (columns, ok [n]). Columns
-    hold every record; those of records not ok are meaningless."""
+def _scalar_long(raw: bytes, at: int) -> tuple[int, int]:
+    """The zig-zag varint at raw[at]: (value, position after it)."""
+    value = 0
+    for k in range(_MAX_VARINT):
+        if at + k >= len(raw):
+            raise ValueError("varint beyond the record")
+        byte = raw[at + k]
+        value |= (byte & 0x7F) << (7 * k)
+        if byte < 0x80:
+            value &= (1 << 64) - 1  # as the vectorized long() keeps it
+            return (value >> 1) ^ -(value & 1), at + k + 1
+    raise ValueError("varint of more than 10 bytes")
+
+
+def _walk(
+    data: np.ndarray, buffer: pa.Buffer, pos: np.ndarray, end: np.ndarray, max_attributes: int | None
+) -> tuple[EventColumns, np.ndarray, np.ndarray]:
+    """behavior_event bodies at [pos, end) of every record: (columns, ok [n], attribute
+    (count, bytes of keys and values) [2, n]). Columns hold every record; those of records
+    not ok are meaningless."""
     n = len(pos)
     c = _Cursors(data, pos, end)
     user_id = c.string(_ALL)
@@ -281,17 +426,18 @@ def _walk(data: np.ndarray, buffer: pa.Buffer, pos: np.ndarray, end: np.ndarray)
     present = np.flatnonzero(has_value & c.ok)
     value[present] = c.double(present)
 
-    attribute_spans = c.string_map(np.flatnonzero(c.ok))
+    entries, (entry_rows, entry_start, entry_end) = c.string_map(np.flatnonzero(c.ok), max_attributes)
     c.ok &= c.pos == end  # "trailing bytes" otherwise
 
     strings = [_strings(buffer, *span) for span in (user_id, event_id, action, property_span)]
     for text in strings:
         c.ok[_invalid_utf8(text)] = False
-    for rows, start, stop in attribute_spans:
-        c.ok[rows[_invalid_utf8(_strings(buffer, start, stop))]] = False
+    c.ok[entry_rows[_invalid_utf8(_strings(buffer, entry_start, entry_end))]] = False
+    attribute_bytes = np.bincount(entry_rows, entry_end - entry_start, minlength=n).astype(np.int64)
     user_id, event_id, action, property = (text.view(pa.string()) for text in strings)
     property = _with_nulls(property, has_property)
-    return EventColumns(user_id, event_id, action, property, event_time, value, np.arange(n)), c.ok
+    columns = EventColumns(user_id, event_id, action, property, event_time, value, np.arange(n))
+    return columns, c.ok, np.stack([entries, attribute_bytes])
 
 
 def _strings(buffer: pa.Buffer, start: np.ndarray, end: np.ndarray) -> pa.BinaryArray:

@@ -64,7 +64,8 @@ class ReplaySummary:
     messages: int = 0  # read in the range
     events: int = 0  # in the table, after removing duplicates
     duplicates: int = 0  # repeated (user_id, event_id): the first one read is kept
-    dead_letters: int = 0  # undecodable values, skipped (the stream worker dead-letters them)
+    # undecodable values or over a limit, skipped (the stream worker dead-letters them)
+    dead_letters: int = 0
     dead_letter_examples: list[tuple[int, int, str]] = field(default_factory=list)  # (partition, offset, reason)
     users: int = 0
     bytes: int = 0  # of message values
@@ -75,7 +76,7 @@ class ReplaySummary:
         lines = [
             f"replayed {self.messages:,} messages ({self.bytes / 1e6:,.1f} MB) in {self.seconds:,.1f} s "
             f"({rate:,.0f} events/s): {self.events:,} events of {self.users:,} users, "
-            f"{self.duplicates:,} duplicates removed, {self.dead_letters:,} undecodable skipped"
+            f"{self.duplicates:,} duplicates removed, {self.dead_letters:,} undecodable or over a limit skipped"
         ]
         lines += [f"  skipped partition {p} offset {o}: {reason}" for p, o, reason in self.dead_letter_examples]
         return "\n".join(lines)
@@ -110,7 +111,8 @@ def replay(settings: Settings, config: ReplayConfig | None = None) -> tuple[pa.T
     config = config or ReplayConfig()
     if config.start_ms is not None and config.end_ms is not None and config.start_ms >= config.end_ms:
         raise ValueError(f"replay needs start < end, got {config.start_ms} >= {config.end_ms} (epoch ms)")
-    decoder = EventDecoder(AvroCodec("behavior_event", settings.events_topic, settings.schema_registry_url))
+    codec = AvroCodec("behavior_event", settings.events_topic, settings.schema_registry_url)
+    decoder = EventDecoder(codec, settings.event_limits)  # the stream workers' limits: the same events
     summary = ReplaySummary()
     began = time.monotonic()
     consumer = Consumer(replay_consumer_config(settings))

@@ -33,7 +33,7 @@ import pyarrow.compute as pc
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from stream.broker import (
-    SEAL_KEY, consumer_config, dead_letter_headers, producer_config, read_compacted, records_in,
+    SEAL_KEY, consumer_config, dead_letter, producer_config, read_compacted, records_in,
 )
 from stream.codec import AvroCodec
 from stream.config import Settings
@@ -109,7 +109,8 @@ class StreamWorker:
     def __init__(self, settings: Settings, ready_file: Path | None = None) -> None:
         self.settings = settings
         self.ready_file = ready_file
-        self.events = EventDecoder(AvroCodec("behavior_event", settings.events_topic, settings.schema_registry_url))
+        event_codec = AvroCodec("behavior_event", settings.events_topic, settings.schema_registry_url)
+        self.events = EventDecoder(event_codec, settings.event_limits)
         self.window_codec = AvroCodec("user_window", settings.windows_topic, settings.schema_registry_url)
         self.window_header = self.window_codec.framing.header()
         self.consumer = Consumer(consumer_config(
@@ -252,9 +253,13 @@ class StreamWorker:
     def _dead_letter(self, messages: list[Message], rejected: Rejected) -> None:
         for index, reason in zip(rejected.index, rejected.reason):
             message = messages[index]
+            source = (message.topic(), message.partition(), message.offset())
+            letter = dead_letter(
+                message.key(), message.value(), reason, source, self.settings.max_message_bytes
+            )
             self.producer.produce(
-                self.settings.dead_letter_topic, message.value(), message.key(), on_delivery=self._on_delivery,
-                headers=dead_letter_headers(reason, message.topic(), message.partition(), message.offset()),
+                self.settings.dead_letter_topic, letter.value, letter.key, headers=letter.headers,
+                on_delivery=self._on_delivery,
             )
         self.stats.counts["dead_letters"] += len(rejected.index)
 

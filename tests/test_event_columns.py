@@ -13,6 +13,7 @@ import fastavro
 import numpy as np
 import pytest
 
+from stream import event_columns
 from stream.codec import AvroCodec, DecodeError
 from stream.event_columns import EventDecoder
 
@@ -145,6 +146,16 @@ def test_random_records_match_fastavro(codec: AvroCodec, events: list[dict]) -> 
     assert out.property.null_count == sum(e["property"] is None for e in events)
 
 
+@pytest.fixture(params=["vectorized", "scalar", "both"])
+def map_walk(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Maps read in passes over all records, record by record, or (the default) in passes
+    until few records are left."""
+    rows = {"vectorized": 0, "scalar": 10**9}.get(request.param)
+    if rows is not None:
+        monkeypatch.setattr(event_columns, "_SCALAR_ROWS", rows)
+
+
+@pytest.mark.usefixtures("map_walk")
 def test_map_blocks_and_negative_block_counts(codec: AvroCodec, events: list[dict]) -> None:
     rng = np.random.default_rng(11)
     blocks = [random_blocks(rng, e["attributes"]) for e in events]
@@ -172,6 +183,7 @@ def corruptions(rng: np.random.Generator, header: bytes, event: dict) -> list[by
     ]  # fmt: skip
 
 
+@pytest.mark.usefixtures("map_walk")
 def test_corrupt_inputs_are_rejected_with_the_codecs_reason(codec: AvroCodec, events: list[dict]) -> None:
     rng = np.random.default_rng(3)
     header = codec.framing.header()
