@@ -36,8 +36,9 @@ NOW = datetime.now(UTC)
 
 
 def event(n: int, attributes: dict[str, str] | None = None, action: str = "page_view") -> bytes:
-    return CODEC.encode({"user_id": f"u{n % 1000}", "event_id": f"e{n}", "event_time": NOW, "action": action,
-                         "property": "home", "value": None, "attributes": attributes or {}})  # fmt: skip
+    record = {"user_id": f"u{n % 1000}", "event_id": f"e{n}", "event_time": NOW, "action": action,
+              "property": "home", "value": None, "attributes": attributes or {}}  # fmt: skip
+    return CODEC.encode(record)
 
 
 def empty_entries(n: int) -> bytes:
@@ -95,14 +96,22 @@ def best_ms(decoder: EventDecoder, values: list[bytes], repeat: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--slow-baseline", action="store_true",
-                        help="also run 'before' on the 0.9 MB message (issue 12 measured 93 s)")
+    parser.add_argument(
+        "--slow-baseline",
+        action="store_true",
+        help="also run 'before' on the 0.9 MB message (issue 12 measured 93 s)",
+    )
     args = parser.parse_args()
     limits = load_settings().event_limits
-    decoders = {"before": EventDecoder(CODEC), "no limits": EventDecoder(CODEC), "limits": EventDecoder(CODEC, limits)}
+    decoders = {
+        "before": EventDecoder(CODEC),
+        "no limits": EventDecoder(CODEC),
+        "limits": EventDecoder(CODEC, limits),
+    }
     scalar_rows = event_columns._SCALAR_ROWS
     rows = []
-    print(f"{'case (CPU ms per batch)':50} {'before':>9} {'no limits':>10} {'limits':>8} {'before/limits':>14}")
+    header = ("case (CPU ms per batch)", "before", "no limits", "limits", "before/limits")
+    print("{:50} {:>9} {:>10} {:>8} {:>14}".format(*header))
     for name, values in cases(limits).items():
         row = {"case": name, "messages": len(values), "bytes": sum(map(len, values))}
         for label, decoder in decoders.items():
@@ -112,10 +121,14 @@ def main() -> None:
             row[label] = None if skip else best_ms(decoder, values, args.repeat)
         ratio = f"{row['before'] / row['limits']:,.0f}x" if row["before"] else "-"
         before = f"{row['before']:,.1f}" if row["before"] is not None else "skipped"
-        print(f"{name:50} {before:>9} {row['no limits']:>10,.1f} {row['limits']:>8,.2f} {ratio:>14}")
+        print(
+            f"{name:50} {before:>9} {row['no limits']:>10,.1f} {row['limits']:>8,.2f} {ratio:>14}"
+        )
         rows.append(row)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "hostile.json").write_text(json.dumps({"limits": limits._asdict(), "cases": rows}, indent=2))
+    (RESULTS / "hostile.json").write_text(
+        json.dumps({"limits": limits._asdict(), "cases": rows}, indent=2)
+    )
     print(f"wrote {RESULTS / 'hostile.json'}")
 
 

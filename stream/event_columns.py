@@ -116,7 +116,7 @@ class EventDecoder:
             payloads = [v or b"" for v in values]
             sizes = np.fromiter(map(len, payloads), np.int64, len(payloads))
         limits = self.limits
-        too_big = np.flatnonzero(sizes > limits.max_event_bytes) if limits else np.empty(0, np.int64)
+        too_big = np.flatnonzero(sizes > limits.max_event_bytes) if limits else np.empty(0, int)
         if len(too_big):  # rare: such values are not even copied into the buffer
             skipped = set(too_big.tolist())
             payloads = [b"" if i in skipped else value for i, value in enumerate(payloads)]
@@ -141,8 +141,9 @@ class EventDecoder:
         slow_decoded = self._decode_each(payloads, slow)
         columns, attributes = self._merge(fast_columns, attributes[:, ok], slow_decoded)
         if limits:
+            limit = limits.max_event_bytes
             columns.rejected += [
-                (i, f"an event of {size:,} bytes is over BEAT_MAX_EVENT_BYTES={limits.max_event_bytes:,}")
+                (i, f"an event of {size:,} bytes is over BEAT_MAX_EVENT_BYTES={limit:,}")
                 for i, size in zip(too_big.tolist(), sizes[too_big].tolist())
             ]
             columns = _within_limits(columns, attributes, limits)
@@ -201,7 +202,9 @@ def _record_attributes(records: list[dict]) -> np.ndarray:
     return np.array([[len(m) for m in maps], sizes], np.int64).reshape(2, len(records))
 
 
-def _within_limits(columns: EventColumns, attributes: np.ndarray, limits: EventLimits) -> EventColumns:
+def _within_limits(
+    columns: EventColumns, attributes: np.ndarray, limits: EventLimits
+) -> EventColumns:
     """columns without the events over a limit, which are added to its rejected."""
     checks = [  # (size of each event, the limit's setting, what the size is)
         (_byte_lengths(columns.user_id), "max_id_bytes", "a user_id of {:,} bytes"),
@@ -319,7 +322,8 @@ class _Cursors:
         """
         entries = np.zeros(len(self.pos), np.int64)
         spans: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-        left = np.zeros(len(rows), np.int64)  # entries left in the current block; 0: a count is next
+        # entries left in each record's current block; 0: a block count is next
+        left = np.zeros(len(rows), np.int64)
         while len(rows) > _SCALAR_ROWS:
             head = left == 0
             done = np.zeros(len(rows), bool)
@@ -403,7 +407,11 @@ def _scalar_long(raw: bytes, at: int) -> tuple[int, int]:
 
 
 def _walk(
-    data: np.ndarray, buffer: pa.Buffer, pos: np.ndarray, end: np.ndarray, max_attributes: int | None
+    data: np.ndarray,
+    buffer: pa.Buffer,
+    pos: np.ndarray,
+    end: np.ndarray,
+    max_attributes: int | None,
 ) -> tuple[EventColumns, np.ndarray, np.ndarray]:
     """behavior_event bodies at [pos, end) of every record: (columns, ok [n], attribute
     (count, bytes of keys and values) [2, n]). Columns hold every record; those of records
@@ -426,7 +434,8 @@ def _walk(
     present = np.flatnonzero(has_value & c.ok)
     value[present] = c.double(present)
 
-    entries, (entry_rows, entry_start, entry_end) = c.string_map(np.flatnonzero(c.ok), max_attributes)
+    entries, entry_spans = c.string_map(np.flatnonzero(c.ok), max_attributes)
+    entry_rows, entry_start, entry_end = entry_spans
     c.ok &= c.pos == end  # "trailing bytes" otherwise
 
     strings = [_strings(buffer, *span) for span in (user_id, event_id, action, property_span)]

@@ -76,7 +76,8 @@ class ReplaySummary:
         lines = [
             f"replayed {self.messages:,} messages ({self.bytes / 1e6:,.1f} MB) in {self.seconds:,.1f} s "
             f"({rate:,.0f} events/s): {self.events:,} events of {self.users:,} users, "
-            f"{self.duplicates:,} duplicates removed, {self.dead_letters:,} undecodable or over a limit skipped"
+            f"{self.duplicates:,} duplicates removed, "
+            f"{self.dead_letters:,} undecodable or over a limit skipped"
         ]
         lines += [f"  skipped partition {p} offset {o}: {reason}" for p, o, reason in self.dead_letter_examples]
         return "\n".join(lines)
@@ -112,7 +113,7 @@ def replay(settings: Settings, config: ReplayConfig | None = None) -> tuple[pa.T
     if config.start_ms is not None and config.end_ms is not None and config.start_ms >= config.end_ms:
         raise ValueError(f"replay needs start < end, got {config.start_ms} >= {config.end_ms} (epoch ms)")
     codec = AvroCodec("behavior_event", settings.events_topic, settings.schema_registry_url)
-    decoder = EventDecoder(codec, settings.event_limits)  # the stream workers' limits: the same events
+    decoder = EventDecoder(codec, settings.event_limits)  # the stream workers' events, no others
     summary = ReplaySummary()
     began = time.monotonic()
     consumer = Consumer(replay_consumer_config(settings))

@@ -109,7 +109,8 @@ class StreamWorker:
     def __init__(self, settings: Settings, ready_file: Path | None = None) -> None:
         self.settings = settings
         self.ready_file = ready_file
-        event_codec = AvroCodec("behavior_event", settings.events_topic, settings.schema_registry_url)
+        registry = settings.schema_registry_url
+        event_codec = AvroCodec("behavior_event", settings.events_topic, registry)
         self.events = EventDecoder(event_codec, settings.event_limits)
         self.window_codec = AvroCodec("user_window", settings.windows_topic, settings.schema_registry_url)
         self.window_header = self.window_codec.framing.header()

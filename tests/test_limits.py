@@ -25,8 +25,16 @@ CODEC = AvroCodec("behavior_event", "beat.events")
 
 
 def event(user: str, n: int, **fields: object) -> dict:
-    return {"user_id": user, "event_id": f"{user}-{n}", "event_time": NOW - timedelta(minutes=10 - n),
-            "action": "login", "property": None, "value": None, "attributes": {}, **fields}
+    return {
+        "user_id": user,
+        "event_id": f"{user}-{n}",
+        "event_time": NOW - timedelta(minutes=10 - n),
+        "action": "login",
+        "property": None,
+        "value": None,
+        "attributes": {},
+        **fields,
+    }
 
 
 def many_blocks(entries: int) -> bytes:
@@ -48,16 +56,28 @@ def declared(count: int) -> bytes:
 
 
 @pytest.mark.parametrize("scalar_rows", [0, event_columns._SCALAR_ROWS])
-def test_events_over_a_limit_are_rejected_with_the_setting(scalar_rows: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(event_columns, "_SCALAR_ROWS", scalar_rows)  # maps read in passes, or one by one
+def test_events_over_a_limit_are_rejected_with_the_setting(
+    scalar_rows: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(
+        event_columns, "_SCALAR_ROWS", scalar_rows
+    )  # maps read in passes, or one by one
     limits = load_settings().event_limits
     payloads = [
-        CODEC.encode(event("u", 0, action="a" * limits.max_action_bytes,
-                           attributes={str(i): "" for i in range(limits.max_attributes)})),  # at the limits: kept
+        CODEC.encode(
+            event(
+                "u",
+                0,
+                action="a" * limits.max_action_bytes,
+                attributes={str(i): "" for i in range(limits.max_attributes)},
+            )
+        ),  # at the limits: kept
         CODEC.encode(event("u", 1, action="a" * (limits.max_action_bytes + 1))),
         CODEC.encode(event("u", 2, property="p" * (limits.max_property_bytes + 1))),
         CODEC.encode(event("u" * (limits.max_id_bytes + 1), 3)),
-        CODEC.encode(event("u", 4, attributes={str(i): "" for i in range(limits.max_attributes + 1)})),
+        CODEC.encode(
+            event("u", 4, attributes={str(i): "" for i in range(limits.max_attributes + 1)})
+        ),
         CODEC.encode(event("u", 5, attributes={"k": "v" * limits.max_attribute_bytes})),
         CODEC.encode(event("u", 6, action="a" * limits.max_event_bytes)),
         many_blocks(limits.max_attributes + 1),
@@ -67,7 +87,10 @@ def test_events_over_a_limit_are_rejected_with_the_setting(scalar_rows: int, mon
     out = EventDecoder(CODEC, limits).decode(payloads)
     assert out.row.tolist() == [0, 9]
     reasons = dict(out.rejected)
-    assert reasons[1] == f"an action of {limits.max_action_bytes + 1} bytes is over BEAT_MAX_ACTION_BYTES=256"
+    assert (
+        reasons[1]
+        == f"an action of {limits.max_action_bytes + 1} bytes is over BEAT_MAX_ACTION_BYTES=256"
+    )
     assert "is over BEAT_MAX_PROPERTY_BYTES=1,024" in reasons[2]
     assert reasons[3].startswith("a user_id of 257 bytes is over BEAT_MAX_ID_BYTES")
     assert reasons[4] == "65 attributes is over BEAT_MAX_ATTRIBUTES=64"
@@ -95,7 +118,10 @@ def test_the_largest_window_the_limits_allow_fits_in_a_message() -> None:
 def test_limits_that_would_let_a_window_outgrow_a_message_are_refused() -> None:
     with pytest.raises(ConfigError, match="BEAT_MAX_MESSAGE_BYTES=1,000,000"):
         load_settings(max_events=4096)
-    assert load_settings(max_events=4096, max_property_bytes=100, max_action_bytes=100).max_events == 4096
+    assert (
+        load_settings(max_events=4096, max_property_bytes=100, max_action_bytes=100).max_events
+        == 4096
+    )
 
 
 def test_a_dead_letter_too_big_to_send_is_cut_with_a_marker() -> None:
@@ -109,7 +135,9 @@ def test_a_dead_letter_too_big_to_send_is_cut_with_a_marker() -> None:
     assert small.value == b"v" and "dlq.truncated" not in dict(small.headers)
 
 
-def test_huge_events_are_dead_lettered_and_the_worker_goes_on(settings: Settings, tmp_path: Path) -> None:
+def test_huge_events_are_dead_lettered_and_the_worker_goes_on(
+    settings: Settings, tmp_path: Path
+) -> None:
     """The crash loop of issue 12: two 600 KB actions of one user made a window over 1 MB,
     and a 1.5 MB garbage message made a dead letter over 1 MB; both failed produce()."""
     sends = [
@@ -124,16 +152,24 @@ def test_huge_events_are_dead_lettered_and_the_worker_goes_on(settings: Settings
     assert producer.flush(10) == 0
 
     with stream_worker(settings, tmp_path / "stream.log") as worker:
-        dead = read_topic(settings, settings.dead_letter_topic, until=lambda m: len(m) >= 3, timeout_s=60)
-        windows = read_topic(settings, settings.windows_topic, until=lambda m: any(x.key() == b"alice" for x in m))
+        dead = read_topic(
+            settings, settings.dead_letter_topic, until=lambda m: len(m) >= 3, timeout_s=60
+        )
+        windows = read_topic(
+            settings, settings.windows_topic, until=lambda m: any(x.key() == b"alice" for x in m)
+        )
         time.sleep(0.5)
         assert worker.poll() is None, (tmp_path / "stream.log").read_text()[-2000:]
 
     reasons = Counter(dict(m.headers())["dlq.reason"].decode() for m in dead)
-    assert reasons == {f"an event of {len(sends[0][1]):,} bytes is over BEAT_MAX_EVENT_BYTES=65,536": 2,
-                       "an event of 1,500,000 bytes is over BEAT_MAX_EVENT_BYTES=65,536": 1}
+    assert reasons == {
+        f"an event of {len(sends[0][1]):,} bytes is over BEAT_MAX_EVENT_BYTES=65,536": 2,
+        "an event of 1,500,000 bytes is over BEAT_MAX_EVENT_BYTES=65,536": 1,
+    }
     cut = next(m for m in dead if len(m.value()) > 600_200)
     assert dict(cut.headers())["dlq.truncated"] == b"key=5,value=1500000"
     alice = [m for m in windows if m.key() == b"alice"][-1]
-    window = Window.from_record(AvroCodec("user_window", settings.windows_topic).decode(alice.value()))
+    window = Window.from_record(
+        AvroCodec("user_window", settings.windows_topic).decode(alice.value())
+    )
     assert window.actions == ["login"] and len(window) == 1
