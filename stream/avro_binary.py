@@ -144,6 +144,21 @@ def string_maps(attributes: pa.MapArray) -> list[pa.Array]:
     return [varints(zigzag(count), count > 0), joined, pa.scalar(b"\x00", pa.binary())]
 
 
+def read_long(raw: bytes, at: int) -> tuple[int, int]:
+    """The Avro long at raw[at]: (value, position after it). ValueError if its varint runs
+    past raw or MAX_VARINT bytes; like read_varints, bits beyond 64 are dropped."""
+    value = 0
+    for k in range(MAX_VARINT):
+        if at + k >= len(raw):
+            raise ValueError("varint beyond the record")
+        byte = raw[at + k]
+        value |= (byte & 0x7F) << (7 * k)
+        if byte < 0x80:
+            value &= (1 << 64) - 1
+            return (value >> 1) ^ -(value & 1), at + k + 1
+    raise ValueError(f"varint of more than {MAX_VARINT} bytes")
+
+
 # ---------------------------------------------------------------------------------------
 # Vectorized reading.
 # ---------------------------------------------------------------------------------------

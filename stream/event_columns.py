@@ -29,7 +29,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from stream.avro_binary import read_varints, unzigzag
+from stream.avro_binary import read_long, read_varints, unzigzag
 from stream.codec import AvroCodec, DecodeError
 from stream.config import EventLimits
 
@@ -366,18 +366,18 @@ class _Cursors:
         try:
             while True:
                 if block_left == 0:
-                    count, at = _scalar_long(raw, at)
+                    count, at = read_long(raw, at)
                     if count == 0:
                         break
                     if count < 0:
-                        _, at = _scalar_long(raw, at)  # the block's byte size
+                        _, at = read_long(raw, at)  # the block's byte size
                     entries[row] += abs(count)
                     if max_entries is not None and entries[row] > max_entries:
                         at = len(raw)  # not read further: rejected for its count
                         break
                     block_left = abs(count)
                 for _ in range(2):  # key, value
-                    length, at = _scalar_long(raw, at)
+                    length, at = read_long(raw, at)
                     if length < 0 or at + length > len(raw):
                         raise ValueError("string beyond the record")
                     found.append(at)
@@ -390,20 +390,6 @@ class _Cursors:
         self.pos[row] = begin + at
         bounds = np.array(found, np.int64).reshape(-1, 2) + begin
         return np.full(len(bounds), row, np.int64), bounds[:, 0], bounds[:, 1]
-
-
-def _scalar_long(raw: bytes, at: int) -> tuple[int, int]:
-    """The zig-zag varint at raw[at]: (value, position after it)."""
-    value = 0
-    for k in range(_MAX_VARINT):
-        if at + k >= len(raw):
-            raise ValueError("varint beyond the record")
-        byte = raw[at + k]
-        value |= (byte & 0x7F) << (7 * k)
-        if byte < 0x80:
-            value &= (1 << 64) - 1  # as the vectorized long() keeps it
-            return (value >> 1) ^ -(value & 1), at + k + 1
-    raise ValueError("varint of more than 10 bytes")
 
 
 def _walk(
