@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import random
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pytest
 
 from model import BeatEncoder, EventWindow, init_model_dir
@@ -21,26 +20,10 @@ from stream.config import Settings
 from stream.encoder_worker import EncoderWorker
 from stream.feast_sink import FeatureSink
 from stream.producer import EventProducer
-from stream.window import Window, event_id_hashes
+from stream.window import Window
 
 from conftest import read_topic, running, stream_worker
-
-T0 = datetime(2026, 6, 1, 12, 0, tzinfo=timezone.utc)
-ACTIONS = ["page_view", "search", "add_to_cart", "purchase", "login"]
-PROPERTIES = ["books", "games", "travel", None]
-
-
-def event(user: str, n: int, at: datetime, action: str | None = None) -> dict:
-    return {
-        "user_id": user,
-        "event_id": f"{user}-{n}",
-        "event_time": at,
-        "action": action or ACTIONS[n % len(ACTIONS)],
-        "property": PROPERTIES[n % len(PROPERTIES)],
-        "value": 9.5 * n if n % 3 == 0 else None,
-        "attributes": {"n": str(n)},
-    }
-
+from reference_windows import ACTIONS, PROPERTIES, T0, event, expected_windows, ms, window_columns
 
 def history() -> list[dict]:
     """A handful of users whose windows exercise ordering, duplicates, age and length."""
@@ -57,39 +40,6 @@ def history() -> list[dict]:
     events += [event("old_and_new", 10 + n, T0 + timedelta(days=n)) for n in range(5)]
     events += [event("long", n, T0 + timedelta(seconds=n)) for n in range(300)]  # over 256
     return events
-
-
-def id_hash(event: dict) -> int:
-    """The platform's 32-bit event-id hash (a hash function, not the window logic under test)."""
-    return int(event_id_hashes(pa.array([event["event_id"]]))[0])
-
-
-def expected_windows(events: list[dict], max_events: int = 256, window_days: float = 90) -> dict[str, list[dict]]:
-    by_user: dict[str, dict[tuple, dict]] = {}
-    for e in events:
-        by_user.setdefault(e["user_id"], {}).setdefault((id_hash(e), e["event_time"]), e)
-    windows = {}
-    for user, unique in by_user.items():
-        ordered = sorted(unique.values(), key=lambda e: (e["event_time"], id_hash(e)))
-        newest = ordered[-1]["event_time"]
-        recent = [e for e in ordered if e["event_time"] >= newest - timedelta(days=window_days)]
-        windows[user] = recent[-max_events:]
-    return windows
-
-
-def ms(at: datetime) -> int:
-    return int(at.timestamp() * 1000)
-
-
-def window_columns(window: list[dict]) -> dict[str, list]:
-    """An expected window in the layout of Window.columns() (values kept as float32)."""
-    return {
-        "event_time": [ms(e["event_time"]) for e in window],
-        "id_hash": [id_hash(e) for e in window],
-        "action": [e["action"] for e in window],
-        "property": [e["property"] for e in window],
-        "value": [None if e["value"] is None else float(np.float32(e["value"])) for e in window],
-    }
 
 
 def latest_windows(settings: Settings) -> dict[str, Window]:

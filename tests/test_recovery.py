@@ -12,7 +12,6 @@ from __future__ import annotations
 import random
 import signal
 import time
-from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -23,27 +22,10 @@ from stream.producer import EventProducer
 from stream.window import Window
 
 from conftest import read_topic, stream_worker, wait_for
-from test_pipeline import T0, event, expected_windows, window_columns
+from reference_windows import expected_windows, traffic, window_columns
 
 KILLS = 4
 COMMITTED_S = 1.0  # a worker commits every batch (flush interval)
-USERS = 40
-
-
-def traffic(n_events: int, seed: int) -> list[dict]:
-    """Zipf-like activity over 120 days in random order (so late events and events
-    older than a user's 90-day window abound), with a tenth re-sent as duplicates."""
-    rng = random.Random(seed)
-    weights = [1 / (rank + 1) for rank in range(USERS)]
-    counts: dict[str, int] = {}
-    events = []
-    for user in rng.choices([f"u{i:02d}" for i in range(USERS)], weights, k=n_events):
-        counts[user] = counts.get(user, 0) + 1
-        events.append(event(user, counts[user], T0 + timedelta(minutes=rng.randrange(120 * 24 * 60))))
-    duplicates = rng.sample(events, n_events // 10)
-    for copy in duplicates:
-        events.insert(rng.randrange(events.index(copy), len(events) + 1), copy)
-    return events
 
 
 def assert_final_windows_exact(settings: Settings, events: list[dict], timeout_s: float = 60) -> int:

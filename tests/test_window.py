@@ -4,15 +4,15 @@ order, the batching, or how often a batch is replayed (what crash recovery relie
 from __future__ import annotations
 
 import random
+import struct
 
 import numpy as np
 import pytest
 
 from stream.codec import AvroCodec
-from stream.window import ROW, NewEvents, Window, encode_window_body, merge_batch
+from stream.window import NewEvents, Window, encode_window_body, merge_batch
 
-from test_pipeline import expected_windows, ms, window_columns
-from test_recovery import traffic
+from reference_windows import expected_windows, id_hash, ms, traffic, window_columns
 
 MAX_EVENTS, WINDOW_MS = 256, 90 * 86_400_000
 
@@ -65,7 +65,14 @@ def test_window_message_round_trip_and_size() -> None:
     payload = codec.encode(window.to_record(0))
     back = Window.from_record(codec.decode(payload))
     assert back.rows.tobytes() == window.rows.tobytes() and back.columns() == window.columns()
-    assert ROW.itemsize == 16
+    # The row layout of schemas/user_window.avsc, packed here independently: 48-bit time
+    # (low 32, high 16), symbol (uint16), event-id hash (uint32), value (float32).
+    first = expected_windows(traffic(3000, 4))["u00"][0]
+    time_ms = ms(first["event_time"])
+    symbol = list(zip(window.actions, window.properties)).index((first["action"], first["property"]))
+    value = np.nan if first["value"] is None else first["value"]
+    packed = struct.pack("<IHHIf", time_ms & 0xFFFFFFFF, time_ms >> 32, symbol, id_hash(first), value)
+    assert window.rows[:1].tobytes() == packed
     # 16 bytes per event plus the header: framing, user_id, time and the symbol table.
     symbols = sum(len(a) + len(p or "") + 3 for a, p in zip(window.actions, window.properties))
     assert len(payload) <= 16 * len(window) + symbols + 32
@@ -84,7 +91,8 @@ def test_event_window_gives_the_model_strings_in_order() -> None:
     events = as_records([e for e in traffic(500, 5) if e["user_id"] == "u01"])
     (window,), _ = merge_batch([None], ["u01"], NewEvents.from_records(events, ["u01"]), MAX_EVENTS, WINDOW_MS)
     model_input = window.event_window()
-    columns = window.columns()
-    assert model_input.event_time_ms.tolist() == columns["event_time"]
-    assert np.all(np.diff(model_input.event_time_ms) >= 0)
-    assert model_input.action.tolist() == columns["action"]
+    expected = expected_windows(traffic(500, 5))["u01"]  # computed without stream.window
+    assert len(expected) > 10
+    assert model_input.event_time_ms.tolist() == [ms(e["event_time"]) for e in expected]
+    assert model_input.action.tolist() == [e["action"] for e in expected]
+    assert model_input.property.tolist() == [e["property"] for e in expected]
