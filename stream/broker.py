@@ -34,7 +34,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 from confluent_kafka.error import KafkaError, KafkaException
 
@@ -185,6 +185,48 @@ def producer_config(settings: Settings, **extra: Any) -> dict[str, Any]:
             **extra,
         },
     )
+
+
+class DeliveryError(KafkaException):
+    """Messages that the broker did not take: the batch that produced them must not be
+    committed (its records are consumed again after a restart)."""
+
+
+class CheckedProducer:
+    """A confluent-kafka Producer whose flush() raises DeliveryError when any message
+    produced since the previous flush was not delivered.
+
+    Delivery reports come only for failures (``delivery.report.only.error``), through one
+    callback set in the config, and ``produce`` is the client's own method: a message that
+    is delivered costs no Python. librdkafka retries a failing send until
+    ``message.timeout.ms`` (5 minutes by default) before it reports the failure.
+    """
+
+    def __init__(self, settings: Settings, **extra: Any) -> None:
+        self._failed: list[KafkaError] = []
+        self._producer = Producer(producer_config(settings, **{
+            "delivery.report.only.error": True, "on_delivery": self._on_delivery, **extra,
+        }))
+        self.produce = self._producer.produce
+
+    def _on_delivery(self, error: KafkaError | None, message: Message) -> None:
+        if error is not None:
+            self._failed.append(error)
+
+    def flush(self, timeout_s: float | None = None) -> None:
+        """Wait until every message is delivered; raise DeliveryError for any that failed
+        (or, with a timeout, is still queued when it ends)."""
+        queued = self._producer.flush(-1 if timeout_s is None else timeout_s)
+        failed, self._failed = self._failed, []
+        if failed:
+            first = failed[0]
+            raise DeliveryError(KafkaError(
+                first.code(), f"{len(failed)} messages not delivered; the first: {first.str()}"
+            ))
+        if queued:
+            raise DeliveryError(KafkaError(
+                KafkaError._MSG_TIMED_OUT, f"{queued} messages still queued after {timeout_s} s"
+            ))
 
 
 def consumer_config(settings: Settings, group_id: str, **extra: Any) -> dict[str, Any]:

@@ -96,9 +96,14 @@ class Settings(BaseSettings):
 
     # Encoder workers
     model_dir: Path | None = None
-    # Window messages per micro-batch. Large, because the latest window per user wins:
-    # when the encoder falls behind, bigger batches coalesce more and it catches up.
+    # Window messages per consume call, and users per encode-and-write step.
     max_batch: int = Field(1024, ge=1)
+    # Window messages an encoder takes into one batch at most while it is behind: of the
+    # backlog it keeps only each user's newest window, so its work is bounded by users.
+    read_ahead: int = Field(200_000, ge=1)
+    # A partition whose newest event time seen lags the wall clock by more than this is
+    # replayed history: its embeddings are as of that event time (stream/as_of.py).
+    replay_lag_ms: int = Field(3_600_000, ge=0)
     # Windows per BEAT forward pass: small batches of similar length waste the least
     # padding; on CPU 16-32 measured fastest, on a GPU use hundreds.
     encode_batch: int = Field(32, ge=1)

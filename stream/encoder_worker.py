@@ -1,9 +1,18 @@
 """Encoder workers: re-encode every updated user with BEAT and publish the embeddings.
 
-A consumer-group member on ``beat.windows``. Each micro-batch is up to ``max_batch``
-messages or ``max_wait_ms``; only the latest window per user is encoded. Embeddings go
-to the Feast online store and to ``beat.embeddings``; the batch's offsets are committed
-only after both writes (at-least-once; the writes are idempotent per user and time).
+A consumer-group member on ``beat.windows``. A batch is what consume() gives within
+``max_wait_ms``, and, while the worker is behind, more of the backlog up to ``read_ahead``
+messages: only each user's newest window is kept, so a backlog costs work per user, not
+per message. The users are encoded, written to the Feast online store and published to
+``beat.embeddings`` in steps of ``max_batch``, each as of the time stream/as_of.py gives.
+
+Nothing is lost (at-least-once): the batch's offsets are committed only after every row is
+in the online store and every message (embeddings and dead letters) is delivered. A
+failing online store is retried with backoff, the batch in hand, nothing committed, and
+the worker logs what waits; once the store answers, the worker carries on where it was
+and catches up. A failed delivery stops the worker without committing (a restart reads
+the batch again). Every write is idempotent: the same window gives the same row, and
+Redis keeps a row only when its timestamp is newer.
 """
 
 from __future__ import annotations
@@ -16,16 +25,21 @@ from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from itertools import repeat
 from pathlib import Path
 
 import numpy as np
-from confluent_kafka import Consumer, Message, Producer
+import pyarrow as pa
+import pyarrow.compute as pc
+from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
 
 from model import BeatEncoder, EventWindow
-from stream.broker import consumer_config, dead_letter_headers, producer_config, records_in
+from stream.as_of import AsOfClock
+from stream.avro_binary import binary_array, strings, varints, write_long, write_string, zigzag
+from stream.broker import CheckedProducer, consumer_config, dead_letter_headers, records_in
 from stream.codec import AvroCodec, DecodeError
 from stream.config import ConfigError, Settings, check_model_fits
-from stream.feast_sink import EmbeddingRows, FeatureSink, utc_now
+from stream.feast_sink import EmbeddingRows, FeatureSink
 from stream.window import Window
 
 log = logging.getLogger(__name__)
@@ -50,7 +64,8 @@ class EncoderStats:
 
     def summary(self) -> str:
         p50, p99 = np.percentile(self.freshness_ms, [50, 99]) if self.freshness_ms else (0.0, 0.0)
-        per_batch = " ".join(f"{k}={v * 1000 / max(1, self.interval_batches):.0f}" for k, v in self.stage_s.items())
+        batches = max(1, self.interval_batches)
+        per_batch = " ".join(f"{k}={v * 1000 / batches:.0f}" for k, v in self.stage_s.items())
         self.freshness_ms.clear()
         self.stage_s.clear()
         self.interval_batches = 0
@@ -60,34 +75,76 @@ class EncoderStats:
         )
 
 
+@dataclass
+class Batch:
+    """Window messages taken together: the newest per user, and where each partition ends."""
+
+    latest: dict[bytes, Message] = field(default_factory=dict)  # user key -> newest window
+    ends: dict[int, int] = field(default_factory=dict)  # partition -> offset past its last
+    messages: int = 0
+
+    def add(self, messages: list[Message]) -> None:
+        records = records_in(messages)
+        self.messages += len(records)
+        partitions = np.fromiter(map(Message.partition, records), np.int64, len(records))
+        offsets = np.fromiter(map(Message.offset, records), np.int64, len(records))
+        for partition in np.unique(partitions).tolist():
+            end = int(offsets[partitions == partition].max()) + 1
+            self.ends[partition] = max(self.ends.get(partition, 0), end)
+        windows = [m for m in records if m.value() is not None]  # seals are tombstones
+        self.latest.update(zip(map(Message.key, windows), windows))
+
+
+@dataclass
+class Encoded:
+    """Users to encode: their windows, and the partition each window came from."""
+
+    user_id: list[str] = field(default_factory=list)
+    window: list[EventWindow] = field(default_factory=list)
+    partition: list[int] = field(default_factory=list)
+
+
 class EncoderWorker:
     def __init__(self, settings: Settings, encoder: BeatEncoder, sink: FeatureSink) -> None:
         self.settings = settings
         self.encoder = encoder
         self.sink = sink
-        self.window_codec = AvroCodec("user_window", settings.windows_topic, settings.schema_registry_url)
-        self.embedding_codec = AvroCodec("user_embedding", settings.embeddings_topic, settings.schema_registry_url)
+        registry = settings.schema_registry_url
+        self.window_codec = AvroCodec("user_window", settings.windows_topic, registry)
+        embedding_codec = AvroCodec("user_embedding", settings.embeddings_topic, registry)
+        self.embedding_header = embedding_codec.framing.header()
         self.consumer = Consumer(consumer_config(settings, settings.encoder_group))
-        self.producer = Producer(producer_config(settings))
+        self.producer = CheckedProducer(settings, **{"batch.size": 1 << 20})
+        self.clock = AsOfClock(settings.replay_lag_ms)
         self.stats = EncoderStats()
         self.stopping = threading.Event()
+        self.revoked = False  # by a rebalance since the batch in hand was taken
+        self.in_hand = Batch()  # the batch being processed, for the logs
 
     def run(self, report_every_s: float = 10.0, ready_file: Path | None = None) -> None:
         """Encode until stop() (or SIGINT/SIGTERM when run from the CLI).
 
         ready_file is created once the worker has joined its group and holds partitions.
         """
-        def on_assign(consumer: Consumer, partitions: list) -> None:
+        def on_assign(consumer: Consumer, partitions: list[TopicPartition]) -> None:
             if ready_file:
                 ready_file.touch()
 
-        self.consumer.subscribe([self.settings.windows_topic], on_assign=on_assign)
+        def on_revoke(consumer: Consumer, partitions: list[TopicPartition]) -> None:
+            # Their uncommitted windows are read again by whoever gets them next.
+            self.revoked = True
+            self.clock.forget([tp.partition for tp in partitions])
+
+        self.consumer.subscribe(
+            [self.settings.windows_topic], on_assign=on_assign, on_revoke=on_revoke,
+            on_lost=on_revoke,
+        )
         next_report = time.monotonic() + report_every_s
         try:
             while not self.stopping.is_set():
-                messages = self.consumer.consume(self.settings.max_batch, self.settings.max_wait_ms / 1000)
-                if messages:
-                    self.process(messages)
+                batch = self._take_batch()
+                if batch.messages:
+                    self.process(batch)
                 if time.monotonic() >= next_report:
                     log.info("encoder worker: %s", self.stats.summary())
                     next_report += report_every_s
@@ -98,23 +155,47 @@ class EncoderWorker:
     def stop(self) -> None:
         self.stopping.set()
 
-    def process(self, messages: list[Message]) -> None:
+    def _take_batch(self) -> Batch:
+        """What consume() gives within max_wait_ms and, while more is already fetched (the
+        worker is behind), more of it, up to read_ahead messages."""
+        self.revoked = False
+        batch, limit = Batch(), self.settings.max_batch
+        taken = self.consumer.consume(limit, self.settings.max_wait_ms / 1000)
+        batch.add(taken)
+        while len(taken) == limit and batch.messages < self.settings.read_ahead:
+            if self.stopping.is_set():
+                break
+            taken = self.consumer.consume(limit, 0)
+            batch.add(taken)
+        return batch
+
+    def process(self, batch: Batch) -> None:
+        """Encode, write and publish the batch's users, then commit its offsets."""
+        self.in_hand = batch
         with self.stats.stage("decode"):
-            windows = self._latest_windows(messages)
-        if windows:
-            self.encode_and_write(windows)
+            users = self._decode(batch)
+        step = self.settings.max_batch
+        for start in range(0, len(users.user_id), step):
+            part = slice(start, start + step)
+            windows, partitions = users.window[part], np.array(users.partition[part], np.int64)
+            newest = np.array([w.event_time_ms[-1] for w in windows], np.int64)
+            as_of = self.clock.as_of(partitions, newest, int(time.time() * 1000))
+            rows = self.encode(windows, users.user_id[part], as_of)
+            if not self.write_online(rows):
+                return  # stopping, or the partitions moved: nothing is committed
+            with self.stats.stage("publish"):
+                self.publish(rows)
         with self.stats.stage("commit"):
-            self.producer.flush()
-            self.consumer.commit(asynchronous=False)
+            self.producer.flush()  # raises DeliveryError: then nothing is committed
+            if not self.revoked:
+                self._commit(batch)
+        self.stats.batches += 1
         self.stats.interval_batches += 1
 
-    def _latest_windows(self, messages: list[Message]) -> dict[str, EventWindow]:
-        """The newest window of each user (later offsets win), as model inputs."""
-        latest: dict[bytes, Message] = {}
-        for message in records_in(messages, skip_tombstones=True):  # seals are tombstones
-            latest[message.key()] = message
-        windows = {}
-        for message in latest.values():
+    def _decode(self, batch: Batch) -> Encoded:
+        """The batch's newest windows as model inputs; bad ones go to the dead-letter topic."""
+        users = Encoded()
+        for message in batch.latest.values():
             try:
                 window = Window.from_record(self.window_codec.decode(message.value()))
             except (DecodeError, ValueError) as err:
@@ -123,52 +204,100 @@ class EncoderWorker:
             if not len(window):
                 self._dead_letter(message, "window has no events")
                 continue
-            windows[window.user_id] = window.event_window()
-        return windows
+            users.user_id.append(window.user_id)
+            users.window.append(window.event_window())
+            users.partition.append(message.partition())
+        return users
 
-    def encode_and_write(self, windows: dict[str, EventWindow]) -> None:
-        """Encode the users' windows as of now; write the rows to Feast and beat.embeddings."""
-        # Encoded as of now (the time the rows carry), so that the embedding knows how long each
-        # user has been silent when it is written.
-        now = utc_now()
-        as_of_ms = int(now.timestamp() * 1000)  # = rows.updated_at_ms, what readers see
+    def encode(
+        self, windows: list[EventWindow], user_ids: list[str], as_of_ms: np.ndarray
+    ) -> EmbeddingRows:
+        """Embeddings of the (non-empty) windows, as of as_of_ms (one per window)."""
         with self.stats.stage("encode"):
-            embeddings = self.encoder.encode(list(windows.values()), as_of_ms=as_of_ms)
-        rows = EmbeddingRows(
-            user_id=list(windows),
+            embeddings = self.encoder.encode(windows, as_of_ms=as_of_ms)
+        return EmbeddingRows(
+            user_id=user_ids,
             embedding=embeddings,
             model_version=self.encoder.model_version,
-            event_count=np.array([len(w) for w in windows.values()], np.int64),
-            last_event_time_ms=np.array([w.event_time_ms[-1] for w in windows.values()], np.int64),
-            updated_at=now,
+            event_count=np.array([len(w) for w in windows], np.int64),
+            last_event_time_ms=np.array([w.event_time_ms[-1] for w in windows], np.int64),
+            as_of_ms=as_of_ms,
         )
-        with self.stats.stage("feast"):
-            self.sink.write(rows)
-        with self.stats.stage("publish"):
-            self._publish(rows)
-        self.stats.users += len(windows)
-        self.stats.batches += 1
-        written_ms = int(time.time() * 1000)  # event time -> both writes done
-        self.stats.freshness_ms.extend((written_ms - rows.last_event_time_ms).tolist())
 
-    def _publish(self, rows: EmbeddingRows) -> None:
-        for i, user_id in enumerate(rows.user_id):
-            value = self.embedding_codec.encode({
-                "user_id": user_id,
-                "model_version": rows.model_version,
-                "embedding": rows.embedding[i].tolist(),
-                "event_count": int(rows.event_count[i]),
-                "last_event_time": int(rows.last_event_time_ms[i]),
-                "updated_at": rows.updated_at_ms,
-            })
-            self.producer.produce(self.settings.embeddings_topic, key=user_id.encode(), value=value)
+    def write_online(self, rows: EmbeddingRows) -> bool:
+        """Write the rows to the online store, retrying with backoff while it is unavailable.
+        False: given up (the worker is stopping, or a rebalance took the partitions)."""
+        delay, waiting_since = 0.1, None
+        while True:
+            try:
+                with self.stats.stage("feast"):
+                    self.sink.write(rows)
+                break
+            except self.sink.unavailable as err:
+                waiting_since = waiting_since or time.monotonic()
+                log.warning(
+                    "encoder worker: online store %s unavailable (%s); waiting %.0f s so far: "
+                    "%d embeddings, %d window messages uncommitted (partitions %s); "
+                    "retry in %.1f s",
+                    self.sink.where, err, time.monotonic() - waiting_since, len(rows.user_id),
+                    self.in_hand.messages, sorted(self.in_hand.ends), delay,
+                )
+                if self.stopping.wait(delay) or self.revoked:
+                    return False
+                delay = min(2 * delay, 5.0)
+        if waiting_since is not None:
+            log.warning("encoder worker: online store %s back after %.1f s; catching up",
+                        self.sink.where, time.monotonic() - waiting_since)
+        self.stats.users += len(rows.user_id)
+        written_ms = int(time.time() * 1000)  # event time -> in the online store
+        self.stats.freshness_ms.extend((written_ms - rows.last_event_time_ms).tolist())
+        return True
+
+    def publish(self, rows: EmbeddingRows) -> None:
+        """The rows to beat.embeddings, encoded all at once (see embedding_values)."""
+        keys = pa.array(rows.user_id, pa.string()).cast(pa.binary()).to_pylist()
+        values = embedding_values(self.embedding_header, rows)
+        topic = self.settings.embeddings_topic
+        # produce() per message is the client's C method, mapped: no Python per row.
+        list(map(self.producer.produce, repeat(topic, len(keys)), values, keys))
+
+    def _commit(self, batch: Batch) -> None:
+        topic = self.settings.windows_topic
+        offsets = [TopicPartition(topic, p, end) for p, end in sorted(batch.ends.items())]
+        try:
+            self.consumer.commit(offsets=offsets, asynchronous=False)
+        except KafkaException as err:
+            # The group moved on (a rebalance during the batch): the new owners read the
+            # batch's windows again.
+            log.warning("encoder worker: commit refused (%s); the windows are read again", err)
 
     def _dead_letter(self, message: Message, reason: str) -> None:
         self.stats.dead_letters += 1
         self.producer.produce(
             self.settings.dead_letter_topic, key=message.key(), value=message.value(),
-            headers=dead_letter_headers(reason, message.topic(), message.partition(), message.offset()),
+            headers=dead_letter_headers(
+                reason, message.topic(), message.partition(), message.offset()
+            ),
         )
+
+
+def embedding_values(header: bytes, rows: EmbeddingRows) -> list[bytes]:
+    """The beat.embeddings value of every row (schemas/user_embedding.avsc), encoded column
+    by column like the producer's events: byte for byte what AvroCodec.encode writes."""
+    n, size = rows.embedding.shape
+    floats = np.ascontiguousarray(rows.embedding, "<f4").view(np.uint8).ravel()
+    pieces = [
+        pa.scalar(header),
+        *strings(pa.array(rows.user_id, pa.string())),
+        pa.scalar(write_string(rows.model_version)),
+        pa.scalar(write_long(size)),  # the embedding: one block of floats, then the end
+        binary_array(np.full(n, 4 * size), floats),
+        pa.scalar(b"\x00"),
+        varints(zigzag(rows.event_count)),
+        varints(zigzag(rows.last_event_time_ms)),
+        varints(zigzag(rows.as_of_ms)),
+    ]
+    return pc.binary_join_element_wise(*pieces, b"").to_pylist()
 
 
 def load_worker(settings: Settings) -> EncoderWorker:

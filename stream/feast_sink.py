@@ -8,11 +8,12 @@ from beatstream's settings, so tests and demos can each have their own.
 from __future__ import annotations
 
 import runpy
+import sqlite3
 from dataclasses import dataclass
-from datetime import datetime, timezone
 
 import numpy as np
 import pandas as pd
+import redis
 import yaml
 
 from stream.config import Settings
@@ -31,11 +32,9 @@ class EmbeddingRows:
     model_version: str
     event_count: np.ndarray  # int64[n]
     last_event_time_ms: np.ndarray  # int64[n]
-    updated_at: datetime
-
-    @property
-    def updated_at_ms(self) -> int:
-        return int(self.updated_at.timestamp() * 1000)
+    # int64[n] unix ms: the moment each embedding describes (stream/as_of.py), which is
+    # also its Feast event timestamp and its updated_at on beat.embeddings
+    as_of_ms: np.ndarray
 
 
 def feature_store_yaml(settings: Settings) -> dict:
@@ -88,7 +87,9 @@ class FeatureSink:
         self.join_key = self.view.entity_columns[0].name
         writer = RedisRowWriter if settings.online_store == "redis" else SqliteRowWriter
         self.writer = writer(self.store, self.view)
-        self.where = settings.redis_url if settings.online_store == "redis" else "sqlite"
+        self.where = settings.redis_url if writer is RedisRowWriter else "sqlite"
+        # Errors that mean "the store is not answering now": the encoder retries them.
+        self.unavailable = (redis.ConnectionError, redis.TimeoutError, sqlite3.OperationalError)
         self._feature_refs = [f"{FEATURE_VIEW}:{name}" for name in FEATURES]
 
     def write(self, rows: EmbeddingRows) -> int:
@@ -117,10 +118,6 @@ def embedding_frame(rows: EmbeddingRows) -> pd.DataFrame:
             "model_version": rows.model_version,
             "event_count": rows.event_count,
             "last_event_time": pd.to_datetime(rows.last_event_time_ms, unit="ms", utc=True),
-            "updated_at": rows.updated_at,
+            "updated_at": pd.to_datetime(rows.as_of_ms, unit="ms", utc=True),
         }
     )
-
-
-def utc_now() -> datetime:
-    return datetime.now(timezone.utc)

@@ -30,11 +30,11 @@ from __future__ import annotations
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
 import hiredis
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import redis
@@ -68,7 +68,7 @@ class OnlineRows:
     entity_keys: pa.BinaryArray  # serialize_entity_key(user_id), version 3
     values: dict[str, pa.BinaryArray]  # feature name -> serialized Value of each row
     texts: dict[str, list[str | None]]  # feature name -> Feast's text form (sqlite value_text)
-    event_ts: datetime  # the rows' Feast event timestamp (tz-aware UTC)
+    event_ts_ms: np.ndarray  # int64 [n] each row's Feast event timestamp, unix ms
 
     def __len__(self) -> int:
         return len(self.entity_keys)
@@ -93,7 +93,7 @@ class OnlineRows:
                 "event_count": list(map(str, rows.event_count.tolist())),
                 "last_event_time": [None] * n,
             },
-            event_ts=rows.updated_at,
+            event_ts_ms=rows.as_of_ms,
         )
 
 
@@ -134,19 +134,23 @@ def string_value(text: str) -> bytes:
     return _STRING_VAL_TAG + _proto_varint(len(data)) + data
 
 
-def timestamp_proto(at: datetime) -> bytes:
-    """google.protobuf.Timestamp of at, as Feast's Redis store keeps it (`_ts:<view>`)."""
-    from google.protobuf.timestamp_pb2 import Timestamp
-
-    ts = Timestamp()
-    ts.FromDatetime(at)
-    return ts.SerializeToString()
+def timestamp_protos(unix_ms: np.ndarray) -> pa.BinaryArray:
+    """A serialized google.protobuf.Timestamp per unix ms, as Feast's Redis store keeps
+    them (`_ts:<view>`): seconds (field 1) and nanos (field 2), each left out when 0."""
+    seconds, nanos = np.divmod(np.asarray(unix_ms, np.int64), 1000)
+    nanos *= 1_000_000
+    pieces = []
+    for tag, number in ((0x08, seconds), (0x10, nanos)):
+        present = number > 0
+        pieces += [binary_array(present.astype(np.int64), np.full(present.sum(), tag, np.uint8)),
+                   varints(number.view(np.uint64), present)]
+    return pc.binary_join_element_wise(*pieces, b"")
 
 
 # Which rows are newer than what is stored, by Feast's rule (equal or older is skipped).
 # Timestamps are google.protobuf.Timestamps (seconds = field 1, nanos = field 2, varints),
-# compared as (seconds, nanos). KEYS: the rows' hashes; ARGV: the ts field, the new ts.
-# Returns 1 (write) or 0 (skip) per key.
+# compared as (seconds, nanos). KEYS: the rows' hashes; ARGV: the ts field, then each
+# row's new ts. Returns 1 (write) or 0 (skip) per key.
 _NEWER = """
 local function varint(s, i)
   local n, scale = 0, 1
@@ -168,9 +172,9 @@ local function seconds_nanos(ts)
   end
   return seconds, nanos
 end
-local new_s, new_n = seconds_nanos(ARGV[2])
 local newer = {}
 for row = 1, #KEYS do
+  local new_s, new_n = seconds_nanos(ARGV[row + 1])
   local old = redis.call('HGET', KEYS[row], ARGV[1])
   local flag = 1
   if old then
@@ -203,16 +207,17 @@ class RedisRowWriter:
         """Rows written (the others had a stored timestamp at least as new)."""
         if not len(rows):
             return 0
-        ts = timestamp_proto(rows.event_ts)
+        ts = timestamp_protos(rows.event_ts_ms)
         keys = pc.binary_join_element_wise(rows.entity_keys, pa.scalar(self.project), b"")
-        newer = np.asarray(self.newer(keys=keys.to_pylist(), args=[self.ts_field, ts]), bool)
+        newer = self.newer(keys=keys.to_pylist(), args=[self.ts_field, *ts.to_pylist()])
+        newer = np.asarray(newer, bool)
         # Like Feast, a check and then a write: a row written by someone else in between is
         # overwritten. Only one encoder holds a user's partition at a time, except briefly
         # in a rebalance, and both then write the same window.
         if not newer.any():
             return 0
         take = pa.array(np.flatnonzero(newer))
-        args: list[pa.Array | bytes] = [keys.take(take), self.ts_field, ts]
+        args: list[pa.Array | bytes] = [keys.take(take), self.ts_field, ts.take(take)]
         for name, values in rows.values.items():
             args += [self.fields[name], values.take(take)]
         self._send(_resp_commands(b"HSET", args), len(take))
@@ -230,7 +235,10 @@ class RedisRowWriter:
             connection.send_packed_command([commands])
             reader, error = hiredis.Reader(), None
             while replies:
-                data = connection._sock.recv(1 << 16)
+                try:
+                    data = connection._sock.recv(1 << 16)
+                except OSError as err:
+                    raise redis.ConnectionError(f"reading replies: {err}") from err
                 if not data:
                     raise redis.ConnectionError("Redis closed the connection while writing")
                 reader.feed(data)
@@ -286,13 +294,14 @@ class SqliteRowWriter:
         )
 
     def write(self, rows: OnlineRows) -> int:
-        event_ts = rows.event_ts.astimezone(timezone.utc).replace(tzinfo=None)  # as Feast stores it
+        # naive UTC datetimes, as Feast stores them
+        event_ts = pd.to_datetime(rows.event_ts_ms, unit="ms").to_pydatetime().tolist()
         conn = self.online._get_conn(self.config)
         keys = rows.entity_keys.to_pylist()
         with conn:
             for name, values in rows.values.items():
                 conn.executemany(self.upsert, zip(
                     keys, [name] * len(rows), values.to_pylist(), rows.texts[name],
-                    [event_ts] * len(rows), [None] * len(rows),
+                    event_ts, [None] * len(rows),
                 ))
         return len(rows)

@@ -14,6 +14,7 @@ import logging
 import time
 from dataclasses import dataclass
 
+import numpy as np
 from confluent_kafka.admin import AdminClient
 
 from stream.broker import client_config, read_compacted
@@ -56,7 +57,11 @@ def refresh_idle(settings: Settings, worker: EncoderWorker, idle_ms: int) -> Ref
     cutoff_ms = int(time.time() * 1000) - idle_ms
     idle = [w for w in windows.values() if len(w) and int(w.event_time[-1]) < cutoff_ms]
     for start in range(0, len(idle), settings.max_batch):
-        worker.encode_and_write({w.user_id: w.event_window() for w in idle[start : start + settings.max_batch]})
+        chunk = idle[start : start + settings.max_batch]
+        as_of = np.full(len(chunk), int(time.time() * 1000))
+        rows = worker.encode([w.event_window() for w in chunk], [w.user_id for w in chunk], as_of)
+        worker.write_online(rows)
+        worker.publish(rows)
     worker.producer.flush()
     summary = RefreshSummary(len(windows), len(idle), time.monotonic() - began)
     log.info("refresh: %s", summary)

@@ -8,7 +8,6 @@ import subprocess
 import sys
 import time
 import uuid
-from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +19,7 @@ import yaml
 from stream.config import Settings, load_settings
 from stream.feast_sink import EmbeddingRows, FeatureSink, feature_store_yaml
 
-T0 = datetime(2026, 6, 1, 12, 0, tzinfo=timezone.utc)
+T0_MS = 1_780_315_200_000  # 2026-06-01 12:00 UTC
 
 
 def feast_settings(tmp_path: Path, online_store: str, redis_url: str) -> Settings:
@@ -31,8 +30,9 @@ def feast_settings(tmp_path: Path, online_store: str, redis_url: str) -> Setting
     )
 
 
-def awkward_rows(n: int, at: datetime, seed: int = 0) -> EmbeddingRows:
-    """Embeddings with the floats a text round trip would break: subnormals, -0.0, extremes."""
+def awkward_rows(n: int, at_ms: int, seed: int = 0) -> EmbeddingRows:
+    """Embeddings with the floats a text round trip would break: subnormals, -0.0, extremes;
+    as-of times a few hundred ms apart, some on whole seconds."""
     rng = np.random.default_rng(seed)
     embedding = rng.standard_normal((n, 768)).astype(np.float32)
     embedding[:, :6] = [np.float32(1e-45), -0.0, np.finfo(np.float32).max,
@@ -43,7 +43,7 @@ def awkward_rows(n: int, at: datetime, seed: int = 0) -> EmbeddingRows:
         model_version="beat-abc123",
         event_count=rng.integers(1, 300, n),
         last_event_time_ms=rng.integers(1_600_000_000_000, 1_800_000_000_000, n),
-        updated_at=at,
+        as_of_ms=at_ms + 250 * np.arange(n),
     )
 
 
@@ -79,7 +79,7 @@ def test_stored_bytes_equal_feasts_own_writer(
     ours_settings = feast_settings(tmp_path, online_store, redis_url)
     feasts_settings = feast_settings(tmp_path, online_store, redis_url)
     ours, feasts = FeatureSink(ours_settings), FeatureSink(feasts_settings)
-    rows = awkward_rows(50, T0)
+    rows = awkward_rows(50, T0_MS)
 
     assert ours.write(rows) == 50
     feasts.write_via_feast(rows)
@@ -99,7 +99,7 @@ def test_get_online_features_reads_back_bit_exact(
     tmp_path: Path, online_store: str, redis_url: str
 ) -> None:
     sink = FeatureSink(feast_settings(tmp_path, online_store, redis_url))
-    rows = awkward_rows(20, T0)
+    rows = awkward_rows(20, T0_MS)
     sink.write(rows)
 
     back = sink.read(rows.user_id)
@@ -116,7 +116,7 @@ def test_a_re_encode_replaces_the_row_and_an_older_write_does_not(
     tmp_path: Path, redis_url: str
 ) -> None:
     sink = FeatureSink(feast_settings(tmp_path, "redis", redis_url))
-    first, second, stale = (awkward_rows(3, T0 + timedelta(milliseconds=ms), seed) for ms, seed in
+    first, second, stale = (awkward_rows(3, T0_MS + ms, seed) for ms, seed in
                             [(0, 1), (1, 2), (-1000, 3)])
 
     assert sink.write(first) == 3
@@ -141,7 +141,7 @@ def test_feast_serve_reads_back_bit_exact(
 ) -> None:
     settings = feast_settings(tmp_path, online_store, redis_url)
     sink = FeatureSink(settings)
-    rows = awkward_rows(5, T0)
+    rows = awkward_rows(5, T0_MS)
     sink.write(rows)
     config = tmp_path / "feature_store.yaml"
     config.write_text(yaml.safe_dump(feature_store_yaml(settings)))

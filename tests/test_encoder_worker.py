@@ -1,0 +1,290 @@
+"""The encoder worker loses nothing: SIGKILLs, an online-store outage; and what it publishes.
+
+Windows are produced straight to beat.windows (the encoder's input) while the faults
+happen; at the end every user's row in Feast and on beat.embeddings must describe the
+user's final window (event_count and last_event_time).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+from confluent_kafka import Consumer, Producer, TopicPartition
+from conftest import REPO, read_topic, running, wait_for
+
+from model import init_model_dir
+from stream.broker import client_config, producer_config
+from stream.codec import AvroCodec
+from stream.config import Settings
+from stream.encoder_worker import embedding_values, load_worker
+from stream.feast_sink import EmbeddingRows, FeatureSink
+from stream.window import ROW, Window
+
+ACTIONS = ["login", "page_view", "purchase"]
+
+
+def test_published_values_are_what_the_avro_codec_writes() -> None:
+    rng = np.random.default_rng(1)
+    rows = EmbeddingRows(
+        user_id=["a", "ü-2", "x" * 300], embedding=rng.standard_normal((3, 16)).astype(np.float32),
+        model_version="m-1", event_count=np.array([1, 64, 256]),
+        last_event_time_ms=np.array([0, 1_700_000_000_123, 2**40]),
+        as_of_ms=np.array([5, 1_700_000_000_999, 2**41]),
+    )
+    codec = AvroCodec("user_embedding", "beat.embeddings")
+    expected = [codec.encode({
+        "user_id": rows.user_id[i], "model_version": "m-1", "embedding": rows.embedding[i].tolist(),
+        "event_count": int(rows.event_count[i]), "last_event_time": int(rows.last_event_time_ms[i]),
+        "updated_at": int(rows.as_of_ms[i]),
+    }) for i in range(3)]
+    assert embedding_values(codec.framing.header(), rows) == expected
+
+
+class WindowFeed:
+    """Grows random users' windows by one to three events every interval, on a thread,
+    and remembers each user's last window sent."""
+
+    def __init__(self, settings: Settings, users: int, interval_s: float = 0.05) -> None:
+        self.settings, self.interval_s = settings, interval_s
+        self.codec = AvroCodec("user_window", settings.windows_topic)
+        self.producer = Producer(producer_config(settings))
+        self.times: dict[str, list[int]] = {f"user-{i:03d}": [] for i in range(users)}
+        self.rng = random.Random(5)
+        self.sent = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def window(self, user: str) -> Window:
+        times = np.array(self.times[user], np.int64)
+        rows = np.zeros(len(times), ROW)
+        rows["time_lo"], rows["time_hi"] = times & 0xFFFFFFFF, times >> 32
+        rows["symbol"] = np.arange(len(times)) % len(ACTIONS)
+        rows["value"] = np.nan
+        return Window.from_strings(user, rows, ACTIONS, [None] * len(ACTIONS))
+
+    def send_round(self) -> None:
+        now_ms = int(time.time() * 1000)
+        for user in self.rng.sample(sorted(self.times), k=max(1, len(self.times) // 3)):
+            new = [now_ms - k for k in range(self.rng.randint(1, 3), 0, -1)]
+            self.times[user] = (self.times[user] + new)[-64:]  # a stream worker's max_events
+            window = self.window(user)
+            self.producer.produce(self.settings.windows_topic,
+                                  self.codec.encode(window.to_record(now_ms)), user.encode())
+            self.sent += 1
+        self.producer.flush(10)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.send_round()
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> WindowFeed:
+        self.send_round()  # every user has a window from the start
+        while any(not t for t in self.times.values()):
+            self.send_round()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def final(self) -> dict[str, tuple[int, int]]:
+        """Each user's final window: (event_count, newest event ms)."""
+        return {u: (len(t), t[-1]) for u, t in self.times.items()}
+
+
+def all_final_in_feast(sink: FeatureSink, final: dict[str, tuple[int, int]]) -> bool:
+    users = sorted(final)
+    stored = sink.read(users)
+    return all(
+        stored["event_count"][i] == final[u][0]
+        and stored["last_event_time"][i] is not None
+        and int(stored["last_event_time"][i].timestamp()) == final[u][1] // 1000  # Feast: seconds
+        for i, u in enumerate(users)
+    )
+
+
+def assert_published_final(settings: Settings, final: dict[str, tuple[int, int]]) -> None:
+    codec = AvroCodec("user_embedding", settings.embeddings_topic)
+
+    def done(messages: list) -> bool:
+        newest = {r["user_id"]: r for r in (codec.decode(m.value()) for m in messages)}
+        return all(
+            u in newest and newest[u]["event_count"] == count
+            and int(newest[u]["last_event_time"].timestamp() * 1000) == last
+            for u, (count, last) in final.items()
+        )
+
+    read_topic(settings, settings.embeddings_topic, until=done, timeout_s=60)
+
+
+@pytest.fixture
+def model_settings(settings: Settings, tmp_path: Path, redis_url: str) -> Settings:
+    init_model_dir(tmp_path / "model", "tiny", ACTIONS, ["web"], seed=2)
+    return settings.model_copy(update={
+        "model_dir": tmp_path / "model", "online_store": "redis", "redis_url": redis_url,
+        "max_wait_ms": 20, "torch_threads": 1, "max_events": 64,  # the tiny preset reads 64
+    })
+
+
+@contextmanager
+def encoder_process(
+    settings: Settings, log_path: Path, ready_file: Path
+) -> Iterator[subprocess.Popen]:
+    ready_file.unlink(missing_ok=True)
+    env = {**os.environ, **settings.to_env()}
+    command = [sys.executable, "-m", "stream.cli", "encode", "--ready-file", str(ready_file)]
+    with open(log_path, "a") as log:
+        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+
+
+def test_sigkilled_encoder_restarts_and_every_user_ends_with_its_final_window(
+    model_settings: Settings, tmp_path: Path
+) -> None:
+    settings = model_settings
+    sink = FeatureSink(settings)
+    log_path, ready = tmp_path / "encoder.log", tmp_path / "ready"
+    rng = random.Random(3)
+    with WindowFeed(settings, users=60) as feed:
+        for _ in range(3):
+            with encoder_process(settings, log_path, ready) as encoder:
+                wait_for(lambda: ready.exists() or encoder.poll() is not None, 90, "encoder ready")
+                assert encoder.poll() is None, log_path.read_text()[-3000:]
+                sent = feed.sent
+                wait_for(lambda: feed.sent > sent + 40, 30, "windows sent meanwhile")
+                time.sleep(rng.uniform(0.2, 1.0))
+                encoder.send_signal(signal.SIGKILL)
+        with encoder_process(settings, log_path, ready) as encoder:
+            wait_for(lambda: ready.exists(), 90, "encoder ready")
+            time.sleep(1)
+            feed.__exit__()
+            final = feed.final()
+            wait_for(lambda: all_final_in_feast(sink, final), 90, "every final window in Feast")
+    assert feed.sent > 400
+    assert_published_final(settings, final)
+
+
+@contextmanager
+def own_redis(directory: Path) -> Iterator[tuple[str, callable]]:
+    """A redis-server of this test's own on a spare port, saving to directory when stopped;
+    yields its URL and a function that stops it for some seconds and starts it again."""
+    server = shutil.which("redis-server")
+    if not server:
+        pytest.skip("no redis-server binary")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [server, "--bind", "127.0.0.1", "--port", str(port), "--dir", str(directory),
+               "--save", "", "--appendonly", "no"]
+    client = redis.Redis(port=port)
+
+    def start() -> subprocess.Popen:
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
+        wait_for(lambda: _answers(client), 20, "redis-server up")
+        return process
+
+    processes = [start()]
+
+    def outage(seconds: float) -> None:
+        client.shutdown(save=True)  # its data survives, like a restarted production Redis
+        processes[0].wait(10)
+        time.sleep(seconds)
+        processes[0] = start()
+
+    try:
+        yield f"127.0.0.1:{port}", outage
+    finally:
+        processes[0].terminate()
+        processes[0].wait(10)
+
+
+def _answers(client: redis.Redis) -> bool:
+    try:
+        return bool(client.ping())
+    except redis.ConnectionError:
+        return False
+
+
+def committed(settings: Settings) -> list[int]:
+    consumer = Consumer(client_config(settings, **{"group.id": settings.encoder_group}))
+    try:
+        partitions = [TopicPartition(settings.windows_topic, p) for p in range(settings.partitions)]
+        return [tp.offset for tp in consumer.committed(partitions, timeout=10)]
+    finally:
+        consumer.close()
+
+
+def test_online_store_outage_waits_commits_nothing_and_catches_up(
+    model_settings: Settings, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with own_redis(tmp_path) as (url, outage):
+        settings = model_settings.model_copy(update={"redis_url": url})
+        worker = load_worker(settings)
+        caplog.set_level(logging.WARNING, logger="stream.encoder_worker")
+        with WindowFeed(settings, users=60) as feed, running(worker):
+            wait_for(lambda: worker.stats.users > 100, 60, "encoding under way")
+            stopper = threading.Thread(target=outage, args=(20.0,))
+            stopper.start()
+            time.sleep(3)  # the outage has begun, the worker holds a batch
+            during = committed(settings)
+            sent_before = feed.sent
+            time.sleep(15)
+            assert committed(settings) == during  # nothing committed while the store is down
+            assert feed.sent > sent_before + 100
+            stopper.join()
+            time.sleep(2)
+            feed.__exit__()
+            final = feed.final()
+            sink = FeatureSink(settings)
+            wait_for(lambda: all_final_in_feast(sink, final), 60, "caught up after the outage")
+    waits = [r.getMessage() for r in caplog.records if "unavailable" in r.getMessage()]
+    assert waits and url in waits[0] and "uncommitted" in waits[0]
+    assert any("back after" in r.getMessage() for r in caplog.records)
+    assert_published_final(settings, final)
+
+
+def test_a_window_from_the_past_is_as_of_its_partition_and_a_live_one_as_of_now(
+    model_settings: Settings,
+) -> None:
+    settings = model_settings
+    codec = AvroCodec("user_window", settings.windows_topic)
+    producer = Producer(producer_config(settings))
+    now_ms = int(time.time() * 1000)
+    history_ms = now_ms - 200 * 86_400_000
+    feed = WindowFeed(settings, users=0)
+    feed.times = {"live": [now_ms - 2_000, now_ms - 1_000],
+                  "replayed": [history_ms - 5, history_ms]}
+    for user, partition in (("live", 0), ("replayed", 1)):
+        producer.produce(settings.windows_topic, codec.encode(feed.window(user).to_record(now_ms)),
+                         user.encode(), partition=partition)
+    producer.flush(10)
+    started_ms = int(time.time() * 1000)
+    with running(load_worker(settings)):
+        messages = read_topic(settings, settings.embeddings_topic, until=lambda m: len(m) >= 2)
+    records = {r["user_id"]: r for r in map(AvroCodec("user_embedding", "x").decode,
+                                             (m.value() for m in messages))}
+    as_of = {u: int(r["updated_at"].timestamp() * 1000) for u, r in records.items()}
+    assert as_of["replayed"] == history_ms
+    assert started_ms <= as_of["live"] <= int(time.time() * 1000)
