@@ -189,3 +189,15 @@ def redis_url(request: pytest.FixtureRequest) -> str:
             except redis.ConnectionError:
                 time.sleep(0.1)
         pytest.skip("redis-server was started but does not answer on 127.0.0.1:6379")
+
+
+# Fixtures that start or reach a broker or Redis: a test using one is a `broker` test, so
+# `pytest -m "not broker"` runs the fast unit tests alone. Tests that start worker or
+# training processes without them carry the marker themselves.
+_BROKER_FIXTURES = {"apache_kafka", "bootstrap_servers", "settings", "redis_url"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if _BROKER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.broker)

@@ -5,16 +5,20 @@ from __future__ import annotations
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pytest
 from confluent_kafka import Producer
 
+from model import BeatEncoder, init_model_dir
 from stream.broker import producer_config
 from stream.codec import AvroCodec
 from stream.config import Settings
-from stream.window import Window, event_id_hashes
+from stream.encoder_worker import EncoderWorker
+from stream.feast_sink import FeatureSink
+from stream.window import Window, event_id_hashes, pack_rows
 
-from conftest import read_topic, stream_worker
+from conftest import read_topic, running, stream_worker
 
 NOW = datetime.now(timezone.utc).replace(microsecond=0)
 
@@ -71,3 +75,43 @@ def test_bad_events_are_dead_lettered_and_later_events_processed(settings: Setti
     kept = {user: w.rows["id_hash"].tolist() for user, w in latest(windows).items()}
     assert kept == {user: event_id_hashes(pa.array(ids)).tolist() for user, ids in
                     {"alice": ["alice-0", "alice-4"], "bob": ["bob-5"]}.items()}
+
+
+def test_the_encoder_dead_letters_windows_it_cannot_encode(
+    settings: Settings, tmp_path: Path
+) -> None:
+    init_model_dir(tmp_path / "model", "tiny", ["login"], ["web"], seed=1)
+    encoder = BeatEncoder.from_pretrained(tmp_path / "model", device="cpu")
+    worker = EncoderWorker(settings, encoder, FeatureSink(settings))
+    now_ms = int(NOW.timestamp() * 1000)
+    times = np.array([now_ms - 60_000, now_ms])
+    rows = pack_rows(times, np.zeros(2), event_id_hashes(pa.array(["c-1", "c-2"])), np.zeros(2))
+    good = Window.from_strings("carol", rows, ["login"], ["web"])
+    codec = AvroCodec("user_window", settings.windows_topic)
+    sends = [
+        (b"carol", codec.encode(good.to_record(now_ms))),
+        (b"dave", codec.encode(Window.empty("dave").to_record(now_ms))),
+        (b"erin", codec.encode({**good.to_record(now_ms), "user_id": "erin", "events": bytes(17)})),
+        (b"frank", b"\x7bnot a window"),
+    ]
+    producer = Producer(producer_config(settings))
+    for key, value in sends:
+        producer.produce(settings.windows_topic, key=key, value=value, partition=0)
+    producer.flush(10)
+
+    with running(worker):
+        dead = read_topic(settings, settings.dead_letter_topic, until=lambda m: len(m) >= 3)
+        published = read_topic(settings, settings.embeddings_topic, until=lambda m: len(m) >= 1)
+
+    reasons = {m.key(): dict(m.headers())["dlq.reason"].decode() for m in dead}
+    assert set(reasons) == {b"dave", b"erin", b"frank"} and len(dead) == 3
+    assert reasons[b"dave"] == "window has no events"
+    assert "not a multiple of 16" in reasons[b"erin"]
+    assert "not Avro single-object encoded" in reasons[b"frank"]
+    for message in dead:  # the original bytes, and where they came from
+        headers = dict(message.headers())
+        assert message.value() == dict(sends)[message.key()]
+        assert headers["dlq.topic"].decode() == settings.windows_topic
+        assert headers["dlq.partition"] == b"0"
+    assert [m.key() for m in published] == [b"carol"]
+    assert worker.stats.dead_letters == 3

@@ -193,6 +193,7 @@ def train_command(sequences_file: Path, out: Path, steps: int, *extra: str) -> l
     ]
 
 
+@pytest.mark.broker  # starts training processes
 def test_a_run_killed_after_a_checkpoint_resumes_to_exactly_the_uninterrupted_weights(
     sequences, tmp_path
 ):
@@ -235,6 +236,7 @@ def test_a_run_killed_after_a_checkpoint_resumes_to_exactly_the_uninterrupted_we
 # --- torchrun --------------------------------------------------------------------------------
 
 
+@pytest.mark.broker  # starts training processes
 def test_torchrun_with_two_processes_trains_and_saves_the_model(sequences, tmp_path):
     path = tmp_path / "sequences.parquet"
     write_sequences(sequences, path)
