@@ -161,6 +161,68 @@ def dead_letter(
     return DeadLetter(key_cut, value_cut, headers)
 
 
+class BrokerError(RuntimeError):
+    """The broker cannot be used: unreachable, too slow, or a fatal client error. Workers
+    exit with it (and a non-zero code) so that a supervisor restarts them cleanly."""
+
+
+def check_reachable(settings: Settings, timeout_s: float = 10.0) -> None:
+    """Raise BrokerError unless the broker answers a metadata request within timeout_s."""
+    admin = AdminClient(client_config(settings, log_level=2))  # no log line per refused connect
+    try:
+        admin.list_topics(timeout=timeout_s)
+    except KafkaException as err:
+        raise BrokerError(
+            f"cannot reach the Kafka broker at {settings.bootstrap_servers} within {timeout_s:g}s "
+            f"({err.args[0].str()}): check KAFKA_BOOTSTRAP_SERVERS and that the broker runs"
+        ) from None
+
+
+class ClientErrors:
+    """The error callback (error_cb) of a worker's Kafka clients, and the check that turns
+    what it saw into BrokerError: a fatal error (an idempotent producer that lost its
+    sequence, say, after a broker restart) at once, an unreachable broker once it has been
+    unreachable for timeout_s. librdkafka itself retries forever, silently."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.servers = settings.bootstrap_servers
+        self.timeout_s = settings.broker_timeout_ms / 1000
+        self.fatal: KafkaError | None = None
+        self.down_since: float | None = None
+
+    def __call__(self, error: KafkaError) -> None:
+        if error.fatal():
+            self.fatal = self.fatal or error
+        elif error.code() == KafkaError._ALL_BROKERS_DOWN:
+            if self.down_since is None:
+                log.warning("Kafka broker %s unreachable: %s", self.servers, error.str())
+                self.down_since = time.monotonic()
+        elif error.code() == KafkaError._TRANSPORT:  # each failed reconnect: not worth a line
+            log.debug("Kafka client: %s", error.str())
+        else:
+            log.warning("Kafka client: %s", error.str())
+
+    def check(self, client: Consumer) -> None:
+        """Raise BrokerError for a fatal error, or a broker down for over timeout_s; while
+        it is down, ask it for metadata to see whether it is back."""
+        if self.fatal is not None:
+            raise BrokerError(
+                f"fatal Kafka client error: {self.fatal.str()}; exiting for a clean restart"
+            )
+        if self.down_since is None:
+            return
+        try:
+            client.list_topics(timeout=0.5)
+            log.info("Kafka broker %s reachable again", self.servers)
+            self.down_since = None
+        except KafkaException:
+            if time.monotonic() - self.down_since > self.timeout_s:
+                raise BrokerError(
+                    f"Kafka broker {self.servers} unreachable for over {self.timeout_s:g}s "
+                    "(BEAT_BROKER_TIMEOUT_MS); exiting for a clean restart"
+                ) from None
+
+
 def client_config(settings: Settings, **extra: Any) -> dict[str, Any]:
     """librdkafka settings shared by every confluent-kafka client of beatstream."""
     if not settings.bootstrap_servers:
@@ -176,6 +238,9 @@ def producer_config(settings: Settings, **extra: Any) -> dict[str, Any]:
             # What the broker accepts: a bigger message fails here, at produce(), with a
             # clear error rather than in a delivery report (windows are sized to fit).
             "message.max.bytes": settings.max_message_bytes,
+            # A message not delivered by then fails (a delivery error), rather than being
+            # retried for librdkafka's default of 5 minutes.
+            "message.timeout.ms": settings.broker_timeout_ms,
             "enable.idempotence": True,
             "compression.type": "zstd",
             "linger.ms": 5,

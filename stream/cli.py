@@ -5,9 +5,15 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from stream.broker import BrokerError, check_reachable
 from stream.config import ConfigError, Settings, load_settings
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 # Some synthetic users are churners who stay silent, and light users may not act within a
 # minute: 3,000 users give over 2,000 active ones.
@@ -47,33 +53,47 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_produce(args: argparse.Namespace, settings: Settings) -> int:
     from stream.producer import produce
 
+    if args.synthetic and not args.history_days and not args.rate:
+        print("beat produce --synthetic makes live events at a pace: add --rate EVENTS_PER_S "
+              "(e.g. --rate 1000), or --history-days N for history as fast as possible",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    check_reachable(settings)
+    try:
+        batches = _event_batches(args)
+        sent = produce(settings, batches, args.rate, args.duration, args.limit)
+    except (ValueError, FileNotFoundError) as err:  # a file that does not fit: said, no traceback
+        print(err, file=sys.stderr)
+        return 2
+    print(f"produced {sent} events to {settings.events_topic}")
+    return 0
+
+
+def _event_batches(args: argparse.Namespace) -> Iterator[pa.RecordBatch]:
+    """The events `beat produce` sends: from a file or data set, or synthetic."""
     if args.file or args.dataset:
         from stream.event_files import dataset_path, read_event_file
 
+        if any("=" not in pair for pair in args.column):
+            raise ValueError(f"--column takes FIELD=COLUMN, e.g. --column user_id=customer, "
+                             f"not {args.column}")  # fmt: skip
         mapping = dict(pair.split("=", 1) for pair in args.column)
-        try:
-            batches = read_event_file(args.file or dataset_path(args.dataset), mapping or None)
-        except (ValueError, FileNotFoundError) as err:  # a file that does not fit: say why, no traceback
-            print(err, file=sys.stderr)
-            return 2
-    elif args.history_days:
+        return read_event_file(args.file or dataset_path(args.dataset), mapping or None)
+    if args.history_days:
         from datetime import UTC, datetime, timedelta
 
         # The population's churn clock starts with the history, so churners fade inside it.
         start = datetime.now(UTC) - timedelta(days=args.history_days)
         population = _synthetic(args.users, args.seed, origin=start, churn_horizon_days=args.history_days)
-        batches = population.history(start, start + timedelta(days=args.history_days))
-    else:
-        batches = _synthetic(args.users, args.seed).live(args.rate)
-    sent = produce(settings, batches, rate_per_s=args.rate, duration_s=args.duration, limit=args.limit)
-    print(f"produced {sent} events to {settings.events_topic}")
-    return 0
+        return population.history(start, start + timedelta(days=args.history_days))
+    return _synthetic(args.users, args.seed).live(args.rate)
 
 
 def cmd_export(args: argparse.Namespace, settings: Settings) -> int:
     from model.sequences import write_sequences
     from stream.replay import ReplayConfig, replay
 
+    check_reachable(settings)
     table, summary = replay(settings, ReplayConfig(start_ms=args.start, end_ms=args.end))
     write_sequences(table, args.out)
     print(summary)
@@ -128,6 +148,7 @@ def _iso_ms(text: str) -> int:
 def cmd_stream(args: argparse.Namespace, settings: Settings) -> int:
     from stream.stream_worker import run_worker
 
+    check_reachable(settings)
     run_worker(settings, ready_file=args.ready_file)
     return 0
 
@@ -135,6 +156,7 @@ def cmd_stream(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_encode(args: argparse.Namespace, settings: Settings) -> int:
     from stream.encoder_worker import run_worker
 
+    # run_worker checks the broker once the model is loaded (a bad model is said first)
     run_worker(settings, ready_file=args.ready_file)
     return 0
 
@@ -143,7 +165,9 @@ def cmd_refresh(args: argparse.Namespace, settings: Settings) -> int:
     from stream.encoder_worker import load_worker
     from stream.refresh import refresh_idle
 
-    summary = refresh_idle(settings, load_worker(settings), int(args.idle_hours * 3_600_000))
+    worker = load_worker(settings)  # a bad model is said before the broker is tried
+    check_reachable(settings)
+    summary = refresh_idle(settings, worker, int(args.idle_hours * 3_600_000))
     print(f"re-encoded {summary.refreshed:,} of {summary.users:,} users (idle over {args.idle_hours:g} h) "
           f"as of now in {summary.seconds:.1f}s")
     return 0
@@ -152,6 +176,7 @@ def cmd_refresh(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_topics(args: argparse.Namespace, settings: Settings) -> int:
     from stream.broker import ensure_topics
 
+    check_reachable(settings)
     ensure_topics(settings)
     print(f"topics ready on {settings.bootstrap_servers}")
     return 0
@@ -293,6 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+EXIT_BROKER = 3  # the broker is unreachable or failed; a config error is 2
 NEEDS_BROKER = {cmd_produce, cmd_export, cmd_stream, cmd_encode, cmd_refresh, cmd_topics}
 
 
@@ -315,6 +341,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:  # a setting that does not fit (the model's window...): said plainly
         print(err, file=sys.stderr)
         return 2
+    except BrokerError as err:  # unreachable, or a fatal client error: a supervisor restarts us
+        print(err, file=sys.stderr)
+        return EXIT_BROKER
 
 
 if __name__ == "__main__":

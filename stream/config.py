@@ -64,6 +64,9 @@ class Settings(BaseSettings):
     # Tansu (and some managed Kafkas) hold a fetch for its whole max wait; a short wait
     # keeps end-to-end latency low at the cost of more, mostly empty, fetch requests.
     fetch_max_wait_ms: int = Field(10, ge=1)
+    # How long a worker waits for the broker (a delivery, an unreachable broker) before it
+    # exits with an error, for its supervisor to restart it.
+    broker_timeout_ms: int = Field(60_000, ge=1_000)
     # A new consumer-group member waits about half the session timeout before it gets
     # partitions, and a dead member's partitions move after a whole one.
     session_timeout_ms: int = Field(6000, ge=1000)

@@ -32,11 +32,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
+from safetensors import SafetensorError
 
 from model import BeatEncoder, EventWindow
 from stream.as_of import AsOfClock
 from stream.avro_binary import binary_array, strings, varints, write_long, write_string, zigzag
-from stream.broker import CheckedProducer, consumer_config, dead_letter_headers, records_in
+from stream.broker import (
+    CheckedProducer, check_reachable, consumer_config, dead_letter_headers, records_in,
+)
 from stream.codec import AvroCodec, DecodeError
 from stream.config import ConfigError, Settings, check_model_fits
 from stream.feast_sink import EmbeddingRows, FeatureSink
@@ -308,7 +311,15 @@ def load_worker(settings: Settings) -> EncoderWorker:
         import torch
 
         torch.set_num_threads(settings.torch_threads)
-    encoder = BeatEncoder.from_pretrained(settings.model_dir, device=settings.device, max_batch=settings.encode_batch)
+    try:
+        encoder = BeatEncoder.from_pretrained(
+            settings.model_dir, device=settings.device, max_batch=settings.encode_batch
+        )
+    except (ValueError, OSError, SafetensorError) as err:  # missing, partial or corrupt files
+        raise ConfigError(
+            f"BEAT_MODEL_DIR={settings.model_dir} is not a usable model directory: {err}; point it "
+            "(or --model-dir) at one from `beat pretrain` or `beat model init`"
+        ) from None
     check_model_fits(settings, encoder.model.config)
     log.info("encoder: model %s on %s", encoder.model_version, settings.device)
     return EncoderWorker(settings, encoder, FeatureSink(settings))
@@ -317,6 +328,7 @@ def load_worker(settings: Settings) -> EncoderWorker:
 def run_worker(settings: Settings, ready_file: Path | None = None) -> None:
     """Load the model and Feast, then encode until SIGINT/SIGTERM."""
     worker = load_worker(settings)
+    check_reachable(settings)  # BrokerError, said in a line by the CLI, rather than a hang
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: worker.stop())
     worker.run(ready_file=ready_file)

@@ -5,7 +5,7 @@ EVENT_SCHEMA layout (stream/event_contract.py), vectorized.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +27,8 @@ from stream.event_contract import (
 
 _FORMATS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet", ".jsonl": "json",
             ".ndjson": "json", ".txt": "text"}  # fmt: skip
+# Compressions both readers (Arrow's CSV and JSON, pandas' text) recognise by extension.
+_COMPRESSIONS = (".gz", ".bz2", ".zst")
 
 # Public event logs that ship in installed packages: name -> (package, file inside it).
 DATASETS = {"cdnow": ("lifetimes", "datasets/CDNOW_master.txt")}
@@ -73,14 +75,25 @@ def read_event_file(
     raises ValueError saying how to map it.
     """
     path = Path(path)
-    kind = _FORMATS.get(path.suffix.lower())
-    if kind is None:
-        raise ValueError(f"can't tell the format of {path.name}: use one of {', '.join(_FORMATS)}")
+    kind = _file_kind(path)
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, not {batch_size}")
     names, batches = _open_events(path, kind, batch_size)
     source = _source_columns(path.name, names, columns or {})
     return _conform_all(batches, source, [n for n in names if n not in source.values()], batch_size)
+
+
+def _file_kind(path: Path) -> str:
+    """The format of a file from its name; CSV, JSON lines and text may be compressed."""
+    suffixes = [s.lower() for s in path.suffixes[-2:]]
+    compressed = len(suffixes) == 2 and suffixes[1] in _COMPRESSIONS
+    kind = _FORMATS.get(suffixes[0] if compressed else path.suffix.lower())
+    if kind is None or (compressed and kind == "parquet"):
+        raise ValueError(
+            f"can't tell the format of {path.name}: use one of {', '.join(_FORMATS)} "
+            f"(all but Parquet also compressed: {', '.join(_COMPRESSIONS)})"
+        )
+    return kind
 
 
 def _open_events(
@@ -174,12 +187,12 @@ def _conform(
     column = {field: raw.column(name) for field, name in source.items()}
     out = {
         "user_id": column["user_id"].cast(pa.string()),
-        "event_time": _to_timestamp_ms(column["event_time"]),
+        "event_time": _parsed(source, "event_time", _to_timestamp_ms, column["event_time"]),
         "action": column["action"].cast(pa.string()),
         "property": column["property"].cast(pa.string())
         if "property" in column
         else pa.nulls(n, pa.string()),
-        "value": column["value"].cast(pa.float64())
+        "value": _parsed(source, "value", lambda a: a.cast(pa.float64()), column["value"])
         if "value" in column
         else pa.nulls(n, pa.float64()),
     }
@@ -199,7 +212,25 @@ def _conform(
 
 def _check_present(array: pa.Array, field: str, source: dict[str, str]) -> None:
     if array.null_count:
-        raise ValueError(f"{array.null_count} rows without {field} (column {source[field]!r})")
+        raise ValueError(f"{array.null_count} rows without {field} (column {source[field]!r}): "
+                         "every event needs one; fill those cells or drop those rows")  # fmt: skip
+
+
+_EXPECTED = {
+    "event_time": "ISO times (2026-01-31T12:00:00Z; no zone: UTC), YYYYMMDD dates, "
+    "or epoch seconds or milliseconds",
+    "value": "numbers (or empty cells)",
+}
+
+
+def _parsed(source: dict[str, str], field: str, parse: Callable, array: pa.Array) -> pa.Array:
+    """parse(array), with a value it can't read said plainly: the column and what it takes."""
+    try:
+        return parse(array)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
+        raise ValueError(
+            f"can't read {field} from column {source[field]!r}: {err}; use {_EXPECTED[field]}"
+        ) from None
 
 
 def _to_timestamp_ms(array: pa.Array) -> pa.Array:

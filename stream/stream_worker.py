@@ -30,10 +30,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
 
 from stream.broker import (
-    SEAL_KEY, consumer_config, dead_letter, producer_config, read_compacted, records_in,
+    SEAL_KEY, BrokerError, ClientErrors, consumer_config, dead_letter, producer_config,
+    read_compacted, records_in,
 )
 from stream.codec import AvroCodec
 from stream.config import Settings
@@ -42,6 +43,10 @@ from stream.state import PartitionStore, open_store
 from stream.window import MAX_TIME_MS, NewEvents, Window, encode_window_body, event_id_hashes, merge_batch
 
 log = logging.getLogger(__name__)
+
+# After a SIGTERM, how long the batch's windows may wait for the broker before the worker
+# exits without committing them (a frozen broker must not keep a stopped worker alive).
+STOP_GRACE_S = 5.0
 
 
 @dataclass
@@ -114,19 +119,22 @@ class StreamWorker:
         self.events = EventDecoder(event_codec, settings.event_limits)
         self.window_codec = AvroCodec("user_window", settings.windows_topic, settings.schema_registry_url)
         self.window_header = self.window_codec.framing.header()
+        self.client_errors = ClientErrors(settings)
         self.consumer = Consumer(consumer_config(
-            settings, settings.stream_group,
+            settings, settings.stream_group, error_cb=self.client_errors,
             **{"fetch.max.bytes": 64 << 20, "max.partition.fetch.bytes": 16 << 20, "queued.min.messages": 200_000,
                "fetch.queue.backoff.ms": 10},  # librdkafka otherwise pauses 1 s once the queue is full
         ))
         # Delivery reports only for failures: no Python callback per window sent.
         self.producer = Producer(producer_config(
-            settings, **{"linger.ms": 5, "batch.size": 1 << 20, "delivery.report.only.error": True},
+            settings, error_cb=self.client_errors,
+            **{"linger.ms": 5, "batch.size": 1 << 20, "delivery.report.only.error": True},
         ))
         self.stores: dict[int, PartitionStore] = {}
         self.pending: list[Message] = []
         self.stats = WindowStats()
         self.stopping = False
+        self.stop_asked = 0.0  # time.monotonic() of the first stop()
         self.delivery_error: KafkaError | None = None
 
     # -- the loop -------------------------------------------------------------------------
@@ -136,8 +144,10 @@ class StreamWorker:
             [self.settings.events_topic], on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost,
         )
         next_report = time.monotonic() + 10
+        clean = False
         try:
             while not self.stopping:
+                self.client_errors.check(self.consumer)
                 self._take_interval()
                 if self.pending:
                     batch, self.pending = self.pending, []
@@ -145,14 +155,17 @@ class StreamWorker:
                 if time.monotonic() >= next_report:
                     log.info("stream worker: %s", self.stats.summary())
                     next_report += 10
+            clean = True
         finally:
-            self.consumer.close()  # leaves the group: the partitions move at once
-            self.producer.flush(10)
+            if clean:  # a broker that may not answer is not waited for: the process exits
+                self.consumer.close()  # leaves the group: the partitions move at once
+                self.producer.flush(STOP_GRACE_S)
             for store in self.stores.values():
                 store.close()
 
     def stop(self, *_: object) -> None:
         self.stopping = True
+        self.stop_asked = self.stop_asked or time.monotonic()
 
     def _take_interval(self) -> None:
         """Add to self.pending every event of one flush interval, from the first one on
@@ -241,11 +254,22 @@ class StreamWorker:
         self._flush()
 
     def _flush(self) -> None:
-        self.producer.flush()
+        """Wait until the broker has every message sent. Raises BrokerError (the batch is
+        not committed; a restart replays it) on a failed delivery, after
+        BEAT_BROKER_TIMEOUT_MS, or STOP_GRACE_S after a SIGTERM."""
+        started = time.monotonic()
+        while self.producer.flush(0.1):
+            waited = time.monotonic() - started
+            if self.stopping and time.monotonic() - self.stop_asked > STOP_GRACE_S:
+                raise BrokerError(f"stopped with the batch unacknowledged by the broker for "
+                                  f"{waited:.0f}s: not committed, it will be replayed")  # fmt: skip
+            if waited > self.client_errors.timeout_s:
+                raise BrokerError(f"the broker did not acknowledge the batch's windows in "
+                                  f"{waited:.0f}s (BEAT_BROKER_TIMEOUT_MS); exiting for a clean "
+                                  "restart")  # fmt: skip
         if self.delivery_error is not None:
-            # Crash rather than commit events whose windows were not written: the restart
-            # replays them.
-            raise KafkaException(self.delivery_error)
+            raise BrokerError(f"a window was not delivered ({self.delivery_error.str()}); exiting "
+                              "without committing its events, which a restart replays")  # fmt: skip
 
     def _on_delivery(self, err: KafkaError | None, _: Message) -> None:
         if err is not None and self.delivery_error is None:

@@ -111,3 +111,29 @@ def test_every_model_preset_writes_the_feature_views_embedding(
     assert set(sizes.values()) == {EMBEDDING_SIZE}, sizes
     view = next(o for o in feast_objects(load_settings()) if o.name == FEATURE_VIEW)
     assert view.tags["embedding_size"] == str(EMBEDDING_SIZE)
+
+
+def test_live_synthetic_events_without_a_rate_say_which_option(
+    clean_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    clean_env.setenv("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:1")  # never reached
+    assert main(["produce", "--synthetic", "--limit", "100"]) == 2
+    assert "add --rate EVENTS_PER_S" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("broken", ["empty", "corrupt"])
+def test_a_broken_model_directory_is_said_in_a_line(
+    clean_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, tmp_path: Path, broken: str
+) -> None:
+    model_dir = tmp_path / "model"
+    init_model_dir(model_dir, "tiny", ["a"], ["p"])
+    if broken == "empty":
+        for file in model_dir.iterdir():
+            file.unlink()
+    else:
+        (model_dir / "model.safetensors").write_bytes(b"not safetensors")
+    clean_env.setenv("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:1")  # never reached
+    assert main(["encode", "--model-dir", str(model_dir)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert err.startswith(f"BEAT_MODEL_DIR={model_dir} is not a usable")

@@ -1,0 +1,139 @@
+"""Broker faults: a stream worker waits for the broker only so long, honours SIGTERM within
+seconds when the broker is frozen, and exits with an error (code 3) when the broker is gone,
+so that a supervisor restarts it; `beat` commands against a closed port say so in a line."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from conftest import REPO, read_topic, stream_worker, wait_for
+from test_pipeline import T0, event
+
+from stream.broker import EmbeddedBroker, _free_port, ensure_topics
+from stream.config import Settings
+from stream.producer import EventProducer, produce
+from stream.synthetic import SyntheticEvents
+
+pytestmark = pytest.mark.skipif(
+    bool(os.environ.get("KAFKA_BOOTSTRAP_SERVERS")), reason="freezes and kills a broker of its own"
+)
+
+
+@pytest.fixture
+def broker() -> Iterator[EmbeddedBroker]:
+    with EmbeddedBroker() as embedded:
+        yield embedded
+        if embedded._process and embedded._process.poll() is None:
+            embedded._process.send_signal(signal.SIGCONT)  # a frozen one, to stop it
+
+
+@pytest.fixture
+def bootstrap_servers(broker: EmbeddedBroker) -> str:
+    """The settings fixture (conftest) on this test's own broker."""
+    return broker.bootstrap_servers
+
+
+def history(settings: Settings, events: int) -> None:
+    start = datetime.now(UTC) - timedelta(days=30)
+    population = SyntheticEvents(n_users=2_000, seed=1, origin=start)
+    produce(settings, population.history(start, start + timedelta(days=30)), limit=events)
+
+
+def exited_within(process: subprocess.Popen, seconds: float) -> float:
+    """Seconds the process took to exit; fails if it is still running after `seconds`."""
+    start = time.monotonic()
+    try:
+        process.wait(seconds)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the worker still ran {seconds:g}s later")
+    return time.monotonic() - start
+
+
+def test_sigterm_is_honoured_within_seconds_with_a_frozen_broker(
+    broker: EmbeddedBroker, settings: Settings, tmp_path: Path
+) -> None:
+    settings = settings.model_copy(update={"max_batch_events": 20_000})  # many batches
+    history(settings, 400_000)
+    log = tmp_path / "stream.log"
+    with stream_worker(settings, log) as worker:
+        read_topic(settings, settings.windows_topic, until=lambda m: len(m) > 0)
+        broker._process.send_signal(signal.SIGSTOP)  # mid-stream: batches still queued
+        time.sleep(1.0)
+        worker.send_signal(signal.SIGTERM)
+        took = exited_within(worker, 15)
+    assert took < 10, f"exit took {took:.1f}s"
+    assert worker.returncode in (0, 3), log.read_text()[-2000:]
+
+
+def test_sigterm_is_honoured_when_idle_with_a_frozen_broker(
+    broker: EmbeddedBroker, settings: Settings, tmp_path: Path
+) -> None:
+    ready = tmp_path / "ready"
+    with stream_worker(settings, tmp_path / "stream.log", ready) as worker:
+        wait_for(ready.exists, 30, "partitions assigned")
+        broker._process.send_signal(signal.SIGSTOP)
+        time.sleep(1.0)
+        worker.send_signal(signal.SIGTERM)
+        took = exited_within(worker, 15)
+    assert took < 10, f"exit took {took:.1f}s"
+
+
+def test_a_worker_exits_with_an_error_once_the_broker_is_gone(
+    broker: EmbeddedBroker, settings: Settings, tmp_path: Path
+) -> None:
+    settings = settings.model_copy(update={"broker_timeout_ms": 3_000})
+    ready, log = tmp_path / "ready", tmp_path / "stream.log"
+    with stream_worker(settings, log, ready) as worker:
+        wait_for(ready.exists, 30, "partitions assigned")
+        broker._process.kill()
+        took = exited_within(worker, 30)
+    assert worker.returncode == 3, log.read_text()[-2000:]
+    assert "unreachable for over 3s (BEAT_BROKER_TIMEOUT_MS)" in log.read_text()
+    assert took > 3
+
+
+def test_after_a_broker_restart_the_worker_exits_and_its_restart_works(
+    broker: EmbeddedBroker, settings: Settings, tmp_path: Path
+) -> None:
+    """Tansu keeps topics in memory: a restarted broker is an empty one, so the worker's
+    idempotent producer and offsets no longer fit. It must say so and exit (code 3), and
+    the restarted worker must window what the new broker holds."""
+    settings = settings.model_copy(update={"broker_timeout_ms": 3_000})
+    ready, log = tmp_path / "ready", tmp_path / "stream.log"
+    producer = EventProducer(settings)
+    producer.send([event("u1", 1, T0)])
+    producer.flush()
+    with stream_worker(settings, log, ready) as worker:
+        read_topic(settings, settings.windows_topic, until=lambda m: len(m) > 0)
+        broker._process.kill()
+        broker._process.wait()
+        broker.start()  # the same port
+        ensure_topics(settings)
+        producer = EventProducer(settings)
+        producer.send([event("u1", 2, T0), event("u2", 1, T0)])
+        producer.flush()
+        exited_within(worker, 60)
+    assert worker.returncode == 3, log.read_text()[-2000:]
+    ready.unlink()
+    with stream_worker(settings, log, ready):
+        windows = read_topic(settings, settings.windows_topic, until=lambda m: len(m) >= 2)
+    assert {m.key() for m in windows if m.value()} == {b"u1", b"u2"}
+
+
+@pytest.mark.parametrize("command", [["topics"], ["stream"]])
+def test_commands_against_a_closed_port_fail_in_one_line(command: list[str]) -> None:
+    env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{_free_port()}"}
+    done = subprocess.run([sys.executable, "-m", "stream.cli", *command], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert done.returncode == 3
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("cannot reach the Kafka broker at 127.0.0.1:")
+    assert "check KAFKA_BOOTSTRAP_SERVERS" in lines[0]
