@@ -264,7 +264,8 @@ class CheckedProducer:
     Delivery reports come only for failures (``delivery.report.only.error``), through one
     callback set in the config, and ``produce`` is the client's own method: a message that
     is delivered costs no Python. librdkafka retries a failing send until
-    ``message.timeout.ms`` (5 minutes by default) before it reports the failure.
+    ``message.timeout.ms`` (BEAT_BROKER_TIMEOUT_MS, producer_config) before it reports
+    the failure.
     """
 
     def __init__(self, settings: Settings, **extra: Any) -> None:
