@@ -20,17 +20,27 @@ class EventWindow:
     event_time_ms: int64 [n] unix milliseconds, ascending
     action:        str/object [n]
     property:      object [n]; None where an event has no property
+    event_id_hash: uint32 [n], optional: the stream's 32-bit hash of each event_id
+                   (stream.window.event_id_hashes). With it, BeatEncoder orders the events
+                   of one millisecond by it, as the stream does, whatever the caller's order.
     """
 
     event_time_ms: np.ndarray
     action: np.ndarray
     property: np.ndarray
+    event_id_hash: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.event_time_ms = np.asarray(self.event_time_ms, dtype=np.int64)
         self.action = np.asarray(self.action, dtype=object)
         self.property = np.asarray(self.property, dtype=object)
         n = len(self.event_time_ms)
+        if self.event_id_hash is not None:
+            self.event_id_hash = np.asarray(self.event_id_hash, dtype=np.uint32)
+            if len(self.event_id_hash) != n:
+                raise ValueError(
+                    f"event_id_hash has {len(self.event_id_hash)} values for {n} events"
+                )
         if self.event_time_ms.ndim != 1 or len(self.action) != n or len(self.property) != n:
             raise ValueError(
                 "EventWindow columns must be 1-d and of one length; got event_time_ms "

@@ -111,9 +111,16 @@ class BeatEncoder:
 
     def _clip(self, window: EventWindow) -> EventWindow:
         times = window.event_time_ms
-        if np.any(times[1:] < times[:-1]):
+        if window.event_id_hash is not None:
+            # The stream's order, (event_time, event-id hash), whatever the caller's order of
+            # ties: the same events give the same embedding offline and online.
+            order = np.lexsort((window.event_id_hash, times))
+        elif np.any(times[1:] < times[:-1]):
             # the stream keeps windows ordered; callers building windows by hand may not
             order = np.argsort(times, kind="stable")
+        else:
+            order = None
+        if order is not None:
             window = EventWindow(times[order], window.action[order], window.property[order])
             times = window.event_time_ms
         config = self.model.config

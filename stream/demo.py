@@ -87,8 +87,11 @@ class Monitor:
                     self.observed.event_ms = [min(self.observed.event_ms[0], timestamp), max(self.observed.event_ms[1], timestamp)]
                 elif topic == self.settings.embeddings_topic:
                     record = self.codec.decode(message.value())
-                    lag = record["updated_at"] - record["last_event_time"]
-                    self.observed.freshness_ms.append(lag.total_seconds() * 1000)
+                    # The embedding is produced after its row is in the online store, so its
+                    # Kafka timestamp is when the row was readable there (or a little later).
+                    written_ms = message.timestamp()[1]
+                    newest_ms = record["last_event_time"].timestamp() * 1000
+                    self.observed.freshness_ms.append(written_ms - newest_ms)
                     self.observed.users[record["user_id"]] = record["event_count"]
         return self.observed
 
@@ -190,13 +193,17 @@ def _run(stack: ExitStack, settings: Settings, duration_s: float, rate_per_s: fl
         dashboard.wait("producing", lambda: producer.poll() is not None, timeout_s=duration_s + 60)
         if producer.returncode:
             raise SystemExit(f"producer exited with code {producer.returncode}; see {workdir / 'producer.log'}")
+        produced = time.monotonic()
         dashboard.wait("draining", lambda: monitor.lag(settings.stream_group, settings.events_topic) == 0
-                       and monitor.lag(settings.encoder_group, settings.windows_topic) == 0, timeout_s=60)
+                       and monitor.lag(settings.encoder_group, settings.windows_topic) == 0,
+                       timeout_s=max(60, duration_s))
+        drain_s = time.monotonic() - produced
         observed = monitor.poll()
     for process in workers.values():
         _stop(process)
 
     summary = _summary(observed, settings)
+    summary["drain_s"] = round(drain_s, 1)
     summary["read_back"] = _read_back(settings, list(observed.users)[:3])
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
     console.print_json(data=summary)

@@ -165,7 +165,8 @@ class Window:
         """The model's input: times and the action/property strings of every event."""
         actions, properties = SYMBOLS.strings(self.symbols)
         symbol = self.rows["symbol"]
-        return EventWindow(self.event_time, actions[symbol], properties[symbol])
+        times, hashes = self.event_time, self.rows["id_hash"]
+        return EventWindow(times, actions[symbol], properties[symbol], event_id_hash=hashes)
 
     def columns(self) -> dict[str, list]:
         """Plain per-event lists (value None where absent): for tests and debugging."""

@@ -1,0 +1,129 @@
+"""Freshness end to end at fixed rates, against the encoder's compute bound, same run.
+
+    .venv/bin/python bench/freshness.py [--runs 1000:2000:30,5000:20000:60] [--store redis]
+
+Each run is `beat demo --rate R --users U --duration D` (embedded broker, one stream worker,
+one encoder worker, the `small` preset, one torch thread each) with the online store
+given. Freshness is, per embedding written, the Kafka timestamp of its beat.embeddings
+message (produced right after its row is in the online store, so readable through the
+Feast SDK by then) minus the newest event time of its window (the synthetic producer
+stamps events with the time it sends them): p50 and p99 over the run. The drain is the
+time from the producer's end until both groups have committed everything.
+
+The compute bound: BeatEncoder's users/s in this process (same preset, one thread) on
+windows as long as the run's (events / users, spread 1..2x), R_enc. Under overload the
+encoder makes passes over the users changed since its last pass; a pass of T seconds meets
+U(T) = users x (1 - exp(-rate x T / users)) changed users (uniform activity; Zipf activity
+changes fewer), so T solves T = U(T) / R_enc: the staleness the coalescing encoder stays
+near; an event waits for the rest of one pass and the whole next one, so p99 is near 2T.
+Prints a table, writes bench/results/freshness.json. The machine is shared: the load
+average is recorded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from encoder import make_encoder, make_windows  # noqa: E402
+
+RESULTS = REPO / "bench" / "results" / "freshness.json"
+
+
+def encoder_users_per_s(mean_events: float, seconds: float = 8.0) -> float:
+    """BeatEncoder users/s, small preset, one thread, windows of about mean_events."""
+    torch.set_num_threads(1)
+    encoder = make_encoder("small", "cpu", max_batch=32, compile=False)
+    rng = np.random.default_rng(0)
+    lengths = np.clip(rng.integers(1, max(2, int(2 * mean_events)) + 1, 1024), 1, 256)
+    windows = make_windows(lengths, rng)
+    encoder.encode(windows[:64])  # warm up
+    done, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        encoder.encode(windows)
+        done += len(windows)
+    return done / (time.perf_counter() - start)
+
+
+def pass_seconds(rate: float, users: int, encoder_rate: float) -> float:
+    """T with T = users x (1 - exp(-rate T / users)) / encoder_rate (0 if never behind)."""
+    if rate <= encoder_rate:
+        return 0.0
+    low, high = 1e-6, 1e6
+    for _ in range(200):
+        t = (low + high) / 2
+        changed = users * (1 - np.exp(-rate * t / users))
+        low, high = (t, high) if changed / encoder_rate > t else (low, t)
+    return (low + high) / 2
+
+
+def run_demo(rate: float, users: int, duration: float, store: str) -> dict:
+    data = Path(tempfile.mkdtemp(prefix="beat_freshness_"))
+    env = {**os.environ, "BEAT_DATA_DIR": str(data), "BEAT_ONLINE_STORE": store,
+           "BEAT_FEAST_DATA_DIR": str(data / "feast"),
+           "BEAT_FEAST_PROJECT": f"freshness_{int(time.time())}"}
+    command = [sys.executable, "-m", "stream.cli", "demo", "--rate", str(rate),
+               "--users", str(users), "--duration", str(duration)]
+    began = time.monotonic()
+    result = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True)
+    summary_path = data / "demo" / "summary.json"
+    if not summary_path.exists():
+        output = (result.stdout + result.stderr)[-800:]
+        return {"error": output, "seconds": time.monotonic() - began}
+    return json.loads(summary_path.read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--runs", default="1000:2000:30,2000:2000:30,5000:20000:60",
+                        help="rate:users:seconds, comma-separated")
+    parser.add_argument("--store", default="redis")
+    args = parser.parse_args()
+
+    rows = []
+    for spec in args.runs.split(","):
+        rate, users, duration = (float(x) for x in spec.split(":"))
+        load_before = os.getloadavg()[0]
+        summary = run_demo(rate, int(users), duration, args.store)
+        row = {"rate": rate, "users": int(users), "duration_s": duration,
+               "load_average": round(load_before, 1), **summary}
+        if "error" not in summary:
+            mean_events = summary["events"] / max(1, summary["distinct_users"])
+            row["encoder_users_per_s"] = round(encoder_users_per_s(mean_events))
+            t = pass_seconds(summary["windows_emitted"] / duration, int(users),
+                             row["encoder_users_per_s"])
+            row["compute_bound_pass_s"] = round(t, 2)
+        rows.append(row)
+        print(json.dumps({k: v for k, v in row.items() if k != "read_back"}), flush=True)
+
+    header = (f"{'events/s':>9} {'users':>7} {'p50 ms':>8} {'p99 ms':>8} {'drain s':>8} "
+              f"{'encodes':>8} {'windows':>8} {'enc users/s':>11} {'bound T s':>9} {'load':>5}")
+    print(header)
+    for r in rows:
+        if "error" in r:
+            print(f"{r['rate']:>9,.0f} {r['users']:>7,} failed: {r['error'][-200:]}")
+            continue
+        print(f"{r['rate']:>9,.0f} {r['users']:>7,} {r['freshness_p50_ms']:>8,.0f} "
+              f"{r['freshness_p99_ms']:>8,.0f} {r['drain_s']:>8.1f} {r['users_encoded']:>8,} "
+              f"{r['windows_emitted']:>8,} {r['encoder_users_per_s']:>11,} "
+              f"{r['compute_bound_pass_s']:>9.2f} {r['load_average']:>5}")
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(rows, indent=2))
+    print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
