@@ -315,6 +315,7 @@ def ensure_topics(settings: Settings, timeout_s: float = 15.0) -> None:
     compacted = {"cleanup.policy": "compact"}
     wanted = [
         NewTopic(settings.events_topic, settings.partitions, 1),
+        NewTopic(settings.repartition_topic, settings.partitions, 1),
         NewTopic(settings.windows_topic, settings.partitions, 1, config=compacted),
         NewTopic(settings.embeddings_topic, settings.partitions, 1, config=compacted),
         NewTopic(settings.dead_letter_topic, 1, 1),

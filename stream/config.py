@@ -58,6 +58,9 @@ class Settings(BaseSettings):
     windows_topic: str = "beat.windows"
     embeddings_topic: str = "beat.embeddings"
     dead_letter_topic: str = "beat.events.dlq"
+    # Events a producer put on another partition than their key's (a partitioner other than
+    # murmur2), moved by the stream workers to their key's partition: stream/partitioner.py.
+    repartition_topic: str = "beat.events.repartition"
     partitions: int = Field(4, ge=1)
     # Consumer groups are "<prefix>-windows" and "<prefix>-encoders": one prefix per deployment.
     group_prefix: str = "beat"

@@ -37,8 +37,9 @@ from stream.broker import (
     read_compacted, records_in,
 )
 from stream.codec import AvroCodec
-from stream.config import Settings
+from stream.config import ConfigError, Settings
 from stream.event_columns import EventColumns, EventDecoder
+from stream.partitioner import key_partitions
 from stream.state import PartitionStore, open_store
 from stream.window import MAX_TIME_MS, NewEvents, Window, encode_window_body, event_id_hashes, merge_batch
 
@@ -104,6 +105,7 @@ class WindowStats:
         return (
             f"events={c['events']} windows={c['windows']} (coalescing {ratio:.1f}x) batches={c['batches']} "
             f"duplicates={c['duplicates']} too_old={c['too_old']} dead_letters={c['dead_letters']} "
+            f"repartitioned={c['repartitioned']} "
             f"per batch: {stages}"
         )
 
@@ -122,7 +124,9 @@ class StreamWorker:
         self.client_errors = ClientErrors(settings)
         self.consumer = Consumer(consumer_config(
             settings, settings.stream_group, error_cb=self.client_errors,
-            **{"fetch.max.bytes": 64 << 20, "max.partition.fetch.bytes": 16 << 20, "queued.min.messages": 200_000,
+            # Partition p of the events and of the repartition topic go to the same worker:
+            # both feed the windows of partition p.
+            **{"partition.assignment.strategy": "range", "fetch.max.bytes": 64 << 20, "max.partition.fetch.bytes": 16 << 20, "queued.min.messages": 200_000,
                "fetch.queue.backoff.ms": 10},  # librdkafka otherwise pauses 1 s once the queue is full
         ))
         # Delivery reports only for failures: no Python callback per window sent.
@@ -133,6 +137,7 @@ class StreamWorker:
         self.stores: dict[int, PartitionStore] = {}
         self.pending: list[Message] = []
         self.stats = WindowStats()
+        self.partitions = 0  # of the input topics, known once run() starts
         self.stopping = False
         self.stop_asked = 0.0  # time.monotonic() of the first stop()
         self.delivery_error: KafkaError | None = None
@@ -140,8 +145,10 @@ class StreamWorker:
     # -- the loop -------------------------------------------------------------------------
 
     def run(self) -> None:
+        self.partitions = self._partition_count()
         self.consumer.subscribe(
-            [self.settings.events_topic], on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost,
+            [self.settings.events_topic, self.settings.repartition_topic],
+            on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost,
         )
         next_report = time.monotonic() + 10
         clean = False
@@ -189,19 +196,64 @@ class StreamWorker:
             # Per message, only C calls through map(): no Python bytecode per event.
             keys = pa.array(list(map(Message.key, messages)), pa.binary())
             partitions = np.fromiter(map(Message.partition, messages), np.int64, len(messages))
+            topics = pa.array(list(map(Message.topic, messages)), pa.string())
+            moved_here = pc.equal(topics, self.settings.repartition_topic).to_numpy(zero_copy_only=False)
             events = self.events.decode(list(map(Message.value, messages)))
             rejected = Rejected()
             rejected.add(np.array([i for i, _ in events.rejected], np.int64), [r for _, r in events.rejected])
             valid = validate(events, keys, now_ms, self.settings.future_tolerance_ms, rejected)
+            valid, elsewhere, home = self._route(events.row[valid], valid, keys, partitions, moved_here)
         with self._stage("merge"):
             windows = self._merge(events.take(valid), partitions)
         with self._stage("emit"):
             self._dead_letter(messages, rejected)
+            self._repartition(messages, elsewhere, home)
             self._emit(windows, now_ms)
         with self._stage("commit"):
-            self._commit(messages, partitions)
+            self._commit(messages, partitions, moved_here)
         self.stats.counts["events"] += len(messages)
         self.stats.counts["batches"] += 1
+
+    def _route(
+        self, rows: np.ndarray, valid: np.ndarray, keys: pa.BinaryArray, partitions: np.ndarray,
+        moved_here: np.ndarray,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Split the valid events (valid: indices into the events; rows: their messages)
+        into those on their key's partition and those elsewhere, produced with another
+        partitioner: (valid ones here, messages elsewhere, their key's partitions). Events
+        from the repartition topic are on theirs by construction."""
+        home = key_partitions(keys.take(pa.array(rows)), self.partitions)
+        elsewhere = (home != partitions[rows]) & ~moved_here[rows]
+        if not elsewhere.any():
+            return valid, np.empty(0, np.int64), home[:0]
+        return valid[~elsewhere], rows[elsewhere], home[elsewhere]
+
+    def _repartition(self, messages: list[Message], elsewhere: np.ndarray, home: np.ndarray) -> None:
+        """Send events to their key's partition of the repartition topic; they are windowed
+        when the worker of that partition reads them (this batch commits them only once
+        they are flushed, with the windows)."""
+        for index, partition in zip(elsewhere.tolist(), home.tolist()):
+            message = messages[index]
+            self.producer.produce(
+                self.settings.repartition_topic, message.value(), message.key(), partition=partition,
+                headers=message.headers(), on_delivery=self._on_delivery,
+            )
+        self.stats.counts["repartitioned"] += len(elsewhere)
+
+    def _partition_count(self) -> int:
+        """The partitions of the events topic, which the repartition and windows topics
+        must share (a user's window lives at the partition number of the user's key)."""
+        settings = self.settings
+        names = (settings.events_topic, settings.repartition_topic, settings.windows_topic)
+        metadata = self.consumer.list_topics(timeout=settings.broker_timeout_ms / 1000).topics
+        counts = {name: len(metadata[name].partitions) if name in metadata else 0 for name in names}
+        if len(set(counts.values())) != 1 or 0 in counts.values():
+            raise ConfigError(
+                f"topics {counts} (partitions) must exist with the same partition count: create the "
+                "missing ones with `beat topics`, or the repartition topic with as many partitions "
+                "as the events topic (BEAT_REPARTITION_TOPIC)"
+            )
+        return counts[settings.events_topic]
 
     def _merge(self, events: EventColumns, partitions: np.ndarray) -> list[tuple[int, Window]]:
         """Merged windows of the users of events (the batch's valid ones), with each one's
@@ -288,13 +340,14 @@ class StreamWorker:
             )
         self.stats.counts["dead_letters"] += len(rejected.index)
 
-    def _commit(self, messages: list[Message], partitions: np.ndarray) -> None:
-        """Commit past the last message of each partition in the batch."""
-        found, from_end = np.unique(partitions[::-1], return_index=True)
-        last = len(partitions) - 1 - from_end  # index of each partition's last message
+    def _commit(self, messages: list[Message], partitions: np.ndarray, moved_here: np.ndarray) -> None:
+        """Commit past the last message of each topic partition in the batch."""
+        topic_partition = partitions + moved_here * (1 << 32)  # one code per topic partition
+        found, from_end = np.unique(topic_partition[::-1], return_index=True)
+        last = len(partitions) - 1 - from_end  # index of each one's last message
         self.consumer.commit(asynchronous=False, offsets=[
-            TopicPartition(self.settings.events_topic, p, messages[i].offset() + 1)
-            for p, i in zip(found.tolist(), last.tolist())
+            TopicPartition(messages[i].topic(), messages[i].partition(), messages[i].offset() + 1)
+            for i in last.tolist()
         ])
 
     def _stage(self, name: str) -> _StageTimer:
@@ -303,9 +356,11 @@ class StreamWorker:
     # -- partitions come and go ---------------------------------------------------------------
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        for tp in partitions:
-            self.stores[tp.partition] = self.restore(tp.partition)
-        log.info("stream worker: assigned %s", sorted(tp.partition for tp in partitions))
+        numbers = sorted({tp.partition for tp in partitions})  # of both input topics
+        for partition in numbers:
+            if partition not in self.stores:
+                self.stores[partition] = self.restore(partition)
+        log.info("stream worker: assigned %s", numbers)
         if self.ready_file:
             self.ready_file.touch()
 

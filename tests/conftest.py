@@ -74,6 +74,7 @@ def settings(bootstrap_servers: str, tmp_path: Path) -> Settings:
         windows_topic=f"beat.windows.{run}",
         embeddings_topic=f"beat.embeddings.{run}",
         dead_letter_topic=f"beat.events.dlq.{run}",
+        repartition_topic=f"beat.events.repartition.{run}",
         group_prefix=f"beat-test-{run}",
         feast_project=f"beat_test_{run}",
         feast_data_dir=tmp_path / "feast",
