@@ -164,6 +164,7 @@ class StreamWorker:
                     next_report += 10
             clean = True
         finally:
+            log.info("stream worker: stopping: %s", self.stats.summary())
             if clean:  # a broker that may not answer is not waited for: the process exits
                 self.consumer.close()  # leaves the group: the partitions move at once
                 self.producer.flush(STOP_GRACE_S)
