@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -156,6 +157,79 @@ def gpu_section(
     return rows
 
 
+def end_to_end_section(users: int, store: str, threads: int) -> list[dict]:
+    """Windows from a topic through an EncoderWorker (small preset) to the online store and
+    beat.embeddings, against BeatEncoder.encode alone on the same windows (the compute
+    bound); the worker's time per stage says where the rest goes."""
+    import uuid
+
+    from confluent_kafka import Producer
+
+    from stream.broker import EmbeddedBroker, ensure_topics, producer_config
+    from stream.codec import AvroCodec
+    from stream.config import load_settings
+    from stream.encoder_worker import EncoderWorker
+    from stream.feast_sink import FeatureSink
+    from stream.window import Window, pack_rows
+
+    torch.set_num_threads(threads)
+    rng = np.random.default_rng(2)
+    encoder = make_encoder("small", "cpu", 32, compile=False)
+    lengths = window_lengths(users, rng, True, encoder.model.config.max_events)
+    windows = make_windows(lengths, rng)
+    now_ms = int(time.time() * 1000)
+    shift = now_ms - max(int(w.event_time_ms[-1]) for w in windows)  # live windows
+    run = uuid.uuid4().hex[:8]
+    with EmbeddedBroker() as broker:
+        settings = load_settings(
+            bootstrap_servers=broker.bootstrap_servers, windows_topic=f"bench.windows.{run}",
+            embeddings_topic=f"bench.embeddings.{run}", group_prefix=f"bench-{run}",
+            feast_project=f"bench_e2e_{run}", feast_data_dir=Path("/tmp") / f"bench_e2e_{run}",
+            online_store=store, session_timeout_ms=2000,
+        )
+        ensure_topics(settings)
+        codec, producer = AvroCodec("user_window", settings.windows_topic), Producer(
+            producer_config(settings))
+        for i, w in enumerate(windows):
+            symbols = sorted(set(zip(w.action.tolist(), w.property.tolist())), key=str)
+            index = {pair: k for k, pair in enumerate(symbols)}
+            rows = pack_rows(w.event_time_ms + shift,
+                             np.array([index[p] for p in zip(w.action, w.property)]),
+                             np.arange(len(w), dtype=np.uint32), np.full(len(w), np.nan))
+            window = Window.from_strings(f"u{i:07d}", rows, [a for a, _ in symbols],
+                                         [p for _, p in symbols])
+            producer.produce(settings.windows_topic, codec.encode(window.to_record(now_ms)),
+                             window.user_id.encode())
+        producer.flush(30)
+        worker = EncoderWorker(settings, encoder, FeatureSink(settings))
+        thread = threading.Thread(target=worker.run, kwargs={"report_every_s": 1e9}, daemon=True)
+        began = time.perf_counter()
+        thread.start()
+        while worker.stats.users < users:
+            time.sleep(0.05)
+        seconds = time.perf_counter() - began
+        worker.stop()
+        thread.join(30)
+    stages = dict(worker.stats.stage_s)
+    busy = sum(stages.values())
+    bound = fastest({"encode": lambda: encoder.encode(windows)}, 1, lambda: None)["encode"]
+    row = {
+        "device": "cpu", "config": "small", "mode": f"end-to-end ({store})", "users": users,
+        "events": int(lengths.sum()), "seconds": seconds, "users_per_s": users / seconds,
+        "events_per_s": lengths.sum() / seconds, "ms_per_user": 1e3 * seconds / users,
+        "stage_share": {k: round(v / busy, 3) for k, v in stages.items()},
+        "join_and_idle_s": round(seconds - busy, 2),
+    }
+    model_row = {"device": "cpu", "config": "small", "mode": "BeatEncoder.encode alone",
+                 "users": users, "events": int(lengths.sum()), "seconds": bound,
+                 "users_per_s": users / bound, "events_per_s": lengths.sum() / bound,
+                 "ms_per_user": 1e3 * bound / users}
+    print("end to end, share of the worker's busy time per stage: "
+          + ", ".join(f"{k} {100 * v:.0f} %" for k, v in row["stage_share"].items())
+          + f"; group join and waits {row['join_and_idle_s']} s")
+    return [row, model_row]
+
+
 def print_table(rows: list[dict]) -> None:
     columns = [c for c in ("device", "config", "mode", "batch_size", "windows", "users",
                            "users_per_s", "events_per_s", "ms_per_user", "per_call_floor_ms",
@@ -191,9 +265,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="dense bf16 peak of the GPU (H100 SXM: 989)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (GPU)")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--end-to-end", type=int, default=0, metavar="USERS",
+                        help="also run windows of USERS users from a topic through the worker")
+    parser.add_argument("--store", default="redis", help="online store of --end-to-end")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of --end-to-end")
     args = parser.parse_args(argv)
 
     rows = []
+    if args.end_to_end:
+        rows += end_to_end_section(args.end_to_end, args.store, args.threads)
     if not args.no_cpu:
         users = {"small": args.small_users, "default": args.default_users}
         rows += cpu_section(users, args.max_batch, args.repeats)
