@@ -1,14 +1,18 @@
-"""The pretraining evaluation of the README: two data sets, the full BEAT and two ablations.
+"""The pretraining evaluation of the README: two data sets, the full BEAT and its ablations.
 
-    OMP_NUM_THREADS=1 .venv/bin/python bench/pretrain.py [--preset tiny] [--steps 1500]
+    OMP_NUM_THREADS=1 .venv/bin/python bench/pretrain.py [--preset small] [--steps 600]
+        [--variants full no_future ...] [--datasets synthetic cdnow]
 
 For each data set, on an embedded Tansu broker:
-  1. load the events into beat.events with `beat produce` (synthetic: --synthetic
-     --history-days; CDNOW: --dataset cdnow, the purchase log inside the lifetimes package);
+  1. load the events into beat.events with `beat produce` (synthetic: 20,000 users over 150
+     days, --synthetic --history-days; CDNOW: --dataset cdnow, the purchase log inside the
+     lifetimes package);
   2. `beat pretrain` the full model from the topic (the replay is timed);
   3. `beat export` the same history once, and `beat pretrain --sequences` the ablations from
-     it: without the contrastive loss, and without the temporal signals.
-Prints the churn, next-event and masked-event tables and writes bench/results/pretrain.json.
+     it (VARIANTS: each switches one objective or input off).
+Every report carries its own floor (an untrained network's embeddings under the same probes)
+and the hand-made baselines. Prints the churn, propensity and next-event tables and writes
+bench/results/pretrain/pretrain.json.
 """
 
 from __future__ import annotations
@@ -30,14 +34,23 @@ from stream.config import load_settings  # noqa: E402
 
 RESULTS = REPO / "bench" / "results" / "pretrain"
 DATASETS = {
-    # 1,000 synthetic users over 150 days; churners fade inside the history.
-    "synthetic": {"produce": ["--synthetic", "--users", "1000", "--history-days", "150"], "pretrain": []},
+    # 20,000 synthetic users over 150 days (about 29M events); churners fade inside the history.
+    "synthetic": {"produce": ["--synthetic", "--users", "20000", "--history-days", "150"],
+                  "pretrain": []},
     # CDNOW: 23,570 customers, 1997-01 to 1998-06, 3 purchases each on average: cut after
     # 39 weeks (the usual calibration period) and let 2 + 2 + 1 purchases make a training pair.
     "cdnow": {"produce": ["--dataset", "cdnow"],
               "pretrain": ["--cutoff", "1997-10-01", "--min-view-events", "2"]},
 }
-VARIANTS = {"full": [], "no_contrastive": ["--no-contrastive"], "no_temporal": ["--no-temporal"]}
+VARIANTS = {
+    "full": [],
+    "no_future": ["--future-weight", "0"],
+    "no_gap": ["--gap-weight", "0"],
+    "no_contrastive": ["--no-contrastive"],
+    "no_value": ["--no-use-value-encoding"],
+    "no_statistics": ["--no-use-window-statistics"],
+    "no_temporal": ["--no-temporal"],
+}
 
 
 def beat(env: dict[str, str], *args: str) -> float:
@@ -65,29 +78,61 @@ def run_dataset(name: str, spec: dict, env: dict[str, str], train_args: list[str
     return {"produce_seconds": round(produce_s, 1), "export_seconds": round(export_s, 1), "runs": runs}
 
 
-def churn_table(name: str, result: dict) -> str:
-    lines = [f"\n{name}: churn AUC on the held-out half of the users (95 % bootstrap CI)\n",
-             "| variant | BEAT + logistic | RFM + logistic | RFM + boosting | BEAT + RFM | BEAT - best hand-made |",
-             "|---|---|---|---|---|---|"]
+def cell(metric: dict) -> str:
+    return f"{metric['value']:.3f} [{metric['ci95'][0]:.3f}, {metric['ci95'][1]:.3f}]"
+
+
+def task_table(name: str, result: dict, task: str) -> str:
+    """AUC of each model on a yes/no task (churn, propensity), and the paired differences."""
+    lines = [f"\n{name}: {task} AUC on the held-out half of the users (95 % bootstrap CI)\n",
+             "| variant | BEAT | untrained | RFM logistic | RFM boosting | BEAT + RFM "
+             "| BEAT - best hand-made | BEAT + RFM - best hand-made | train s |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for variant, run in result["runs"].items():
-        auc = run["report"]["churn"]["auc"]
-        diff = run["report"]["churn"]["beat_minus_best_handmade"]
-
-        def cell(m: dict) -> str:
-            return f"{m['value']:.3f} [{m['ci95'][0]:.3f}, {m['ci95'][1]:.3f}]"
-
-        lines.append(f"| {variant} | {cell(auc['beat_logistic'])} | {cell(auc['rfm_logistic'])} | "
-                     f"{cell(auc['rfm_boosting'])} | {cell(auc['beat_rfm_logistic'])} | {cell(diff)} |")
+        scores = run["report"][task]
+        if "auc" not in scores:
+            lines.append(f"| {variant} | {scores.get('skipped', 'skipped')} |")
+            continue
+        auc = scores["auc"]
+        columns = [auc[m] for m in ("beat_logistic", "untrained_logistic", "rfm_logistic",
+                                    "rfm_boosting", "beat_rfm_logistic")]
+        columns += [scores["beat_minus_best_handmade"], scores["beat_rfm_minus_best_handmade"]]
+        seconds = run["report"]["training_run"]["wall_seconds"]
+        lines.append(f"| {variant} | " + " | ".join(cell(c) for c in columns) + f" | {seconds} |")
     return "\n".join(lines)
+
+
+def next_event_table(name: str, result: dict) -> str:
+    """HitRate@1 of the first event after the cutoff: BEAT's next head, the baselines, and the
+    linear probes of BEAT's and the untrained network's embeddings (on a sample of users)."""
+    lines = [f"\n{name}: next event HitRate@1\n",
+             "| variant | field | BEAT | Markov | most popular | probe of BEAT | probe of untrained |",
+             "|---|---|---|---|---|---|---|"]
+    for variant, run in result["runs"].items():
+        for field, rates in run["report"]["next_event"].items():
+            if field not in ("action", "property"):
+                continue
+            values = [rates.get(m, {}).get("hit@1") for m in ("beat", "markov", "popular")]
+            values += [rates["probes"][m]["hit@1"] for m in ("beat", "untrained")]
+            lines.append(f"| {variant} | {field} | "
+                         + " | ".join("–" if v is None else f"{v['value']:.3f}" for v in values)
+                         + " |")
+    return "\n".join(lines)
+
+
+def tables(name: str, result: dict) -> str:
+    return "\n".join([task_table(name, result, "churn"), task_table(name, result, "propensity"),
+                      next_event_table(name, result)])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", default="tiny")
-    parser.add_argument("--steps", type=int, default=1500)
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--preset", default="small")
+    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", default=["full"], choices=list(VARIANTS),
+                        help="full, and ablations each switching one objective or input off")
     parser.add_argument("--out", type=Path, default=RESULTS, help=f"results folder (default {RESULTS})")
     args = parser.parse_args()
     train_args = ["--preset", args.preset, "--steps", str(args.steps), "--batch-size", str(args.batch_size),
@@ -101,7 +146,7 @@ def main() -> None:
             env = {**os.environ, **settings.to_env()}
             results["datasets"][name] = run_dataset(name, DATASETS[name], env, train_args, args.variants, args.out)
         (args.out / "pretrain.json").write_text(json.dumps(results, indent=1, default=str))
-        print(churn_table(name, results["datasets"][name]))
+        print(tables(name, results["datasets"][name]))
     print(f"\nwrote {args.out / 'pretrain.json'}")
 
 

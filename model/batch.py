@@ -20,6 +20,7 @@ class EventWindow:
     event_time_ms: int64 [n] unix milliseconds, ascending
     action:        str/object [n]
     property:      object [n]; None where an event has no property
+    value:         float64 [n]; NaN where an event has no amount (None: no event has one)
     event_id_hash: uint32 [n], optional: the stream's 32-bit hash of each event_id
                    (stream.window.event_id_hashes). With it, BeatEncoder orders the events
                    of one millisecond by it, as the stream does, whatever the caller's order.
@@ -28,6 +29,7 @@ class EventWindow:
     event_time_ms: np.ndarray
     action: np.ndarray
     property: np.ndarray
+    value: np.ndarray | None = None
     event_id_hash: np.ndarray | None = None
 
     def __post_init__(self) -> None:
@@ -41,12 +43,28 @@ class EventWindow:
                 raise ValueError(
                     f"event_id_hash has {len(self.event_id_hash)} values for {n} events"
                 )
-        if self.event_time_ms.ndim != 1 or len(self.action) != n or len(self.property) != n:
+        if self.value is None:
+            self.value = np.full(n, np.nan)
+        # None inside an object array (Arrow nulls) is a missing amount as well
+        self.value = np.asarray(self.value, dtype=np.float64)
+        columns = (self.action, self.property, self.value)
+        if self.event_time_ms.ndim != 1 or any(len(column) != n for column in columns):
             raise ValueError(
                 "EventWindow columns must be 1-d and of one length; got event_time_ms "
                 f"{self.event_time_ms.shape}, action {self.action.shape}, "
-                f"property {self.property.shape}"
+                f"property {self.property.shape}, value {self.value.shape}"
             )
+
+    def take(self, index: np.ndarray | slice) -> EventWindow:
+        """The events at index (an index array or a slice), in that order."""
+        hashes = None if self.event_id_hash is None else self.event_id_hash[index]
+        return EventWindow(
+            self.event_time_ms[index],
+            self.action[index],
+            self.property[index],
+            self.value[index],
+            hashes,
+        )
 
     def __len__(self) -> int:
         return len(self.event_time_ms)
@@ -62,6 +80,7 @@ class EventBatch:
                                   row's newest event, which then has age 0)
     padding_mask  [B, L] bool     True for a real event
     event_times   [B, L] int64    unix ms (UTC), for the hour-of-day / day-of-week signals
+    values        [B, L] float32  the event's amount; NaN where it has none (and at padding)
     """
 
     action_ids: Tensor
@@ -69,6 +88,7 @@ class EventBatch:
     time_gaps: Tensor
     padding_mask: Tensor
     event_times: Tensor
+    values: Tensor
 
     @classmethod
     def from_windows(
@@ -94,6 +114,7 @@ class EventBatch:
         action_ids = np.zeros((len(windows), width), dtype=np.int64)
         property_ids = np.zeros((len(windows), width), dtype=np.int64)
         ages = np.zeros((len(windows), width), dtype=np.float64)
+        values = np.full((len(windows), width), np.nan, dtype=np.float32)
 
         # Boolean-mask assignment fills row by row, matching the order of the concatenation.
         flat_times = np.concatenate([window.event_time_ms for window in windows])
@@ -103,9 +124,9 @@ class EventBatch:
         ages[real] = (np.repeat(reference, lengths) - flat_times) / MS_PER_DAY
         action_ids[real] = actions.lookup(np.concatenate([w.action for w in windows]))
         property_ids[real] = properties.lookup(np.concatenate([w.property for w in windows]))
-        return cls(
-            *(torch.from_numpy(a) for a in (action_ids, property_ids, ages, real, times))
-        )
+        values[real] = np.concatenate([w.value for w in windows])
+        columns = (action_ids, property_ids, ages, real, times, values)
+        return cls(*(torch.from_numpy(column) for column in columns))
 
     def __len__(self) -> int:
         return self.action_ids.shape[0]

@@ -11,6 +11,8 @@ Inputs, one row per user, events oldest → newest:
     padding_mask  [B, L] bool    True for a real event (default: action_ids != 0)
     event_times   [B, L] int64 or float64 unix milliseconds, optional; used only for the
                                  hour-of-day and day-of-week signals (UTC)
+    values        [B, L] float   the event's amount, optional; NaN where an event has none
+                                 (a page view), which the model tells apart from an amount of 0
 
 Padding may sit anywhere (the encoder pads on the right); what a padded slot holds never
 matters. The gap to the previous event is derived here from time_gaps. There is no position
@@ -37,6 +39,7 @@ from model.vocab import Vocabulary
 SECONDS_PER_DAY = 86_400
 MS_PER_DAY = 86_400_000
 AGE_FREQUENCIES = 16  # sinusoids over the window, periods from window_days down to one hour
+VALUE_SATURATION = 1e6  # amounts beyond ±VALUE_SATURATION share the outermost value buckets
 
 
 def log_bucket(days: Tensor, num_buckets: int, window_days: float) -> Tensor:
@@ -116,8 +119,91 @@ class PeriodicEncoding(nn.Module):
         return self.proj(waves.to(self.proj.weight.dtype))
 
 
+class ValueEncoding(nn.Module):
+    """An event's amount: a learned embedding of its bucket on a signed log scale, plus a
+    learned projection of the signed log itself (resolution within a bucket).
+
+    Buckets: 0 padding, 1 no value (NaN: the event carries no amount), 2 exactly zero, then
+    value_buckets - 3 even steps of sign(v) * log1p(|v|) over ±log1p(VALUE_SATURATION), about
+    one e-fold each at the default 32. Log scale, fixed in advance, because amounts span
+    cents to millions in every currency and the scale must not depend on one data set.
+    """
+
+    def __init__(self, config: BeatConfig) -> None:
+        super().__init__()
+        self.buckets = nn.Embedding(config.value_buckets, config.hidden_size)  # 0: padding
+        self.magnitude = nn.Linear(1, config.hidden_size, bias=False)
+
+    def forward(self, values: Tensor, mask: Tensor) -> Tensor:
+        # values: [B, L] float, NaN where an event has no amount; mask: [B, L] bool
+        present = mask & values.isfinite()
+        amount = torch.where(present, values, 0.0).double()  # [B, L]
+        scaled = (_signed_log1p(amount) / math.log1p(VALUE_SATURATION)).clamp(-1, 1)
+        steps = self.buckets.num_embeddings - 3
+        bucket = 3 + ((scaled + 1) / 2 * steps).long().clamp_max(steps - 1)  # [B, L]
+        bucket = torch.where(amount == 0, 2, bucket).masked_fill(~present, 1).masked_fill(~mask, 0)
+        magnitude = scaled.masked_fill(~present, 0.0)[..., None]  # [B, L, 1]
+        return self.buckets(bucket) + self.magnitude(magnitude.to(self.magnitude.weight.dtype))
+
+
+class WindowStatistics(nn.Module):
+    """Aggregates of the whole window, as features [B, num_features]: what attention, which
+    averages, cannot count (BaseModel feeds such count sketches beside its sequence encoder).
+
+    Always: log1p of the number of events and of those with an amount, signed log1p of the sum
+    of amounts, and count sketches: log1p of each action's and each property's count.
+    With the age encoding on (these read the time before as-of, so they go when it goes):
+    log1p of the events within the last 1, 7 and 30 days; log1p of the age in days of the
+    newest and the oldest event and of the span between them (unclipped: no saturation at
+    window_days); signed log1p of the amounts within 30 days; and the count sketches again
+    over the last 7 days. All are zero for an empty window.
+    """
+
+    RECENT_DAYS = (1.0, 7.0, 30.0)
+    SKETCH_DAYS = 7.0
+
+    def __init__(self, config: BeatConfig) -> None:
+        super().__init__()
+        self.vocab_sizes = (config.action_vocab_size, config.property_vocab_size)
+        self.temporal = config.use_age_encoding
+        scalars = 3 + (len(self.RECENT_DAYS) + 4 if self.temporal else 0)
+        sketches = (2 if self.temporal else 1) * sum(self.vocab_sizes)
+        self.num_features = scalars + sketches
+
+    def forward(
+        self, action_ids: Tensor, property_ids: Tensor, age: Tensor, mask: Tensor, values: Tensor
+    ) -> Tensor:
+        # ids: [B, L]; age: [B, L] float64 days (0 at padding); mask: [B, L] bool; values: [B, L]
+        real = mask.double()
+        has_amount = mask & values.isfinite()
+        amount = torch.where(has_amount, values.double(), 0.0)  # [B, L]
+        scalars = [real.sum(1).log1p(), has_amount.double().sum(1).log1p(),
+                   _signed_log1p(amount.sum(1))]
+        weights = [real]  # of the count sketches
+        if self.temporal:
+            newest = age.masked_fill(~mask, math.inf).amin(1)
+            oldest = age.masked_fill(~mask, -math.inf).amax(1)
+            newest, oldest = (torch.where(mask.any(1), t, 0.0) for t in (newest, oldest))
+            scalars += [(real * (age < days)).sum(1).log1p() for days in self.RECENT_DAYS]
+            scalars += [newest.log1p(), oldest.log1p(), (oldest - newest).log1p(),
+                        _signed_log1p((amount * (age < 30.0)).sum(1))]
+            weights.append(real * (age < self.SKETCH_DAYS))
+        sketches = []
+        for ids, size in zip((action_ids, property_ids), self.vocab_sizes):
+            index = ids.masked_fill(~mask, 0)  # padded slots may hold anything
+            for weight in weights:
+                counts = torch.zeros(len(ids), size, dtype=torch.float64, device=ids.device)
+                sketches.append(counts.scatter_add_(1, index, weight).log1p())  # [B, V]
+        return torch.cat([torch.stack(scalars, dim=1), *sketches], dim=1)  # [B, F] float64
+
+
+def _signed_log1p(x: Tensor) -> Tensor:
+    return x.sign() * x.abs().log1p()
+
+
 class EventEmbedding(nn.Module):
-    """One token per event: action + property + the enabled temporal terms, normalized."""
+    """One token per event: action + property + the enabled temporal and value terms,
+    normalized."""
 
     def __init__(self, config: BeatConfig) -> None:
         super().__init__()
@@ -126,6 +212,7 @@ class EventEmbedding(nn.Module):
         self.age = AgeEncoding(config) if config.use_age_encoding else None
         self.gap = GapEncoding(config) if config.use_gap_encoding else None
         self.periodic = PeriodicEncoding(config) if config.use_periodic_encoding else None
+        self.value = ValueEncoding(config) if config.use_value_encoding else None
         self.norm = nn.LayerNorm(config.hidden_size)
         self.dropout = nn.Dropout(config.dropout)
 
@@ -136,6 +223,7 @@ class EventEmbedding(nn.Module):
         time_gaps: Tensor,
         mask: Tensor,
         event_times: Tensor | None,
+        values: Tensor | None,
     ) -> Tensor:
         x = self.action(action_ids) + self.property(property_ids)  # [B, L, H]
         # Padded slots may hold anything, NaN included; zero them so that nothing non-finite
@@ -147,6 +235,10 @@ class EventEmbedding(nn.Module):
             x = x + self.gap(age, mask)
         if self.periodic is not None and event_times is not None:
             x = x + self.periodic(torch.where(mask, event_times, 0))
+        if self.value is not None:
+            # no values given: no event carries an amount (NaN), not an amount of zero
+            values = torch.full_like(age, math.nan) if values is None else values
+            x = x + self.value(values, mask)
         return self.dropout(self.norm(x))
 
 
@@ -212,6 +304,14 @@ class Beat(nn.Module):
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.num_layers))
         self.ln_f = nn.LayerNorm(config.hidden_size)
         self.head = nn.Linear(config.hidden_size, config.embedding_size)
+        # The window's aggregates, projected to the hidden size, enter the summary token (so
+        # attention can use them) and the embedding itself (so a linear probe can read them,
+        # whatever the blocks did).
+        self.statistics = WindowStatistics(config) if config.use_window_statistics else None
+        if self.statistics is not None:
+            features = self.statistics.num_features
+            self.statistics_in = nn.Linear(features, config.hidden_size, bias=False)
+            self.statistics_out = nn.Linear(config.hidden_size, config.embedding_size, bias=False)
 
         self.apply(self._init_weights)
         nn.init.normal_(self.summary, std=0.02)
@@ -243,6 +343,7 @@ class Beat(nn.Module):
         time_gaps: Tensor,
         padding_mask: Tensor | None = None,
         event_times: Tensor | None = None,
+        values: Tensor | None = None,
     ) -> dict[str, Tensor]:
         B, L = action_ids.shape
         if L > self.config.max_events:
@@ -250,8 +351,17 @@ class Beat(nn.Module):
         if padding_mask is None:
             padding_mask = action_ids != 0
 
-        x = self.embed(action_ids, property_ids, time_gaps, padding_mask, event_times)  # [B, L, H]
-        x = torch.cat([self.summary.expand(B, -1, -1), x], dim=1)  # [B, 1+L, H]
+        x = self.embed(  # [B, L, H]
+            action_ids, property_ids, time_gaps, padding_mask, event_times, values
+        )
+        summary = self.summary.expand(B, -1, -1)  # [B, 1, H]
+        if self.statistics is not None:
+            age = torch.where(padding_mask, time_gaps.double(), 0.0).clamp_min(0)
+            amounts = torch.full_like(age, math.nan) if values is None else values
+            stats = self.statistics(action_ids, property_ids, age, padding_mask, amounts)
+            stats = self.statistics_in(stats.to(self.statistics_in.weight.dtype))  # [B, H]
+            summary = summary + stats[:, None]
+        x = torch.cat([summary, x], dim=1)  # [B, 1+L, H]
         # Keys to attend to, [B, 1, 1, 1+L]: the same for every head and query; the summary is
         # always kept. None when nothing is padded, so that SDPA may pick its flash kernels.
         keep = None
@@ -262,6 +372,8 @@ class Beat(nn.Module):
         x = self.ln_f(x)
 
         embedding = self.head(x[:, 0])  # [B, E]
+        if self.statistics is not None:
+            embedding = embedding + self.statistics_out(stats)
         hidden_states = x[:, 1:].masked_fill(~padding_mask[..., None], 0.0)  # [B, L, H]
         return {"embedding": embedding, "hidden_states": hidden_states}
 

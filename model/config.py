@@ -19,6 +19,11 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+# What a config written before a key existed means by its absence: models saved before the
+# value encoding and the window statistics had neither, and their weights have no tables for them.
+LEGACY_DEFAULTS: dict[str, Any] = {"use_value_encoding": False, "use_window_statistics": False}
+
+
 @dataclass
 class BeatConfig:
     """Architecture of a BEAT model. The defaults are the model card (about 86.4M parameters)."""
@@ -35,9 +40,12 @@ class BeatConfig:
     property_vocab_size: int = 1024
     window_days: float = 90.0  # the span of history a window covers; scales the time encodings
     time_buckets: int = 64  # log-scale buckets for event ages and gaps between events
+    value_buckets: int = 32  # signed-log buckets of an event's amount (see ValueEncoding)
     use_age_encoding: bool = True
     use_gap_encoding: bool = True
     use_periodic_encoding: bool = True
+    use_value_encoding: bool = True
+    use_window_statistics: bool = True  # counts, recency, amounts and count sketches (beat.py)
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_heads:
@@ -47,6 +55,9 @@ class BeatConfig:
         if self.time_buckets < 3:
             # bucket 0 is reserved, and one bucket alone could not tell durations apart
             raise ValueError(f"time_buckets must be at least 3, got {self.time_buckets}")
+        if self.value_buckets < 4:
+            # 0 padding, 1 no value, 2 zero, and at least one bucket of amounts
+            raise ValueError(f"value_buckets must be at least 4, got {self.value_buckets}")
         if self.window_days <= 0:
             raise ValueError(f"window_days must be positive, got {self.window_days}")
 
@@ -62,8 +73,9 @@ class BeatConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> BeatConfig:
         # Refuse unknown keys: they mean the file was written by a newer BEAT whose architecture
-        # this code cannot build. Missing keys take the defaults.
+        # this code cannot build. A missing key means the file predates it: it takes what the
+        # model did before the key existed (LEGACY_DEFAULTS), else the default.
         unknown = set(values) - {field.name for field in dataclasses.fields(cls)}
         if unknown:
             raise ValueError(f"unknown BEAT config keys: {sorted(unknown)}")
-        return cls(**values)
+        return cls(**{**LEGACY_DEFAULTS, **values})

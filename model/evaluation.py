@@ -26,6 +26,7 @@ are paired (each resample draws the same users for both models).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
@@ -39,8 +40,9 @@ import torch
 from sklearn.cluster import KMeans
 from sklearn.decomposition import PCA
 from sklearn.ensemble import HistGradientBoostingClassifier
-from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import train_test_split
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
+from sklearn.model_selection import StratifiedKFold, cross_val_predict, train_test_split
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from torch import Tensor
@@ -55,6 +57,8 @@ from model.train import HEADS_FILE, LOG_FILE, MODEL_DIR, load_pretrainer
 from model.vocab import OOV_ID, Vocabulary
 
 FIELDS = ("action", "property")
+PROBE_STRENGTHS = np.logspace(-3, 1, 5)  # inverse L2 strengths C tried by every logistic probe
+PROBE_FOLDS = 3  # cross-validation folds that choose C, within the training users
 BOOTSTRAP_CHUNK = 5_000_000  # resampling multiplicities held at once (float64: 40 MB)
 
 
@@ -64,6 +68,8 @@ class EvalConfig:
     future_share: float = 0.5  # at most this share of a masked-task window is future events
     ks: tuple[int, ...] = (1, 10)  # HitRate@k of the next event
     churn_days: float = 30.0  # churned = no event within this many days after the cutoff
+    propensity_days: float = 30.0  # propensity = the most valuable action within these days
+    probe_users: int = 2000  # users of the next-event probes (a multinomial fit per field)
     test_fraction: float = 0.5  # of the users, held out (stratified) to score the churn models
     top_actions: int = 16  # the most frequent actions get a count feature each in RFM
     segments: int = 6  # k of k-means
@@ -271,9 +277,7 @@ def hit_rates(
 
 def churn_labels(future: pa.Table, cutoff_ms: int, churn_days: float) -> np.ndarray:
     """True for users with no event in [cutoff, cutoff + churn_days) (bool [users])."""
-    times = _flat(future, "event_time").to_numpy()
-    soon = times < cutoff_ms + churn_days * MS_PER_DAY
-    return np.bincount(_user_of_event(future), weights=soon, minlength=future.num_rows) == 0
+    return ~future_labels(future, cutoff_ms, churn_days)
 
 
 def check_label_window(sequences: pa.Table, cutoff_ms: int, churn_days: float) -> None:
@@ -328,29 +332,64 @@ def rfm_features(history: pa.Table, cutoff_ms: int, top_actions: int) -> tuple[l
     return list(features), np.column_stack(list(features.values()))
 
 
-def churn_models(
-    embeddings: np.ndarray, rfm: np.ndarray, labels: np.ndarray, config: EvalConfig
+def future_labels(future: pa.Table, cutoff_ms: int, days: float, action: str | None = None) -> np.ndarray:
+    """True for users with an event (of `action`, when given) in [cutoff, cutoff + days)
+    (bool [users]); churn is its negation over all actions."""
+    times = _flat(future, "event_time").to_numpy()
+    hit = times < cutoff_ms + days * MS_PER_DAY
+    if action is not None:
+        hit &= np.asarray(pc.equal(_flat(future, "action"), action).fill_null(False))
+    return np.bincount(_user_of_event(future), weights=hit, minlength=future.num_rows) > 0
+
+
+def most_valuable_action(history: pa.Table) -> str | None:
+    """The action with the largest total value in the history (None: no event has a value)."""
+    value = np.nan_to_num(_flat(history, "value").to_numpy(zero_copy_only=False).astype(float))
+    if not value.any():
+        return None
+    codes = pc.dictionary_encode(_flat(history, "action"))
+    totals = np.bincount(codes.indices.to_numpy(), weights=value)
+    return codes.dictionary[int(np.argmax(totals))].as_py()
+
+
+def cv_logistic(seed: int) -> Any:
+    """Standardize, then a logistic regression whose L2 strength is chosen by cross-validated
+    AUC on the training users alone: a 768-wide probe on a few hundred users overfits at any
+    fixed strength, and BEAT + RFM would then score below RFM alone."""
+    folds = StratifiedKFold(n_splits=PROBE_FOLDS, shuffle=True, random_state=seed)
+    return make_pipeline(
+        StandardScaler(),
+        LogisticRegressionCV(Cs=PROBE_STRENGTHS, cv=folds, scoring="roc_auc", tol=1e-3, max_iter=500),
+    )
+
+
+def probe_models(
+    embeddings: np.ndarray,
+    untrained: np.ndarray,
+    rfm: np.ndarray,
+    labels: np.ndarray,
+    config: EvalConfig,
+    task: str = "churn",
 ) -> dict[str, Any]:
-    """Fit each churn model on a stratified share of the users and score the rest: AUC with a
-    bootstrap interval per model, and the paired difference BEAT - best hand-made model."""
+    """Fit each model of a yes/no task on a stratified share of the users and score the rest:
+    AUC with a bootstrap interval per model, and paired differences against the best
+    hand-made model and against the untrained network's embeddings (the floor: what a random
+    network with temporal encodings carries, recency above all)."""
     if min(labels.sum(), (~labels).sum()) < 4:
         raise ValueError(
-            f"churn needs at least 4 churned and 4 retained users; got {int(labels.sum())} "
-            f"churned of {len(labels)}: choose another cutoff or EvalConfig.churn_days"
+            f"{task} needs at least 4 users of each label; got {int(labels.sum())} positive "
+            f"of {len(labels)}: choose another cutoff or horizon (EvalConfig)"
         )
     train, test = train_test_split(
         np.arange(len(labels)), test_size=config.test_fraction, stratify=labels,
         random_state=config.seed,
     )
-
-    def logistic() -> Any:
-        return make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=2000))
-
     candidates = {
-        "beat_logistic": (logistic(), embeddings),
-        "rfm_logistic": (logistic(), rfm),
+        "beat_logistic": (cv_logistic(config.seed), embeddings),
+        "untrained_logistic": (cv_logistic(config.seed), untrained),
+        "rfm_logistic": (cv_logistic(config.seed), rfm),
         "rfm_boosting": (HistGradientBoostingClassifier(random_state=config.seed), rfm),
-        "beat_rfm_logistic": (logistic(), np.hstack([embeddings, rfm])),
+        "beat_rfm_logistic": (cv_logistic(config.seed), np.hstack([embeddings, rfm])),
     }
     scores = {
         name: model.fit(x[train], labels[train]).predict_proba(x[test])[:, 1]
@@ -366,16 +405,20 @@ def churn_models(
     aucs = {name: float(weighted_auc(s, y, np.ones((1, len(y))))[0]) for name, s in scores.items()}
     samples = {name: np.concatenate(parts) for name, parts in samples.items()}
     best = max(("rfm_logistic", "rfm_boosting"), key=aucs.get)
+
+    def difference(model: str, versus: str) -> dict[str, Any]:
+        return {"versus": versus, "value": aucs[model] - aucs[versus],
+                "ci95": _interval(samples[model] - samples[versus])}
+
     return {
         "train_users": len(train),
         "test_users": len(test),
-        "test_churn_rate": float(y.mean()),
+        "test_positive_rate": float(y.mean()),
         "auc": {name: {"value": aucs[name], "ci95": _interval(samples[name])} for name in scores},
-        "beat_minus_best_handmade": {
-            "versus": best,  # chosen on the same test users, which slightly favours it
-            "value": aucs["beat_logistic"] - aucs[best],
-            "ci95": _interval(samples["beat_logistic"] - samples[best]),
-        },
+        # the best hand-made model is chosen on the same test users, which slightly favours it
+        "beat_minus_best_handmade": difference("beat_logistic", best),
+        "beat_rfm_minus_best_handmade": difference("beat_rfm_logistic", best),
+        "beat_minus_untrained": difference("beat_logistic", "untrained_logistic"),
     }
 
 
@@ -452,6 +495,10 @@ def evaluate_model(
     saved = load_model_dir(path / MODEL_DIR if pretrainer is not None else path)
     model = pretrainer.model if pretrainer is not None else Beat.from_tensors(saved.config, saved.tensors, str(path))
     encoder = BeatEncoder(model, saved.actions, saved.properties, saved.model_version, device, config.batch_size)
+    with torch.random.fork_rng(devices=[]):  # the floor: same architecture and vocabulary
+        torch.manual_seed(config.seed)
+        floor = BeatEncoder(Beat(saved.config), saved.actions, saved.properties, "untrained", device,
+                            config.batch_size)
 
     past, future = split_at(sequences, cutoff_ms)
     history_lengths, future_lengths = lengths(past), lengths(future)
@@ -460,7 +507,9 @@ def evaluate_model(
     # [active users, E], as served at the cutoff: as of it, so silence up to the cutoff shows. The
     # next-event metrics use the same embeddings: as of the first future event would tell the
     # model when the user comes back, which a server asking "now" never knows.
-    embeddings = encoder.encode(to_windows(history), as_of_ms=cutoff_ms)
+    windows = to_windows(history)
+    embeddings = encoder.encode(windows, as_of_ms=cutoff_ms)
+    untrained = floor.encode(windows, as_of_ms=cutoff_ms)
     rng = np.random.default_rng(config.seed)
 
     results: dict[str, Any] = {
@@ -477,7 +526,7 @@ def evaluate_model(
             "users_with_history": history.num_rows,
             "users_with_future": int((future_lengths > 0).sum()),
         },
-        "next_event": _next_event(pretrainer, encoder, embeddings, history, after, config, rng),
+        "next_event": _next_event(pretrainer, encoder, embeddings, untrained, history, after, config, rng),
     }
     if pretrainer is not None:
         windows, context = masked_windows(sequences, history_lengths, saved.config.max_events, config.future_share)
@@ -491,15 +540,60 @@ def evaluate_model(
     names, rfm = rfm_features(history, cutoff_ms, config.top_actions)
     results["data"]["churn_rate"] = float(labels.mean())
     results["churn"] = {"churn_days": config.churn_days, "rfm_features": names,
-                        **churn_models(embeddings, rfm, labels, config)}
+                        **probe_models(embeddings, untrained, rfm, labels, config)}
+    results["propensity"] = _propensity(embeddings, untrained, rfm, history, after, cutoff_ms, config)
     results["segments"] = segments(embeddings, history, config.segments, config.seed)
     return results
+
+
+def _propensity(
+    embeddings: np.ndarray,
+    untrained: np.ndarray,
+    rfm: np.ndarray,
+    history: pa.Table,
+    future: pa.Table,
+    cutoff_ms: int,
+    config: EvalConfig,
+) -> dict[str, Any]:
+    """Any event of the data set's most valuable action (largest total value before the
+    cutoff) within propensity_days after it, with the churn task's models."""
+    action = most_valuable_action(history)
+    if action is None:
+        return {"skipped": "no event has a value, so no action is the most valuable"}
+    labels = future_labels(future, cutoff_ms, config.propensity_days, action)
+    task = f"propensity to {action}"
+    return {"action": action, "days": config.propensity_days, "positive_rate": float(labels.mean()),
+            **probe_models(embeddings, untrained, rfm, labels, config, task)}
+
+
+def _probe_ranks(x: np.ndarray, target: np.ndarray, vocabulary_size: int, seed: int) -> np.ndarray:
+    """Rank of each user's target under a multinomial logistic probe of x, predicted out of
+    fold (each user by a probe fit on the other folds); ids no fold saw rank last."""
+    folds = StratifiedKFold(n_splits=PROBE_FOLDS, shuffle=True, random_state=seed)
+    seen, known = np.unique(target, return_counts=True)
+    classes = seen[known >= PROBE_FOLDS]  # stratified folds need a few users of each
+    common = np.isin(target, classes)
+    scores = np.full((len(target), vocabulary_size), -np.inf)
+    if len(classes) == 1:  # nothing to learn: the one class is every user's prediction
+        scores[:, classes[0]] = 1.0
+    elif len(classes) > 1:
+        probe = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=300))
+        with warnings.catch_warnings():  # a floor needs no converged optimum, slow to reach
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            scores[np.ix_(common, classes)] = cross_val_predict(
+                probe, x[common], target[common], cv=folds, method="predict_proba"
+            )
+    scores[:, [0, OOV_ID]] = -np.inf
+    own = scores[np.arange(len(target)), target]
+    ranks = (scores > own[:, None]).sum(axis=1)
+    return np.where(np.isfinite(own), ranks, vocabulary_size)
 
 
 def _next_event(
     pretrainer: BeatPretrainer | None,
     encoder: BeatEncoder,
     embeddings: np.ndarray,
+    untrained: np.ndarray,
     history: pa.Table,
     future: pa.Table,
     config: EvalConfig,
@@ -525,6 +619,14 @@ def _next_event(
                 logits = head(torch.from_numpy(embeddings[evaluated]).to(encoder.device))
             ranks["beat"] = _model_ranks(logits, torch.from_numpy(target).to(encoder.device))
         out[field] = {name: hit_rates(r, config.ks, config.bootstrap, rng) for name, r in ranks.items()}
+        # the floor: a linear probe of the untrained network's embeddings, next to the same probe
+        # of BEAT's, on a sample of users (a multinomial fit per field is slow)
+        sample = np.random.default_rng(config.seed).permutation(len(target))[: config.probe_users]
+        out[field]["probes"] = {"users": len(sample)} | {
+            name: hit_rates(_probe_ranks(x[evaluated][sample], target[sample], len(vocabulary),
+                                         config.seed), config.ks, config.bootstrap, rng)
+            for name, x in (("untrained", untrained), ("beat", embeddings))
+        }
     return out
 
 

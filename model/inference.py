@@ -103,7 +103,9 @@ class BeatEncoder:
         lengths = np.array([len(window) for window in clipped], dtype=np.int64)
         for rows in length_batches(lengths, self.max_batch, self.bucket_width):
             batch = EventBatch.from_windows(
-                [clipped[i] for i in rows], self.actions, self.properties,
+                [clipped[i] for i in rows],
+                self.actions,
+                self.properties,
                 None if as_of is None else as_of[rows],
             )
             embeddings[rows] = self.embed(batch).cpu().numpy()
@@ -121,7 +123,7 @@ class BeatEncoder:
         else:
             order = None
         if order is not None:
-            window = EventWindow(times[order], window.action[order], window.property[order])
+            window = window.take(order)
             times = window.event_time_ms
         config = self.model.config
         if len(times) == 0:
@@ -129,7 +131,7 @@ class BeatEncoder:
         oldest_kept = times[-1] - config.window_days * MS_PER_DAY
         first_in_window = int(np.searchsorted(times, oldest_kept, side="left"))
         start = max(first_in_window, len(times) - config.max_events)
-        return EventWindow(times[start:], window.action[start:], window.property[start:])
+        return window.take(slice(start, None))
 
     @torch.inference_mode()
     def embed(self, batch: EventBatch) -> torch.Tensor:

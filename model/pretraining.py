@@ -1,26 +1,33 @@
-"""BEAT's pretraining objectives: masked events, next event, and contrast between time windows.
+"""BEAT's pretraining objectives, computed on the views model/views.py draws.
 
-One step, for B users' event histories (an EventBatch of whole histories, right-padded):
+Each step reads 2B views (two adjacent time windows of each of B users, each as of its own
+moment; see model/views.py for what each view sees and must predict):
 
-1. sample_views cuts each history at a random event c into two adjacent time windows (CoLES-style
-   sub-sequences): view A = events [c - len_a, c), view B = events [c, c + len_b). The event after
-   each view (c for A, c + len_b for B) is that view's next-event target. Each view's time_gaps
-   are counted as of the time of that next event, so the view's newest event is as old as the
-   silence that followed it: serving encodes as of "now", and the time since a user's last event
-   (seconds to weeks) is what says most about churn, so the model must learn to read it.
-2. mask_events hides 15 % of the views' events: their action and property ids become the
+1. mask_events hides 15 % of the views' events: their action and property ids become the
    out-of-vocabulary id (the token serving already uses for "a value the model cannot name"),
-   while their times stay visible.
-3. The model reads the 2B views in length buckets (_forward_in_buckets): views sorted by length,
+   while their times and amounts stay visible.
+2. The model reads the views in length buckets (_forward_in_buckets): views sorted by length,
    cut into length_buckets chunks, each padded only to its own longest view, so that far fewer
    padding positions are computed than in one batch padded to the longest view. Every view is
    encoded on its own (attention never crosses rows), so this is the one-pass computation up to
-   float rounding; only dropout draws differ. Then
+   float rounding; only dropout draws differ. Then, from each view's embedding unless noted:
      masked       cross-entropy of each masked event's action and property, from its hidden state
-     next         cross-entropy of the next event's action and property, from the view's embedding
+     next         cross-entropy of the next event's action and property (views that have one)
      contrastive  InfoNCE between the embeddings of A and B of the same user, the other users'
                   views in the batch being the negatives (symmetric, temperature τ)
-     loss         the weighted sum, weights in PretrainConfig
+     future       for each horizon H (PretrainConfig.future_horizons_days), the actions and the
+                  properties the user will have within H days, each a multi-label softmax (the
+                  mean negative log-likelihood of the distinct values that occur, as in
+                  PinnerFormer's dense all-action loss), and log1p of how many events (0:
+                  silent); views whose horizon runs past the end of the data are left out
+     gap          the time to the next event as a distribution over log-scale buckets (discrete
+                  survival): the bucket it fell in, or, when the data ended first (censored),
+                  any bucket at or beyond the time observed
+     loss         the weighted sum, weights in PretrainConfig (0 switches an objective off)
+
+The future and gap objectives aim at what readers of the embedding predict (activity, churn,
+propensity over days to weeks), as behavioral foundation models such as BaseModel do; masked,
+next and contrastive teach the sequence itself.
 """
 
 from __future__ import annotations
@@ -32,9 +39,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from model.batch import EventBatch
-from model.beat import MS_PER_DAY, Beat
+from model.beat import Beat, log_bucket
 from model.config import BeatConfig
+from model.views import ViewBatch
 from model.vocab import OOV_ID
+
+OBJECTIVES = ("masked", "next", "contrastive", "future", "gap")
 
 
 @dataclass
@@ -45,12 +55,17 @@ class PretrainConfig:
     masked_weight: float = 1.0
     next_weight: float = 1.0
     contrastive_weight: float = 1.0
+    future_weight: float = 1.0
+    gap_weight: float = 1.0
+    future_horizons_days: tuple[float, ...] = (7.0, 30.0)  # the future window's horizons
+    gap_buckets: int = 32  # log-scale buckets of the time to the next event
     temperature: float = 0.1  # InfoNCE, on unit-normalized embeddings
-    min_view_events: int = 4  # a history needs 2 * min_view_events + 1 events to give two views
+    min_view_events: int = 4  # a user needs 2 * min_view_events events to give two views
     max_view_events: int = 256  # capped by the model's max_events
     length_buckets: int = 8  # forward passes per step over views of similar length (1: one pass)
 
     def __post_init__(self) -> None:
+        self.future_horizons_days = tuple(float(h) for h in self.future_horizons_days)
         if not 0 < self.mask_fraction < 1:
             raise ValueError(f"mask_fraction must be in (0, 1), got {self.mask_fraction}")
         if self.min_view_events < 1 or self.max_view_events < self.min_view_events:
@@ -62,81 +77,22 @@ class PretrainConfig:
             raise ValueError(f"length_buckets must be at least 1, got {self.length_buckets}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be positive, got {self.temperature}")
-
-
-@dataclass
-class Views:
-    """Two adjacent time windows per user and the event that follows each."""
-
-    a: EventBatch  # [B, La]
-    b: EventBatch  # [B, Lb]
-    next_a: tuple[Tensor, Tensor]  # (action ids [B], property ids [B]) of the event after A
-    next_b: tuple[Tensor, Tensor]
-
-
-def _uniform_int(low: Tensor, high: Tensor, generator: torch.Generator | None) -> Tensor:
-    """One integer per row, uniform in [low, high] (inclusive)."""
-    u = torch.rand(low.shape, generator=generator, device=low.device)
-    return low + (u * (high - low + 1)).long().clamp_max(high - low)
-
-
-def _slice(histories: EventBatch, start: Tensor, length: Tensor) -> EventBatch:
-    """Events [start, start + length) of each row, right-padded; ages as of the event that
-    follows each slice (every history has one: sample_views keeps a next event per view)."""
-    width = int(length.max())
-    offsets = torch.arange(width, device=start.device)  # [W]
-    keep = offsets < length[:, None]  # [B, W]
-    index = (start[:, None] + offsets).clamp_max(histories.action_ids.shape[1] - 1)  # [B, W]
-
-    def take(column: Tensor) -> Tensor:
-        return torch.where(keep, column.gather(1, index), 0)
-
-    times = take(histories.event_times)  # [B, W] int64 ms
-    as_of = histories.event_times.gather(1, (start + length)[:, None])  # [B, 1] next event
-    ages = torch.where(keep, (as_of - times).double() / MS_PER_DAY, 0.0)
-    return EventBatch(
-        take(histories.action_ids), take(histories.property_ids), ages, keep, times
-    )
-
-
-def sample_views(
-    histories: EventBatch, config: PretrainConfig, generator: torch.Generator | None = None
-) -> Views:
-    """Cut every history into two adjacent windows of random lengths (see the module doc).
-
-    histories: whole histories, right-padded, oldest first (as EventBatch.from_windows builds
-    them); each needs at least 2 * min_view_events + 1 events.
-    """
-    n = histories.lengths  # [B]
-    m = config.min_view_events
-    if int(n.min()) < 2 * m + 1:
-        raise ValueError(
-            f"every history needs at least {2 * m + 1} events for two views of "
-            f"{m} and a next event; the shortest has {int(n.min())}"
-        )
-    cap = torch.full_like(n, config.max_view_events)
-    cut = _uniform_int(torch.full_like(n, m), n - m - 1, generator)  # [B], first event of B
-    len_a = _uniform_int(torch.full_like(n, m), torch.minimum(cut, cap), generator)
-    len_b = _uniform_int(torch.full_like(n, m), torch.minimum(n - 1 - cut, cap), generator)
-
-    def event_at(index: Tensor) -> tuple[Tensor, Tensor]:
-        rows = torch.arange(len(n), device=n.device)
-        return histories.action_ids[rows, index], histories.property_ids[rows, index]
-
-    return Views(
-        a=_slice(histories, cut - len_a, len_a),
-        b=_slice(histories, cut, len_b),
-        next_a=event_at(cut),
-        next_b=event_at(cut + len_b),
-    )
+        if not self.future_horizons_days or min(self.future_horizons_days) <= 0:
+            raise ValueError("future_horizons_days needs at least one horizon, each positive; "
+                             f"got {self.future_horizons_days}")
+        if self.gap_buckets < 3:
+            raise ValueError(f"gap_buckets must be at least 3, got {self.gap_buckets}")
+        weights = [getattr(self, f"{name}_weight") for name in OBJECTIVES]
+        if min(weights) < 0 or not any(weights):
+            raise ValueError(f"objective weights must be >= 0 and not all 0, got {weights}")
 
 
 def mask_events(
     batch: EventBatch, fraction: float, generator: torch.Generator | None = None
 ) -> tuple[EventBatch, Tensor]:
     """Hide a random `fraction` of the real events' ids, and at least one per non-empty row;
-    returns the masked batch and where ([B, L] bool). Times stay: the model is asked what
-    happened, not when."""
+    returns the masked batch and where ([B, L] bool). Times and amounts stay: the model is
+    asked what happened, not when or for how much."""
     u = torch.rand(batch.action_ids.shape, generator=generator, device=batch.action_ids.device)
     u = u.masked_fill(~batch.padding_mask, 2.0)  # [B, L], padding is never picked
     hidden = ((u < fraction) | (u == u.min(dim=1, keepdim=True).values)) & batch.padding_mask
@@ -146,16 +102,6 @@ def mask_events(
         property_ids=batch.property_ids.masked_fill(hidden, OOV_ID),
     )
     return masked, hidden
-
-
-def _stack(a: EventBatch, b: EventBatch) -> EventBatch:
-    """[Ba, La] and [Bb, Lb] → [Ba + Bb, max(La, Lb)], right-padded with zeros."""
-    width = max(a.action_ids.shape[1], b.action_ids.shape[1])
-
-    def cat(x: Tensor, y: Tensor) -> Tensor:
-        return torch.cat([F.pad(t, (0, width - t.shape[1])) for t in (x, y)])
-
-    return EventBatch(*(cat(x, y) for x, y in zip(a.inputs().values(), b.inputs().values())))
 
 
 def _forward_in_buckets(
@@ -207,6 +153,55 @@ class EventHead(nn.Module):
         )
 
 
+class FutureHead(nn.Module):
+    """For each horizon: logits over actions and over properties, and log1p(event count)."""
+
+    def __init__(self, in_size: int, config: BeatConfig, horizons: int) -> None:
+        super().__init__()
+        self.horizons = horizons
+        self.action = nn.Linear(in_size, horizons * config.action_vocab_size)
+        self.property = nn.Linear(in_size, horizons * config.property_vocab_size)
+        self.count = nn.Linear(in_size, horizons)
+
+    def loss(self, x: Tensor, views: ViewBatch) -> Tensor:
+        # x: [R, in_size]; targets [R, H, V] of views that know their horizon
+        known = views.future_known  # [R, H]
+        if not bool(known.any()):
+            return x.sum() * 0.0  # keeps the graph (and DDP) whole on a batch of censored views
+        R, H = known.shape
+        counts = views.future_counts[known]  # [K]
+        loss = F.mse_loss(self.count(x)[known], counts.log1p())
+        for layer, target in ((self.action, views.future_actions),
+                              (self.property, views.future_properties)):
+            logits = layer(x).view(R, H, -1)[known]  # [K, V]
+            present = target[known]  # [K, V] 0/1
+            active = counts > 0  # a silent horizon names no value
+            if bool(active.any()):
+                log_p = F.log_softmax(logits[active].float(), dim=-1)
+                hits = present[active]
+                loss = loss - ((hits * log_p).sum(-1) / hits.sum(-1)).mean()
+        return loss
+
+
+class GapHead(nn.Module):
+    """The time to the next event as a distribution over log-scale buckets (model/beat.py's
+    log_bucket over the model's window_days; longer gaps share the last bucket)."""
+
+    def __init__(self, in_size: int, config: BeatConfig, buckets: int) -> None:
+        super().__init__()
+        self.buckets, self.window_days = buckets, config.window_days
+        self.logits = nn.Linear(in_size, buckets - 1)  # log_bucket's 1 .. buckets-1
+
+    def loss(self, x: Tensor, gap_days: Tensor, censored: Tensor) -> Tensor:
+        # x: [R, in_size]; gap_days: [R]; censored: [R] bool (the gap is at least gap_days)
+        log_p = F.log_softmax(self.logits(x).float(), dim=-1)  # [R, K]
+        bucket = log_bucket(gap_days.double(), self.buckets, self.window_days) - 1  # [R]
+        observed = log_p.gather(1, bucket[:, None])[:, 0]
+        at_or_after = torch.arange(log_p.shape[1], device=x.device) >= bucket[:, None]  # [R, K]
+        survived = log_p.masked_fill(~at_or_after, -torch.inf).logsumexp(dim=1)
+        return -torch.where(censored, survived, observed).mean()
+
+
 class BeatPretrainer(nn.Module):
     """A Beat model with the pretraining heads; forward returns the losses.
 
@@ -221,35 +216,33 @@ class BeatPretrainer(nn.Module):
         self.config = replace(
             config, max_view_events=min(config.max_view_events, model.config.max_events)
         )
+        size = model.config.embedding_size
         self.masked_head = EventHead(model.config.hidden_size, model.config)
-        self.next_head = EventHead(model.config.embedding_size, model.config)
+        self.next_head = EventHead(size, model.config)
+        self.future_head = FutureHead(size, model.config, len(config.future_horizons_days))
+        self.gap_head = GapHead(size, model.config, config.gap_buckets)
 
-    def forward(
-        self, histories: EventBatch, generator: torch.Generator | None = None
-    ) -> dict[str, Tensor]:
-        """Losses (scalars): "masked", "next", "contrastive" and their weighted sum "loss"."""
+    def forward(self, views: ViewBatch, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        """Losses (scalars): one per objective (OBJECTIVES) and their weighted sum "loss"."""
         config = self.config
-        views = sample_views(histories, config, generator)
-        originals = _stack(views.a, views.b)  # [2B, L]: A of every user, then B
+        originals = views.inputs  # [2B, L]: A of every user, then B
         inputs, hidden = mask_events(originals, config.mask_fraction, generator)
         # embedding [2B, E]; states [N masked, H]
         embedding, states = _forward_in_buckets(self.model, inputs, hidden, config.length_buckets)
-        B = len(histories)
-
+        B = len(views) // 2
+        has_next = views.has_next
         losses = {
             "masked": self.masked_head.loss(
                 states, originals.action_ids[hidden], originals.property_ids[hidden]
             ),
             "next": self.next_head.loss(
-                embedding,
-                torch.cat([views.next_a[0], views.next_b[0]]),
-                torch.cat([views.next_a[1], views.next_b[1]]),
+                embedding[has_next], views.next_action[has_next], views.next_property[has_next]
             ),
             "contrastive": info_nce(embedding[:B], embedding[B:], config.temperature),
+            "future": self.future_head.loss(embedding, views),
+            "gap": self.gap_head.loss(embedding, views.gap_days, views.gap_censored),
         }
-        losses["loss"] = (
-            config.masked_weight * losses["masked"]
-            + config.next_weight * losses["next"]
-            + config.contrastive_weight * losses["contrastive"]
+        losses["loss"] = sum(
+            getattr(config, f"{name}_weight") * losses[name] for name in OBJECTIVES
         )
         return losses

@@ -143,14 +143,27 @@ def summary_table(results: dict[str, Any]) -> Table:
         for method, metric in masked.get(field, {}).items():
             table.add_row("masked", f"{field} accuracy", method, *_estimate(metric))
     for field in ("action", "property"):
-        for method, rates in results["next_event"][field].items():
+        methods = dict(results["next_event"][field])
+        probes = methods.pop("probes")
+        methods |= {f"probe of {name}": probes[name] for name in ("beat", "untrained")}
+        for method, rates in methods.items():
             for name, metric in rates.items():
                 table.add_row("next event", f"{field} {name}", method, *_estimate(metric))
-    churn = results["churn"]
-    for method, metric in churn["auc"].items():
-        table.add_row(f"churn {churn['churn_days']:g} d", "AUC", method, *_estimate(metric))
-    difference = churn["beat_minus_best_handmade"]
-    table.add_row("churn", "AUC difference", f"beat - {difference['versus']}", *_estimate(difference))
+    churn, propensity = results["churn"], results["propensity"]
+    tasks = [(f"churn {churn['churn_days']:g} d", churn)]
+    if "auc" in propensity:
+        tasks.append((f"{propensity['action']} in {propensity['days']:g} d", propensity))
+    else:
+        table.add_row("propensity", "AUC", "-", "-", propensity["skipped"])
+    for task, scores in tasks:
+        for method, metric in scores["auc"].items():
+            table.add_row(task, "AUC", method, *_estimate(metric))
+        for key, label in (("beat_minus_best_handmade", "beat"),
+                           ("beat_rfm_minus_best_handmade", "beat + rfm"),
+                           ("beat_minus_untrained", "beat")):
+            difference = scores[key]
+            table.add_row(task, "AUC difference", f"{label} - {difference['versus']}",
+                          *_estimate(difference))
     return table
 
 

@@ -79,9 +79,13 @@ def to_windows(table: pa.Table, max_events: int | None = None) -> list[EventWind
     ends = first + lengths(table)
     if max_events is not None:
         first = np.maximum(first, ends - max_events)
-    flat = {name: pc.list_flatten(table[name]).to_numpy(zero_copy_only=False) for name in ("event_time", "action", "property")}
+    flat = {name: pc.list_flatten(table[name]) for name in EVENT_COLUMNS}
+    times = flat["event_time"].to_numpy()
+    action = flat["action"].to_numpy(zero_copy_only=False)
+    prop = flat["property"].to_numpy(zero_copy_only=False)
+    value = flat["value"].fill_null(np.nan).to_numpy(zero_copy_only=False)
     return [
-        EventWindow(flat["event_time"][s:e], flat["action"][s:e], flat["property"][s:e])
+        EventWindow(times[s:e], action[s:e], prop[s:e], value[s:e])
         for s, e in zip(first.tolist(), ends.tolist())
     ]
 

@@ -3,10 +3,9 @@
 One step:
 1. The sampler takes the next batch_size training users from a seeded permutation of them (a new
    permutation every epoch); under torchrun every rank takes its own slice of those users.
-2. Each user contributes a random crop of 2 * max_view_events + 1 consecutive events: the most
-   that BeatPretrainer's two views and their next event can use. A random crop rather than the
-   newest events, so that every part of a long history is trained on, not only its end.
-3. BeatPretrainer computes the three losses (bf16 autocast on CUDA); AdamW (weight decay on
+2. Each user contributes two views as of a random moment, and what follows them
+   (model/views.py): every part of a long history is trained on, not only its end.
+3. BeatPretrainer computes the losses (bf16 autocast on CUDA); AdamW (weight decay on
    Linear weights only, not on biases, norms, embeddings or the summary token) with linear
    warmup and cosine decay to lr * min_lr_ratio; gradients clipped to grad_clip.
 
@@ -41,7 +40,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_args, get_type_hints
+from typing import Any, get_args, get_origin, get_type_hints
 
 import numpy as np
 import pyarrow as pa
@@ -54,12 +53,12 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from model.batch import EventBatch
-from model.beat import MS_PER_DAY, Beat
+from model.beat import Beat
 from model.checkpoint import check_tensors
 from model.config import PRESETS, BeatConfig
-from model.pretraining import BeatPretrainer, PretrainConfig
+from model.pretraining import OBJECTIVES, BeatPretrainer, PretrainConfig
 from model.sequences import lengths, read_sequences, starts
+from model.views import UserEvents, ViewBatch, sample_views
 from model.vocab import SPECIAL_TOKENS, Vocabulary
 
 MODEL_DIR = "model"
@@ -167,16 +166,29 @@ def epoch_order(num_users: int, seed: int, epoch: int) -> np.ndarray:
 
 
 class TrainingData:
-    """The training users' events as flat arrays, and the batches each step draws from them."""
+    """The training users' events as flat arrays, and the views each step draws from them."""
 
-    def __init__(self, sequences: pa.Table, actions: Vocabulary, properties: Vocabulary) -> None:
-        self.lengths = lengths(sequences)  # [U]
-        self.starts = starts(sequences)  # [U]
-        self.event_time = pc.list_flatten(sequences["event_time"]).to_numpy()  # [E] int64 ms
+    def __init__(
+        self,
+        sequences: pa.Table,
+        actions: Vocabulary,
+        properties: Vocabulary,
+        data_end_ms: int | None = None,
+    ) -> None:
         flat = {name: pc.list_flatten(sequences[name]) for name in ("action", "property")}
-        # int32: half the memory of int64, and any vocabulary fits
-        self.action_ids = actions.lookup_column(flat["action"]).astype(np.int32)  # [E]
-        self.property_ids = properties.lookup_column(flat["property"]).astype(np.int32)  # [E]
+        event_time = pc.list_flatten(sequences["event_time"]).to_numpy()  # [E] int64 ms
+        values = pc.list_flatten(sequences["value"]).fill_null(np.nan)
+        self.events = UserEvents(
+            starts=starts(sequences),
+            lengths=lengths(sequences),
+            event_time=event_time,
+            # int32: half the memory of int64, and any vocabulary fits
+            action_ids=actions.lookup_column(flat["action"]).astype(np.int32),
+            property_ids=properties.lookup_column(flat["property"]).astype(np.int32),
+            values=values.to_numpy(zero_copy_only=False).astype(np.float32),
+            # the end of what was observed: the newest event, unless the caller knows better
+            data_end_ms=int(event_time.max()) if data_end_ms is None else data_end_ms,
+        )
         self.actions, self.properties = actions, properties
 
     @classmethod
@@ -184,22 +196,27 @@ class TrainingData:
         cls, sequences: pa.Table, beat: BeatConfig, train: TrainConfig, min_events: int
     ) -> TrainingData:
         """Keep the users with at least min_events events (fewer cannot give two views), and
-        build the vocabularies from their events."""
+        build the vocabularies from their events. The end of the data is the newest event of
+        all users, the short ones included."""
+        newest = pc.max(pc.list_flatten(sequences["event_time"])).as_py()
         kept = sequences.filter(pa.array(lengths(sequences) >= min_events))
         max_actions, max_properties = train.vocabulary_sizes(beat)
         actions = Vocabulary.from_counts(value_counts(kept["action"]), max_actions)
         properties = Vocabulary.from_counts(value_counts(kept["property"]), max_properties)
-        return cls(kept, actions, properties)
+        return cls(kept, actions, properties, newest)
 
     @property
     def num_users(self) -> int:
-        return len(self.lengths)
+        return len(self.events.lengths)
 
     def fingerprint(self) -> str:
         """Identifies the training data, so a resume on different data is refused."""
         digest = hashlib.sha256()
-        for array in (self.lengths, self.event_time, self.action_ids, self.property_ids):
+        events = self.events
+        for array in (events.lengths, events.event_time, events.action_ids,
+                      events.property_ids, events.values):
             digest.update(np.ascontiguousarray(array).tobytes())
+        digest.update(str(events.data_end_ms).encode())
         digest.update(json.dumps([self.actions.tokens, self.properties.tokens]).encode())
         return digest.hexdigest()
 
@@ -215,21 +232,13 @@ class TrainingData:
             users[here] = order[positions[here] % self.num_users]
         return users
 
-    def batch(self, users: np.ndarray, crop: int, rng: np.random.Generator) -> EventBatch:
-        """A random run of at most `crop` consecutive events of each user, right-padded."""
-        n = np.minimum(self.lengths[users], crop)  # [B]
-        first = self.starts[users] + rng.integers(0, self.lengths[users] - n + 1)  # [B]
-        width = int(n.max())
-        real = np.arange(width) < n[:, None]  # [B, W]
-        index = np.where(real, first[:, None] + np.arange(width), 0)  # [B, W]
-        times = np.where(real, self.event_time[index], 0)
-        newest = self.event_time[first + n - 1]  # [B]
-        ages = np.where(real, (newest[:, None] - times) / MS_PER_DAY, 0.0)
-        action_ids = np.where(real, self.action_ids[index], 0).astype(np.int64)
-        property_ids = np.where(real, self.property_ids[index], 0).astype(np.int64)
-        return EventBatch(
-            *(torch.from_numpy(a) for a in (action_ids, property_ids, ages, real, times))
-        )
+    def views(
+        self, users: np.ndarray, config: PretrainConfig, vocab_sizes: tuple[int, int],
+        rng: np.random.Generator,
+    ) -> ViewBatch:
+        """Two views of each user and their targets (model/views.py)."""
+        return sample_views(self.events, users, config.min_view_events, config.max_view_events,
+                            config.future_horizons_days, vocab_sizes, rng)
 
 
 # --- optimization ----------------------------------------------------------------------------
@@ -407,7 +416,7 @@ class EventCounter:
 
 # --- the loop --------------------------------------------------------------------------------
 
-LOSSES = ("loss", "masked", "next", "contrastive")
+LOSSES = ("loss", *OBJECTIVES)
 
 
 @dataclass
@@ -497,8 +506,8 @@ def train(
     torch.manual_seed(config.seed)  # the initial weights; every step reseeds (step_seed)
 
     pretrainer = BeatPretrainer(Beat(beat_config), pretrain_config).to(device)
-    min_events = 2 * pretrainer.config.min_view_events + 1
-    crop = 2 * pretrainer.config.max_view_events + 1  # two longest views and a next event
+    min_events = 2 * pretrainer.config.min_view_events
+    vocab_sizes = (beat_config.action_vocab_size, beat_config.property_vocab_size)
     data = TrainingData.build(sequences, beat_config, config, min_events)
     if data.num_users < config.batch_size:
         raise ValueError(
@@ -543,7 +552,8 @@ def train(
             torch.manual_seed(seed)  # dropout, and BeatPretrainer's views and masks
             users = data.users(step * config.batch_size, config.batch_size, config.seed)
             mine = users[world.rank * local : (world.rank + 1) * local]
-            batch = data.batch(mine, crop, np.random.default_rng(seed)).to(device)
+            rng = np.random.default_rng(seed)
+            batch = data.views(mine, pretrainer.config, vocab_sizes, rng).to(device)
             with torch.autocast(device.type, torch.bfloat16, enabled=cuda_bf16):
                 losses = model(batch)
             optimizer.zero_grad(set_to_none=True)
@@ -618,6 +628,10 @@ def add_options(
         kind = next((t for t in get_args(hint) if t is not type(None)), hint)  # int | None: int
         if kind is bool:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+        elif get_origin(hint) is tuple:  # tuple[float, ...]: one or more values
+            item = get_args(hint)[0]
+            group.add_argument(flag, type=item, nargs="+", default=None,
+                               metavar=item.__name__.upper())
         else:
             group.add_argument(flag, type=kind, default=None, metavar=kind.__name__.upper())
 

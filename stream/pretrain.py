@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 
 from model.config import BeatConfig
 from model.evaluation import EvalConfig, evaluate_model
-from model.pretraining import PretrainConfig
+from model.pretraining import OBJECTIVES, PretrainConfig
 from model.report import print_summary, write_report
 from model.sequences import read_sequences, split_at
 from model.train import TrainConfig, train
@@ -79,8 +79,13 @@ def run_pretrain(settings: Settings, job: PretrainJob) -> dict[str, Any]:
         "events_per_s": round(result.events_per_s),
         "tokens_per_s": round(result.tokens_per_s),
         "model_version": result.model_version,
-        "contrastive_weight": job.pretrain.contrastive_weight,
-        "temporal_signals": job.beat.use_age_encoding or job.beat.use_gap_encoding or job.beat.use_periodic_encoding,
+        "objective_weights": {
+            name: getattr(job.pretrain, f"{name}_weight") for name in OBJECTIVES
+        },
+        "temporal_signals": job.beat.use_age_encoding or job.beat.use_gap_encoding
+        or job.beat.use_periodic_encoding,
+        "value_encoding": job.beat.use_value_encoding,
+        "window_statistics": job.beat.use_window_statistics,
     }
     write_report(job.out_dir, results)
     print_summary(results)

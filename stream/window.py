@@ -162,11 +162,11 @@ class Window:
         return cls.from_strings(record["user_id"], rows, record["actions"], record["properties"])
 
     def event_window(self) -> EventWindow:
-        """The model's input: times and the action/property strings of every event."""
+        """The model's input: times, the action/property strings and the amount of every event."""
         actions, properties = SYMBOLS.strings(self.symbols)
         symbol = self.rows["symbol"]
-        times, hashes = self.event_time, self.rows["id_hash"]
-        return EventWindow(times, actions[symbol], properties[symbol], event_id_hash=hashes)
+        times, hashes, amounts = self.event_time, self.rows["id_hash"], self.rows["value"]
+        return EventWindow(times, actions[symbol], properties[symbol], amounts, hashes)
 
     def columns(self) -> dict[str, list]:
         """Plain per-event lists (value None where absent): for tests and debugging."""

@@ -17,7 +17,9 @@ from model.evaluation import (
     TransitionBaseline,
     check_label_window,
     churn_labels,
-    churn_models,
+    probe_models,
+    future_labels,
+    most_valuable_action,
     evaluate_model,
     masked_windows,
     rfm_features,
@@ -86,17 +88,29 @@ def test_evaluation_of_a_trained_model_and_its_report(sequences, trained, tmp_pa
     assert masked["windows"] == data["users_with_future"] and masked["masked_events"] >= masked["windows"]
     for field in ("action", "property"):
         assert all(in_unit_interval(m) for m in masked[field].values())
-        next_event = results["next_event"][field]
+        next_event = dict(results["next_event"][field])
+        probes = next_event.pop("probes")
         assert set(next_event) == {"beat", "markov", "popular"}
-        for rates in next_event.values():
+        assert set(probes) == {"users", "beat", "untrained"} and probes["users"] > 50
+        for rates in [*next_event.values(), probes["beat"], probes["untrained"]]:
             assert in_unit_interval(rates["hit@1"]) and in_unit_interval(rates["hit@10"])
             assert rates["hit@1"]["value"] <= rates["hit@10"]["value"]
+    for task in ("churn", "propensity"):
+        scores = results[task]
+        assert set(scores["auc"]) == {"beat_logistic", "untrained_logistic", "rfm_logistic",
+                                      "rfm_boosting", "beat_rfm_logistic"}
+        assert all(in_unit_interval(m) for m in scores["auc"].values())
+        for name in ("beat_minus_best_handmade", "beat_rfm_minus_best_handmade",
+                     "beat_minus_untrained"):
+            low, high = scores[name]["ci95"]
+            assert low <= scores[name]["value"] <= high
     churn = results["churn"]
-    assert set(churn["auc"]) == {"beat_logistic", "rfm_logistic", "rfm_boosting", "beat_rfm_logistic"}
-    assert all(in_unit_interval(m) for m in churn["auc"].values())
-    difference = churn["beat_minus_best_handmade"]
-    low, high = difference["ci95"]
-    assert low <= difference["value"] <= high
+    totals: dict[str, float] = {}  # value per action before the cutoff, counted here in Python
+    past = split_at(sequences, CUTOFF_MS)[0]
+    for actions, values in zip(past["action"].to_pylist(), past["value"].to_pylist()):
+        for action, value in zip(actions, values):
+            totals[action] = totals.get(action, 0.0) + (value or 0.0)
+    assert results["propensity"]["action"] == max(totals, key=totals.get)
     segments = results["segments"]["segments"]
     assert sum(s["users"] for s in segments) == data["users_with_history"] and len(segments) == 4
     assert all(s["events_per_active_day"] >= 1 and len(s["top_actions"]) == 3 for s in segments)
@@ -144,12 +158,33 @@ def test_rfm_churn_model_finds_the_planted_churners(sequences):
 
     names, rfm = rfm_features(history, CUTOFF_MS, top_actions=8)
     noise = np.random.default_rng(0).normal(size=(len(labels), 16))  # stands in for embeddings
-    churn = churn_models(noise, rfm, labels, QUICK)
+    # the RFM features themselves stand in for a model that carries them all
+    churn = probe_models(noise, rfm, rfm, labels, QUICK)
     assert churn["auc"]["rfm_boosting"]["value"] > 0.9 and churn["auc"]["rfm_logistic"]["value"] > 0.9
     low, high = churn["auc"]["beat_logistic"]["ci95"]
     assert low < 0.5 < high  # noise has no signal, and the interval says so
     assert churn["beat_minus_best_handmade"]["ci95"][1] < 0
+    assert churn["beat_minus_untrained"]["ci95"][1] < 0
+    assert churn["beat_rfm_minus_best_handmade"]["ci95"][0] < 0.05  # noise adds nothing
     assert names[:3] == ["recency_days", "tenure_days", "log_events"] and len(names) == 9 + 8
+
+
+def test_propensity_labels_the_most_valuable_action_within_the_horizon():
+    day = DAY_MS
+    table = pa.table({
+        "user_id": ["a", "b", "c"],
+        "event_time": [[10 * day, 50 * day], [12 * day], [11 * day, 20 * day]],
+        "action": [["view", "buy"], ["buy"], ["view", "view"]],
+        "property": [[None, None], [None], [None, None]],
+        "value": [[None, 30.0], [5.0], [None, None]],
+    }).cast(SEQUENCE_SCHEMA)
+    assert most_valuable_action(table) == "buy"
+    labels = future_labels(table, cutoff_ms=10 * day, days=30, action="buy")
+    assert labels.tolist() == [False, True, False]  # a's purchase is 40 days after the cutoff
+    assert future_labels(table, cutoff_ms=10 * day, days=30).tolist() == [True, True, True]
+    no_values = table.set_column(4, "value", pa.array([[None, None], [None], [None, None]],
+                                                       pa.list_(pa.float64())))
+    assert most_valuable_action(no_values) is None
 
 
 def test_rfm_features_of_a_hand_made_user():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from model import Beat, BeatConfig, BeatEncoder, EventWindow, Vocabulary, init_model_dir
 from model.batch import EventBatch
-from model.beat import GapEncoding, log_bucket
+from model.beat import GapEncoding, WindowStatistics, log_bucket
 from model.inference import length_batches
 from model.vocab import NONE_ID, OOV_ID, PAD_ID
 
@@ -66,7 +67,11 @@ def test_default_config_matches_model_card_size():
     assert shape == (768, 12, 12, 256)
     with torch.device("meta"):
         model = Beat(config)
-    assert abs(model.num_parameters() - 86.4e6) / 86.4e6 < 0.01, model.num_parameters()
+    # the card's transformer; the window statistics' two projections come on top (3.4 %)
+    statistics = sum(p.numel() for n, p in model.named_parameters() if n.startswith("statistics"))
+    card = model.num_parameters() - statistics
+    assert abs(card - 86.4e6) / 86.4e6 < 0.01, card
+    assert statistics == 768 * (10 + 2 * (512 + 1024)) + 768 * 768
 
 
 def test_presets_are_configs_with_the_feast_embedding_size():
@@ -177,9 +182,72 @@ def test_temporal_flags_switch_the_time_signals_off():
 
     off = BeatConfig.preset("tiny")
     off.use_age_encoding = off.use_gap_encoding = off.use_periodic_encoding = False
+    # (the window statistics drop their recency features with the age encoding)
     blind = Beat(off).eval()
     assert blind.num_parameters() < model.num_parameters()
     torch.testing.assert_close(embed(blind, time_gaps, times), embed(blind, stretched, shifted))
+
+
+def test_amounts_reach_the_model_and_no_amount_is_not_zero():
+    config = BeatConfig.preset("tiny")
+    model = Beat(config).eval()
+    action_ids, property_ids, time_gaps, times = random_batch(config, B=1, L=6)
+
+    def embed(model: Beat, values: torch.Tensor | None) -> torch.Tensor:
+        out = model(action_ids, property_ids, time_gaps, event_times=times, values=values)
+        return out["embedding"]
+
+    none = torch.full((1, 6), torch.nan)
+    zero, small, large = (torch.full((1, 6), v) for v in (0.0, 9.99, 2500.0))
+    torch.testing.assert_close(embed(model, None), embed(model, none))  # no values: none
+    outputs = [embed(model, v) for v in (none, zero, small, large)]
+    for i in range(4):
+        for j in range(i + 1, 4):
+            assert not torch.allclose(outputs[i], outputs[j], atol=1e-4), (i, j)
+    off = BeatConfig.preset("tiny")
+    off.use_value_encoding = off.use_window_statistics = False
+    blind = Beat(off).eval()
+    torch.testing.assert_close(embed(blind, none), embed(blind, large))
+
+
+def test_window_statistics_count_recency_and_amounts():
+    config = BeatConfig.preset("tiny")
+    statistics = WindowStatistics(config)
+    ages = torch.tensor([[40.0, 20.0, 5.0, 0.5, 0.0]], dtype=torch.float64)  # days before as-of
+    mask = torch.tensor([[True, True, True, True, False]])
+    actions = torch.tensor([[3, 3, 4, 3, 9]])
+    values = torch.tensor([[10.0, torch.nan, -4.0, 2.0, 99.0]])
+    features = statistics(actions, actions + 1, ages, mask, values)[0]
+    count, with_amount, total, last_day, last_week, last_month, newest, oldest, span, month = (
+        features[:10].tolist())
+    assert count == pytest.approx(np.log1p(4)) and with_amount == pytest.approx(np.log1p(3))
+    assert total == pytest.approx(np.log1p(8.0))  # 10 - 4 + 2; the padded 99 is not counted
+    assert [last_day, last_week, last_month] == pytest.approx(np.log1p([1, 2, 3]).tolist())
+    assert newest == pytest.approx(np.log1p(0.5)) and oldest == pytest.approx(np.log1p(40))
+    assert span == pytest.approx(np.log1p(39.5)) and month == pytest.approx(-np.log1p(2.0))
+    sketch = features[10 : 10 + config.action_vocab_size]
+    assert sketch[3] == pytest.approx(np.log1p(3)) and sketch[4] == pytest.approx(np.log1p(1))
+    assert sketch[9] == 0  # padding is never counted
+    assert statistics.num_features == len(features)
+    empty = statistics(actions, actions, ages, torch.zeros_like(mask), values)
+    assert torch.equal(empty, torch.zeros_like(empty))
+
+
+def test_a_model_directory_from_before_amounts_still_loads(tmp_path):
+    old = BeatConfig.preset("tiny")
+    old.use_value_encoding = old.use_window_statistics = False
+    model = Beat(old).eval()
+    model.save_pretrained(tmp_path, Vocabulary.build(ACTIONS, 64), Vocabulary.build(PROPERTIES, 64))
+    document = json.loads((tmp_path / "config.json").read_text())
+    for key in ("use_value_encoding", "use_window_statistics", "value_buckets"):
+        del document["config"][key]  # written before these keys existed
+    (tmp_path / "config.json").write_text(json.dumps(document))
+    encoder = BeatEncoder.from_pretrained(tmp_path)
+    assert not encoder.model.config.use_value_encoding
+    window = make_window(np.random.default_rng(0), 12)
+    expected = model(**EventBatch.from_windows([window], encoder.actions, encoder.properties)
+                     .inputs())["embedding"].detach().numpy()
+    np.testing.assert_allclose(encoder.encode([window]), expected, atol=1e-6)
 
 
 def test_log_buckets_are_monotone_and_reserve_zero():
@@ -337,10 +405,14 @@ def test_encoder_as_of_tells_the_embedding_how_long_the_user_has_been_silent(enc
         np.testing.assert_allclose(each[i], encoder.encode([w], as_of_ms=int(as_of[i]))[0], atol=1e-5, rtol=0)
     shared = encoder.encode(windows, as_of_ms=newest + 7 * DAY)
     np.testing.assert_allclose(shared[-1], week[0], atol=1e-5, rtol=0)
-    # ages past the window saturate: no periodic wrap-around of the slowest sinusoid
+    # ages past the window saturate in the time encodings (no periodic wrap-around of the
+    # slowest sinusoid); only the window statistics go on counting the days of silence
     days = encoder.model.config.window_days
-    far = [encoder.encode([window], as_of_ms=newest + (days + k) * DAY) for k in (0, 10)]
-    np.testing.assert_allclose(far[0], far[1], atol=1e-5, rtol=0)
+    plain_config = dataclasses.replace(encoder.model.config, use_window_statistics=False)
+    plain = BeatEncoder(Beat(plain_config), encoder.actions, encoder.properties, "plain")
+    for model, saturates in ((plain, True), (encoder, False)):
+        far = [model.encode([window], as_of_ms=newest + (days + k) * DAY) for k in (0, 10)]
+        assert np.allclose(far[0], far[1], atol=1e-5, rtol=0) == saturates
 
 
 def test_unknown_actions_and_properties_encode_as_oov(encoder):

@@ -101,9 +101,11 @@ def test_weight_decay_applies_to_linear_weights_only():
     assert decayed["weight_decay"] == 0.01 and plain["weight_decay"] == 0.0
 
 
-def test_training_data_crops_consecutive_events_and_covers_every_user_each_epoch(sequences):
-    data = TrainingData.build(sequences, tiny(), quick(), min_events=7)
-    assert data.num_users == int((pc.list_value_length(sequences["event_time"]).to_numpy() >= 7).sum())
+def test_training_data_draws_views_of_every_user_each_epoch(sequences):
+    data = TrainingData.build(sequences, tiny(), quick(), min_events=8)
+    assert data.num_users == int((pc.list_value_length(sequences["event_time"]).to_numpy() >= 8).sum())
+    newest = pc.max(pc.list_flatten(sequences["event_time"])).as_py()
+    assert data.events.data_end_ms == newest
     # one epoch of positions visits each user once; the next epoch is another order
     first = data.users(0, data.num_users, seed=0)
     second = data.users(data.num_users, data.num_users, seed=0)
@@ -112,16 +114,19 @@ def test_training_data_crops_consecutive_events_and_covers_every_user_each_epoch
     assert np.array_equal(data.users(5, 10, seed=0), first[5:15])
 
     users = np.arange(data.num_users)
-    batch = data.batch(users, crop=9, rng=np.random.default_rng(0))
-    n = np.minimum(data.lengths, 9)
-    assert torch.equal(batch.lengths, torch.from_numpy(n))
-    for row in (0, 1, data.num_users - 1):
-        times = batch.event_times[row, : n[row]].numpy()
-        start = data.starts[row]
-        whole = data.event_time[start : start + data.lengths[row]]
-        offset = int(np.searchsorted(whole, times[0]))  # a run of consecutive events
-        assert np.array_equal(whole[offset : offset + n[row]], times)
-        assert batch.time_gaps[row, n[row] - 1] == 0  # ages count back from the crop's newest
+    sizes = (tiny().action_vocab_size, tiny().property_vocab_size)
+    views = data.views(users, PretrainConfig(max_view_events=16), sizes, np.random.default_rng(0))
+    again = data.views(users, PretrainConfig(max_view_events=16), sizes, np.random.default_rng(0))
+    assert len(views) == 2 * data.num_users and torch.equal(views.inputs.event_times,
+                                                            again.inputs.event_times)
+    events = data.events
+    for row in (0, 1, data.num_users - 1):  # view B of these users: a run of their own events
+        real = views.inputs.padding_mask[data.num_users + row]
+        times = views.inputs.event_times[data.num_users + row][real].numpy()
+        start = events.starts[row]
+        whole = events.event_time[start : start + events.lengths[row]]
+        offset = int(np.searchsorted(whole, times[0]))
+        assert np.array_equal(whole[offset : offset + len(times)], times)
 
 
 def test_vocabulary_from_arrow_counts_matches_vocabulary_build(sequences):
