@@ -145,18 +145,22 @@ class BeatEncoder:
 def init_model_dir(
     directory: str | Path,
     preset: str,
-    actions: Iterable[str],
-    properties: Iterable[str],
+    actions: Vocabulary | Iterable[str],
+    properties: Vocabulary | Iterable[str | None],
     seed: int = 0,
 ) -> str:
-    """Write a randomly initialised model directory (a stand-in until pretraining exists).
+    """Write a randomly initialised model directory (the untrained floor, or a start).
 
-    actions / properties: the values to build vocabularies from (most frequent first, cut to the
-    preset's table sizes). Returns the model version.
+    actions / properties: the vocabularies, or the values to build them from (most frequent
+    first, cut to the preset's table sizes). Returns the model version.
     """
     config = BeatConfig.preset(preset)
-    action_vocab = Vocabulary.build(actions, config.action_vocab_size)
-    property_vocab = Vocabulary.build(properties, config.property_vocab_size)
+
+    def vocabulary(values: Vocabulary | Iterable[str | None], size: int) -> Vocabulary:
+        return values if isinstance(values, Vocabulary) else Vocabulary.build(values, size)
+
+    action_vocab = vocabulary(actions, config.action_vocab_size)
+    property_vocab = vocabulary(properties, config.property_vocab_size)
     with torch.random.fork_rng(devices=[]):  # a seeded init without touching the caller's RNG
         torch.manual_seed(seed)
         model = Beat(config)

@@ -152,13 +152,6 @@ class TrainResult:
 # --- data ------------------------------------------------------------------------------------
 
 
-def value_counts(column: pa.ChunkedArray) -> dict[str, int]:
-    """Occurrences of each value of a list<string> column's events (nulls are not values),
-    counted by Arrow: the counts Vocabulary.from_counts ranks."""
-    counted = pc.value_counts(pc.drop_null(pc.list_flatten(column)))  # distinct values only
-    return dict(zip(counted.field("values").to_pylist(), counted.field("counts").to_pylist()))
-
-
 @functools.lru_cache(maxsize=2)  # a batch spans at most two epochs
 def epoch_order(num_users: int, seed: int, epoch: int) -> np.ndarray:
     """The order users are visited in during one epoch."""
@@ -201,8 +194,8 @@ class TrainingData:
         newest = pc.max(pc.list_flatten(sequences["event_time"])).as_py()
         kept = sequences.filter(pa.array(lengths(sequences) >= min_events))
         max_actions, max_properties = train.vocabulary_sizes(beat)
-        actions = Vocabulary.from_counts(value_counts(kept["action"]), max_actions)
-        properties = Vocabulary.from_counts(value_counts(kept["property"]), max_properties)
+        actions = Vocabulary.from_column(kept["action"], max_actions)
+        properties = Vocabulary.from_column(kept["property"], max_properties)
         return cls(kept, actions, properties, newest)
 
     @property

@@ -47,6 +47,14 @@ class Vocabulary:
         ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
         return cls(token for token, _ in ranked[: max_size - len(SPECIAL_TOKENS)])
 
+    @classmethod
+    def from_column(cls, column: pa.ChunkedArray, max_size: int) -> Vocabulary:
+        """The vocabulary of a list<string> column's events (model/sequences.py), counted by
+        Arrow; nulls are not values."""
+        counted = pc.value_counts(pc.drop_null(pc.list_flatten(column)))
+        counts = dict(zip(counted.field("values").to_pylist(), counted.field("counts").to_pylist()))
+        return cls.from_counts(counts, max_size)
+
     def __len__(self) -> int:
         return len(SPECIAL_TOKENS) + len(self.tokens)
 

@@ -192,11 +192,36 @@ def cmd_feast_config(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_model_init(args: argparse.Namespace, settings: Settings) -> int:
-    from model import init_model_dir
+    from model import BeatConfig, Vocabulary, init_model_dir
 
-    catalog = _synthetic(DEMO_USERS, args.seed)
-    print(init_model_dir(args.dir, args.preset, catalog.actions, catalog.properties, seed=args.seed))
+    if args.synthetic:
+        catalog = _synthetic(DEMO_USERS, args.seed)
+        actions, properties = catalog.actions, catalog.properties
+    else:  # the vocabularies of the user's own events, most frequent first
+        if not args.sequences and not settings.bootstrap_servers:
+            print("no events to build vocabularies from: pass --sequences FILE.parquet (from "
+                  "`beat export`), set KAFKA_BOOTSTRAP_SERVERS to read beat.events, or pass "
+                  "--synthetic for the synthetic catalogue", file=sys.stderr)
+            return 2
+        sequences = _sequences(args, settings)
+        config = BeatConfig.preset(args.preset)
+        actions = Vocabulary.from_column(sequences["action"], config.action_vocab_size)
+        properties = Vocabulary.from_column(sequences["property"], config.property_vocab_size)
+        print(f"vocabularies from {sequences.num_rows:,} users: {len(actions.tokens)} actions, "
+              f"{len(properties.tokens)} properties")
+    print(init_model_dir(args.dir, args.preset, actions, properties, seed=args.seed))
     return 0
+
+
+def _sequences(args: argparse.Namespace, settings: Settings):  # noqa: ANN202 (pa.Table)
+    """The users' sequences of --sequences FILE, or replayed from the events topic."""
+    if args.sequences:
+        from model.sequences import read_sequences
+
+        return read_sequences(args.sequences)
+    from stream.replay import ReplayConfig, replay
+
+    return replay(settings, ReplayConfig())[0]
 
 
 def cmd_model_info(args: argparse.Namespace, settings: Settings) -> int:
@@ -304,8 +329,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     model = sub.add_parser("model", help="BEAT model directories")
     model_sub = model.add_subparsers(dest="model_command", required=True)
-    init = model_sub.add_parser("init", help="write a randomly initialised model directory")
+    init = model_sub.add_parser(
+        "init", help="write a randomly initialised model directory, its vocabularies built from "
+        "your events (beat.events, or --sequences)")
     init.add_argument("dir", type=Path)
+    init.add_argument("--sequences", type=Path, help="a Parquet file from `beat export` instead "
+                      "of replaying the topic")
+    init.add_argument("--synthetic", action="store_true",
+                      help="vocabularies of the synthetic catalogue instead of real events")
     init.add_argument("--preset", default="small")
     init.add_argument("--seed", type=int, default=0)
     init.set_defaults(run=cmd_model_init)

@@ -133,7 +133,7 @@ def test_a_plain_model_directory_is_evaluated_without_heads(sequences, tmp_path)
     few = sequences.slice(0, 80)
     results = evaluate_model(tmp_path, few, CUTOFF_MS, QUICK)
     assert "pretrain_heads" in results["masked"]["skipped"]
-    assert set(results["next_event"]["action"]) == {"markov", "popular"}
+    assert set(results["next_event"]["action"]) == {"markov", "popular", "probes"}
     assert results["train_log"] is None and "loss.png" not in write_report(tmp_path / "r", results)
 
 

@@ -45,3 +45,24 @@ def test_pretrain_without_broker_or_file_says_what_to_set(monkeypatch: pytest.Mo
     monkeypatch.delenv("KAFKA_BOOTSTRAP_SERVERS", raising=False)
     assert main(["pretrain", "--out", str(tmp_path)]) == 2
     assert "--sequences" in capsys.readouterr().err
+
+
+def test_model_init_builds_the_vocabularies_from_the_users_events(tmp_path: Path) -> None:
+    import pyarrow as pa
+
+    from model.sequences import SEQUENCE_SCHEMA, write_sequences
+
+    day = 86_400_000
+    write_sequences(pa.table({
+        "user_id": ["a", "b"],
+        "event_time": [[day, 2 * day, 3 * day], [day]],
+        "action": [["deposit", "withdraw", "deposit"], ["deposit"]],
+        "property": [["atm", None, "branch"], ["atm"]],
+        "value": [[50.0, 20.0, 10.0], [5.0]],
+    }).cast(SEQUENCE_SCHEMA), tmp_path / "history.parquet")
+    out = tmp_path / "model"
+    assert main(["model", "init", str(out), "--preset", "tiny",
+                 "--sequences", str(tmp_path / "history.parquet")]) == 0
+    encoder = BeatEncoder.from_pretrained(out)
+    assert encoder.actions.tokens == ["deposit", "withdraw"]  # most frequent first
+    assert encoder.properties.tokens == ["atm", "branch"]
