@@ -359,7 +359,8 @@ def cv_logistic(seed: int) -> Any:
     folds = StratifiedKFold(n_splits=PROBE_FOLDS, shuffle=True, random_state=seed)
     return make_pipeline(
         StandardScaler(),
-        LogisticRegressionCV(Cs=PROBE_STRENGTHS, cv=folds, scoring="roc_auc", tol=1e-3, max_iter=500),
+        LogisticRegressionCV(Cs=PROBE_STRENGTHS, cv=folds, scoring="roc_auc", l1_ratios=(0.0,),
+                             use_legacy_attributes=False, tol=1e-3, max_iter=500),
     )
 
 

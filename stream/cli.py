@@ -30,23 +30,11 @@ def _synthetic(users: int, seed: int, **population: object):  # noqa: ANN202
 
 
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
-    import json
+    from stream.demo import DemoModel, run_demo
 
-    from model.checkpoint import CONFIG_FILE
-    from model.config import BeatConfig
-    from stream.demo import run_demo
-
-    model_dir = args.model_dir or settings.data_dir / "demo-model"
-    if not (model_dir / CONFIG_FILE).exists():
-        from model import init_model_dir
-
-        catalog = _synthetic(args.users, args.seed)
-        version = init_model_dir(model_dir, args.preset, catalog.actions, catalog.properties, seed=args.seed)
-        print(f"initialised {args.preset} BEAT model {version} in {model_dir} (untrained: run `beat pretrain` for a real one)")
-    # The demo's workers keep the windows its model reads, whatever the preset.
-    model = BeatConfig.from_dict(json.loads((model_dir / CONFIG_FILE).read_text())["config"])
-    settings = settings.model_copy(update={"max_events": model.max_events, "window_days": model.window_days})
-    summary = run_demo(settings, args.duration, args.rate, args.users, model_dir)
+    model = DemoModel(args.model_dir or settings.data_dir / "demo-model", args.preset,
+                      args.users, args.seed)
+    summary = run_demo(settings, args.duration, args.rate, args.users, model)
     return 0 if summary.get("interrupted") or summary.get("users_encoded") else 1
 
 
@@ -256,7 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--duration", type=float, default=60.0, help="seconds of producing (default 60)")
     demo.add_argument("--rate", type=float, default=1_000.0, help="events per second (default 1000)")
     demo.add_argument("--users", type=int, default=DEMO_USERS)
-    demo.add_argument("--preset", default="small", help="model preset when no model dir exists yet")
+    demo.add_argument("--preset", default="small",
+                      help="preset the demo pretrains when its model directory does not exist yet")
     demo.add_argument("--model-dir", type=Path)
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(run=cmd_demo)

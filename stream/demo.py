@@ -1,15 +1,21 @@
 """`beat demo`: the whole platform on one machine for about a minute.
 
-Starts the embedded broker, creates the topics, runs the producer, a stream worker and an
-encoder worker as child processes, and watches the system the way an operator would:
-by reading the topics and the consumer groups' committed offsets. Then it reads users back
-through the Feast SDK. Every child is stopped on exit, Ctrl-C included.
+Starts the embedded broker and creates the topics. On the first run (no model directory
+yet) it produces four weeks of synthetic history to a topic of its own and pretrains the
+`small` preset from that topic for about two minutes (DemoModel); the model is cached under
+data/, so later runs skip this. Then it runs the producer, a stream worker and an encoder
+worker as child processes, and watches the system the way an operator would: by reading the
+topics and the consumer groups' committed offsets. At the end it reads every user back
+through the Feast SDK and checks that the embeddings mean something: how many of each
+user's nearest neighbours (cosine) share its planted persona, next to chance. Every child
+is stopped on exit, Ctrl-C included.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,6 +23,7 @@ import time
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -148,28 +155,104 @@ def _raise_interrupt(*_: object) -> None:
     raise KeyboardInterrupt
 
 
-def run_demo(settings: Settings, duration_s: float, rate_per_s: float, users: int, model_dir: Path) -> dict:
+@dataclass
+class DemoModel:
+    """The model the demo serves: model_dir when it exists, else pretrained there first."""
+
+    model_dir: Path
+    preset: str = "small"
+    users: int = 2_000
+    seed: int = 0
+    history_days: float = 28.0
+    steps: int = 150  # about two minutes of training on two CPU cores
+    batch_size: int = 32
+    neighbours: int = 10  # of the persona-agreement check
+
+    def ensure(self, settings: Settings) -> None:
+        """Pretrain into model_dir unless it holds a model: synthetic history (the live
+        producer's population) to the `<events topic>.history` topic, replayed and trained on
+        like `beat pretrain`, without the evaluation."""
+        from model import BeatConfig, PretrainConfig
+        from model.checkpoint import CONFIG_FILE
+        from model.train import TrainConfig, train
+        from stream.producer import produce
+        from stream.replay import ReplayConfig, replay
+        from stream.synthetic import SyntheticEvents
+
+        if (self.model_dir / CONFIG_FILE).exists():
+            return
+        history = settings.model_copy(update={"events_topic": f"{settings.events_topic}.history"})
+        ensure_topics(history)
+        end = datetime.now(UTC)
+        population = SyntheticEvents(n_users=self.users, seed=self.seed)  # as `beat produce`
+        console.print(f"first run: {self.history_days:g} days of synthetic history to "
+                      f"{history.events_topic}, then pretraining the {self.preset} preset")
+        produce(history, population.history(end - timedelta(days=self.history_days), end))
+        sequences, _ = replay(history, ReplayConfig())
+        run = self.model_dir.parent / f"{self.model_dir.name}-training"
+        result = train(sequences, run, BeatConfig.preset(self.preset), PretrainConfig(),
+                       TrainConfig(steps=self.steps, batch_size=self.batch_size,
+                                   warmup_steps=self.steps // 10, checkpoint_every=self.steps),
+                       resume=False)
+        shutil.rmtree(self.model_dir, ignore_errors=True)
+        shutil.copytree(result.model_dir, self.model_dir)
+        console.print(f"pretrained {result.model_version} in {result.wall_seconds:.0f} s; "
+                      f"cached in {self.model_dir}")
+
+    def config(self):  # noqa: ANN201 (model.BeatConfig)
+        from model.checkpoint import load_model_dir
+
+        return load_model_dir(self.model_dir).config
+
+    def persona_agreement(self, user_ids: list[str], embeddings: np.ndarray) -> dict:
+        """Share of each user's nearest neighbours (cosine, among the users read back) with
+        the user's planted persona, against chance (the same share for random neighbours)."""
+        from stream.synthetic import SyntheticEvents
+
+        planted = SyntheticEvents(n_users=self.users, seed=self.seed).personas()
+        persona_of = dict(zip(planted["user_id"].to_pylist(), planted["persona"].to_pylist()))
+        personas = np.array([persona_of[user] for user in user_ids])
+        unit = embeddings / np.maximum(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-12)
+        similarity = unit @ unit.T  # [U, U]
+        np.fill_diagonal(similarity, -np.inf)  # a user is not its own neighbour
+        k = min(self.neighbours, len(user_ids) - 1)
+        nearest = np.argpartition(-similarity, k, axis=1)[:, :k]  # [U, k]
+        _, counts = np.unique(personas, return_counts=True)
+        shares = counts / len(personas)
+        return {"users": len(user_ids), "neighbours": k,
+                "agreement": round(float((personas[nearest] == personas[:, None]).mean()), 3),
+                "chance": round(float((shares * (counts - 1) / max(len(personas) - 1, 1)).sum()), 3)}
+
+
+def run_demo(settings: Settings, duration_s: float, rate_per_s: float, users: int,
+             model: DemoModel) -> dict:
     """Run the demo; returns the summary it prints (also written to data/demo/summary.json)."""
     signal.signal(signal.SIGTERM, _raise_interrupt)
     workdir = settings.data_dir / "demo"
     workdir.mkdir(parents=True, exist_ok=True)
     with ExitStack() as stack:
         try:
-            return _run(stack, settings, duration_s, rate_per_s, users, model_dir, workdir)
+            return _run(stack, settings, duration_s, rate_per_s, users, model, workdir)
         except KeyboardInterrupt:
             console.print("[yellow]interrupted: stopping workers and broker[/yellow]")
             return {"interrupted": True}
 
 
 def _run(stack: ExitStack, settings: Settings, duration_s: float, rate_per_s: float, users: int,
-         model_dir: Path, workdir: Path) -> dict:
+         model: DemoModel, workdir: Path) -> dict:
     if not settings.bootstrap_servers:
         broker = stack.enter_context(EmbeddedBroker())
         settings = settings.model_copy(update={"bootstrap_servers": broker.bootstrap_servers})
         console.print(f"embedded Tansu broker on {broker.bootstrap_servers}")
     ensure_topics(settings)
-    # Five processes share this machine's cores: one torch thread unless told otherwise.
-    worker_settings = settings.model_copy(update={"model_dir": model_dir, "torch_threads": settings.torch_threads or 1})
+    model.ensure(settings)
+    # The demo's workers keep the windows its model reads, whatever the preset; five processes
+    # share this machine's cores: one torch thread unless told otherwise.
+    config = model.config()
+    worker_settings = settings.model_copy(update={
+        "model_dir": model.model_dir, "torch_threads": settings.torch_threads or 1,
+        "max_events": config.max_events, "window_days": config.window_days,
+    })
     env = {**os.environ, **worker_settings.to_env()}
 
     ready = {name: workdir / f"{name}.ready" for name in ("stream", "encode")}
@@ -187,7 +270,8 @@ def _run(stack: ExitStack, settings: Settings, duration_s: float, rate_per_s: fl
     dashboard = Dashboard(monitor, settings, workers)
     with Live(console=console, refresh_per_second=2) as dashboard.live:
         dashboard.wait("starting workers", lambda: all(p.exists() for p in ready.values()), timeout_s=120)
-        producer = _spawn(["produce", "--synthetic", "--users", str(users), "--rate", str(rate_per_s),
+        producer = _spawn(["produce", "--synthetic", "--users", str(users), "--seed", str(model.seed),
+                           "--rate", str(rate_per_s),
                            "--duration", str(duration_s)], env, workdir / "producer.log")
         stack.callback(_stop, producer)
         dashboard.wait("producing", lambda: producer.poll() is not None, timeout_s=duration_s + 60)
@@ -204,9 +288,16 @@ def _run(stack: ExitStack, settings: Settings, duration_s: float, rate_per_s: fl
 
     summary = _summary(observed, settings)
     summary["drain_s"] = round(drain_s, 1)
-    summary["read_back"] = _read_back(settings, list(observed.users)[:3])
+    user_ids = sorted(observed.users)
+    read_back, embeddings = _read_back(settings, user_ids)
+    summary["read_back"] = read_back[:3]
+    summary["persona_agreement"] = model.persona_agreement(user_ids, embeddings)
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
     console.print_json(data=summary)
+    agreement = summary["persona_agreement"]
+    console.print(f"embeddings that mean something: {agreement['agreement']:.1%} of each user's "
+                  f"{agreement['neighbours']} nearest neighbours (cosine, read back through Feast) "
+                  f"share its planted persona; chance is {agreement['chance']:.1%}")
     console.print(f"logs and summary in {workdir}")
     return summary
 
@@ -253,11 +344,14 @@ def _summary(observed: Observed, settings: Settings) -> dict:
     }
 
 
-def _read_back(settings: Settings, user_ids: list[str]) -> list[dict]:
-    """Read users through the Feast SDK, as another team would."""
+def _read_back(settings: Settings, user_ids: list[str]) -> tuple[list[dict], np.ndarray]:
+    """Read users through the Feast SDK, as another team would: a summary row per user, and
+    the embeddings [users, E] (zeros where a user has none yet)."""
     from stream.feast_sink import FeatureSink
 
     values = FeatureSink(settings).read(user_ids)
+    size = next((len(e) for e in values["embedding"] if e is not None), 1)
+    embeddings = np.array([np.zeros(size) if e is None else e for e in values["embedding"]])
     rows = []
     for i, user_id in enumerate(user_ids):
         embedding = values["embedding"][i]
@@ -267,4 +361,4 @@ def _read_back(settings: Settings, user_ids: list[str]) -> list[dict]:
             "event_count": values["event_count"][i],
             "embedding_norm": None if embedding is None else round(float(np.linalg.norm(embedding)), 4),
         })
-    return rows
+    return rows, embeddings

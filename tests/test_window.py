@@ -87,7 +87,7 @@ def test_window_message_round_trip_and_size() -> None:
         Window.from_record({**window.to_record(0), "events": b"\x00" * 17})
 
 
-def test_event_window_gives_the_model_strings_in_order() -> None:
+def test_event_window_gives_the_model_strings_and_amounts_in_order() -> None:
     events = as_records([e for e in traffic(500, 5) if e["user_id"] == "u01"])
     (window,), _ = merge_batch([None], ["u01"], NewEvents.from_records(events, ["u01"]), MAX_EVENTS, WINDOW_MS)
     model_input = window.event_window()
@@ -96,3 +96,6 @@ def test_event_window_gives_the_model_strings_in_order() -> None:
     assert model_input.event_time_ms.tolist() == [ms(e["event_time"]) for e in expected]
     assert model_input.action.tolist() == [e["action"] for e in expected]
     assert model_input.property.tolist() == [e["property"] for e in expected]
+    amounts = [np.nan if e["value"] is None else np.float32(e["value"]) for e in expected]
+    np.testing.assert_array_equal(model_input.value, amounts)  # float32 as stored; NaN: none
+    assert np.isnan(model_input.value).any() and not np.isnan(model_input.value).all()
