@@ -35,12 +35,16 @@ from stream.config import load_settings  # noqa: E402
 RESULTS = REPO / "bench" / "results" / "pretrain"
 DATASETS = {
     # 20,000 synthetic users over 150 days (about 29M events); churners fade inside the history.
-    "synthetic": {"produce": ["--synthetic", "--users", "20000", "--history-days", "150"],
-                  "pretrain": []},
+    "synthetic": {
+        "produce": ["--synthetic", "--users", "20000", "--history-days", "150"],
+        "pretrain": [],
+    },
     # CDNOW: 23,570 customers, 1997-01 to 1998-06, 3 purchases each on average: cut after
     # 39 weeks (the usual calibration period) and let 2 + 2 + 1 purchases make a training pair.
-    "cdnow": {"produce": ["--dataset", "cdnow"],
-              "pretrain": ["--cutoff", "1997-10-01", "--min-view-events", "2"]},
+    "cdnow": {
+        "produce": ["--dataset", "cdnow"],
+        "pretrain": ["--cutoff", "1997-10-01", "--min-view-events", "2"],
+    },
 }
 VARIANTS = {
     "full": [],
@@ -60,8 +64,14 @@ def beat(env: dict[str, str], *args: str) -> float:
     return time.monotonic() - began
 
 
-def run_dataset(name: str, spec: dict, env: dict[str, str], train_args: list[str], variants: list[str],
-                results: Path) -> dict:
+def run_dataset(
+    name: str,
+    spec: dict,
+    env: dict[str, str],
+    train_args: list[str],
+    variants: list[str],
+    results: Path,
+) -> dict:
     out = results / name
     produce_s = beat(env, "produce", *spec["produce"])
     sequences = out / "sequences.parquet"
@@ -71,11 +81,24 @@ def run_dataset(name: str, spec: dict, env: dict[str, str], train_args: list[str
     for variant in variants:
         flags = VARIANTS[variant]
         source = [] if variant == "full" else ["--sequences", str(sequences)]
-        wall = beat(env, "pretrain", "--out", str(out / variant), "--no-resume", *source, *spec["pretrain"],
-                    *flags, *train_args)
+        wall = beat(
+            env,
+            "pretrain",
+            "--out",
+            str(out / variant),
+            "--no-resume",
+            *source,
+            *spec["pretrain"],
+            *flags,
+            *train_args,
+        )
         report = json.loads((out / variant / "report.json").read_text())
         runs[variant] = {"wall_seconds": round(wall, 1), "report": report}
-    return {"produce_seconds": round(produce_s, 1), "export_seconds": round(export_s, 1), "runs": runs}
+    return {
+        "produce_seconds": round(produce_s, 1),
+        "export_seconds": round(export_s, 1),
+        "runs": runs,
+    }
 
 
 def cell(metric: dict) -> str:
@@ -84,18 +107,28 @@ def cell(metric: dict) -> str:
 
 def task_table(name: str, result: dict, task: str) -> str:
     """AUC of each model on a yes/no task (churn, propensity), and the paired differences."""
-    lines = [f"\n{name}: {task} AUC on the held-out half of the users (95 % bootstrap CI)\n",
-             "| variant | BEAT | untrained | RFM logistic | RFM boosting | BEAT + RFM "
-             "| BEAT - best hand-made | BEAT + RFM - best hand-made | train s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"\n{name}: {task} AUC on the held-out half of the users (95 % bootstrap CI)\n",
+        "| variant | BEAT | untrained | RFM logistic | RFM boosting | BEAT + RFM "
+        "| BEAT - best hand-made | BEAT + RFM - best hand-made | train s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for variant, run in result["runs"].items():
         scores = run["report"][task]
         if "auc" not in scores:
             lines.append(f"| {variant} | {scores.get('skipped', 'skipped')} |")
             continue
         auc = scores["auc"]
-        columns = [auc[m] for m in ("beat_logistic", "untrained_logistic", "rfm_logistic",
-                                    "rfm_boosting", "beat_rfm_logistic")]
+        columns = [
+            auc[m]
+            for m in (
+                "beat_logistic",
+                "untrained_logistic",
+                "rfm_logistic",
+                "rfm_boosting",
+                "beat_rfm_logistic",
+            )
+        ]
         columns += [scores["beat_minus_best_handmade"], scores["beat_rfm_minus_best_handmade"]]
         seconds = run["report"]["training_run"]["wall_seconds"]
         lines.append(f"| {variant} | " + " | ".join(cell(c) for c in columns) + f" | {seconds} |")
@@ -105,24 +138,33 @@ def task_table(name: str, result: dict, task: str) -> str:
 def next_event_table(name: str, result: dict) -> str:
     """HitRate@1 of the first event after the cutoff: BEAT's next head, the baselines, and the
     linear probes of BEAT's and the untrained network's embeddings (on a sample of users)."""
-    lines = [f"\n{name}: next event HitRate@1\n",
-             "| variant | field | BEAT | Markov | most popular | probe of BEAT | probe of untrained |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"\n{name}: next event HitRate@1\n",
+        "| variant | field | BEAT | Markov | most popular | probe of BEAT | probe of untrained |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for variant, run in result["runs"].items():
         for field, rates in run["report"]["next_event"].items():
             if field not in ("action", "property"):
                 continue
             values = [rates.get(m, {}).get("hit@1") for m in ("beat", "markov", "popular")]
             values += [rates["probes"][m]["hit@1"] for m in ("beat", "untrained")]
-            lines.append(f"| {variant} | {field} | "
-                         + " | ".join("–" if v is None else f"{v['value']:.3f}" for v in values)
-                         + " |")
+            lines.append(
+                f"| {variant} | {field} | "
+                + " | ".join("–" if v is None else f"{v['value']:.3f}" for v in values)
+                + " |"
+            )
     return "\n".join(lines)
 
 
 def tables(name: str, result: dict) -> str:
-    return "\n".join([task_table(name, result, "churn"), task_table(name, result, "propensity"),
-                      next_event_table(name, result)])
+    return "\n".join(
+        [
+            task_table(name, result, "churn"),
+            task_table(name, result, "propensity"),
+            next_event_table(name, result),
+        ]
+    )
 
 
 def main() -> None:
@@ -131,20 +173,47 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
-    parser.add_argument("--variants", nargs="+", default=["full"], choices=list(VARIANTS),
-                        help="full, and ablations each switching one objective or input off")
-    parser.add_argument("--out", type=Path, default=RESULTS, help=f"results folder (default {RESULTS})")
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=["full"],
+        choices=list(VARIANTS),
+        help="full, and ablations each switching one objective or input off",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=RESULTS, help=f"results folder (default {RESULTS})"
+    )
     args = parser.parse_args()
-    train_args = ["--preset", args.preset, "--steps", str(args.steps), "--batch-size", str(args.batch_size),
-                  "--warmup-steps", str(max(1, args.steps // 20)), "--checkpoint-every", str(max(1, args.steps // 4))]
-    results = {"preset": args.preset, "steps": args.steps, "batch_size": args.batch_size, "datasets": {}}
+    train_args = [
+        "--preset",
+        args.preset,
+        "--steps",
+        str(args.steps),
+        "--batch-size",
+        str(args.batch_size),
+        "--warmup-steps",
+        str(max(1, args.steps // 20)),
+        "--checkpoint-every",
+        str(max(1, args.steps // 4)),
+    ]
+    results = {
+        "preset": args.preset,
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "datasets": {},
+    }
     for name in args.datasets:
         with EmbeddedBroker() as broker:
-            settings = load_settings(bootstrap_servers=broker.bootstrap_servers,
-                                     group_prefix=f"pretrain-{uuid.uuid4().hex[:6]}", data_dir=args.out / "data")
+            settings = load_settings(
+                bootstrap_servers=broker.bootstrap_servers,
+                group_prefix=f"pretrain-{uuid.uuid4().hex[:6]}",
+                data_dir=args.out / "data",
+            )
             ensure_topics(settings)
             env = {**os.environ, **settings.to_env()}
-            results["datasets"][name] = run_dataset(name, DATASETS[name], env, train_args, args.variants, args.out)
+            results["datasets"][name] = run_dataset(
+                name, DATASETS[name], env, train_args, args.variants, args.out
+            )
         (args.out / "pretrain.json").write_text(json.dumps(results, indent=1, default=str))
         print(tables(name, results["datasets"][name]))
     print(f"\nwrote {args.out / 'pretrain.json'}")

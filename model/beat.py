@@ -72,8 +72,11 @@ class AgeEncoding(nn.Module):
         bucket = log_bucket(age, self.buckets.num_embeddings, self.window_days)
         bucket = bucket.masked_fill(~mask, 0)  # [B, L]
         periods = torch.logspace(  # [F] days, geometric from the whole window to one hour
-            math.log10(self.window_days), math.log10(1 / 24), AGE_FREQUENCIES,
-            dtype=torch.float64, device=age.device,
+            math.log10(self.window_days),
+            math.log10(1 / 24),
+            AGE_FREQUENCIES,
+            dtype=torch.float64,
+            device=age.device,
         )
         angles = age.clamp_max(self.window_days)[..., None] * (2 * math.pi / periods)  # [B, L, F]
         waves = torch.cat([angles.sin(), angles.cos()], dim=-1)  # [B, L, 2F]
@@ -177,16 +180,23 @@ class WindowStatistics(nn.Module):
         real = mask.double()
         has_amount = mask & values.isfinite()
         amount = torch.where(has_amount, values.double(), 0.0)  # [B, L]
-        scalars = [real.sum(1).log1p(), has_amount.double().sum(1).log1p(),
-                   _signed_log1p(amount.sum(1))]
+        scalars = [
+            real.sum(1).log1p(),
+            has_amount.double().sum(1).log1p(),
+            _signed_log1p(amount.sum(1)),
+        ]
         weights = [real]  # of the count sketches
         if self.temporal:
             newest = age.masked_fill(~mask, math.inf).amin(1)
             oldest = age.masked_fill(~mask, -math.inf).amax(1)
             newest, oldest = (torch.where(mask.any(1), t, 0.0) for t in (newest, oldest))
             scalars += [(real * (age < days)).sum(1).log1p() for days in self.RECENT_DAYS]
-            scalars += [newest.log1p(), oldest.log1p(), (oldest - newest).log1p(),
-                        _signed_log1p((amount * (age < 30.0)).sum(1))]
+            scalars += [
+                newest.log1p(),
+                oldest.log1p(),
+                (oldest - newest).log1p(),
+                _signed_log1p((amount * (age < 30.0)).sum(1)),
+            ]
             weights.append(real * (age < self.SKETCH_DAYS))
         sketches = []
         for ids, size in zip((action_ids, property_ids), self.vocab_sizes):

@@ -1,11 +1,11 @@
 """Model directories: everything that defines one model version, and nothing pickled.
 
-    model.safetensors       weights (safetensors)
-    config.json             {"format_version": 1, "model_type": "beat", "model_version": "...",
-                             "config": {...}}; model_type lets transformers' AutoConfig find
-                             BEAT (see model/hf.py)
-    vocab_actions.json      Vocabulary of event actions
-    vocab_properties.json   Vocabulary of event properties
+model.safetensors       weights (safetensors)
+config.json             {"format_version": 1, "model_type": "beat", "model_version": "...",
+                         "config": {...}}; model_type lets transformers' AutoConfig find
+                         BEAT (see model/hf.py)
+vocab_actions.json      Vocabulary of event actions
+vocab_properties.json   Vocabulary of event properties
 """
 
 from __future__ import annotations

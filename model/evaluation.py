@@ -118,7 +118,11 @@ def _resample_weights(
         rows = min(chunk, resamples - first)
         offsets = (np.arange(rows) * n)[:, None]  # [rows, 1]
         draws = np.concatenate([rng.choice(g, (rows, len(g))) for g in groups], axis=1)
-        yield np.bincount((draws + offsets).ravel(), minlength=rows * n).reshape(rows, n).astype(float)
+        yield (
+            np.bincount((draws + offsets).ravel(), minlength=rows * n)
+            .reshape(rows, n)
+            .astype(float)
+        )
 
 
 def ratio_with_interval(
@@ -126,8 +130,10 @@ def ratio_with_interval(
 ) -> dict[str, Any]:
     """sum(numerator) / sum(denominator) over users (both [n]), with a bootstrap over users."""
     samples = np.concatenate(
-        [(w @ numerator) / np.maximum(w @ denominator, 1e-12)
-         for w in _resample_weights([np.arange(len(numerator))], len(numerator), resamples, rng)]
+        [
+            (w @ numerator) / np.maximum(w @ denominator, 1e-12)
+            for w in _resample_weights([np.arange(len(numerator))], len(numerator), resamples, rng)
+        ]
     )
     return {"value": float(numerator.sum() / denominator.sum()), "ci95": _interval(samples)}
 
@@ -162,7 +168,9 @@ def masked_windows(
     context = np.minimum(history_lengths, max_events - future)  # [U]
     position = np.arange(n.sum()) - np.repeat(starts(sequences), n)  # [events]
     user = _user_of_event(sequences)
-    keep = (position >= (history_lengths - context)[user]) & (position < (history_lengths + future)[user])
+    keep = (position >= (history_lengths - context)[user]) & (
+        position < (history_lengths + future)[user]
+    )
     has_future = future > 0
     windows = keep_events(sequences, keep).filter(pa.array(has_future))
     return windows, context[has_future]
@@ -187,20 +195,27 @@ def masked_accuracy(
     for rows in length_batches(lengths(windows), config.batch_size, bucket_width=16):
         batch = EventBatch.from_windows([event_windows[i] for i in rows], actions, properties)
         width = batch.padding_mask.shape[1]
-        future = batch.padding_mask & (torch.arange(width) >= torch.from_numpy(context[rows])[:, None])
+        future = batch.padding_mask & (
+            torch.arange(width) >= torch.from_numpy(context[rows])[:, None]
+        )
         # Mask among the future events only (at least one per window), then let the model see
         # the whole window again.
-        hidden_batch, hidden = mask_events(replace(batch, padding_mask=future), config.mask_fraction, generator)
+        hidden_batch, hidden = mask_events(
+            replace(batch, padding_mask=future), config.mask_fraction, generator
+        )
         inputs = replace(hidden_batch, padding_mask=batch.padding_mask)
         states = _forward(model, inputs, device)["hidden_states"][hidden.to(device)]  # [N, H]
         row = torch.nonzero(hidden)[:, 0].numpy()  # [N] window of each hidden event
         counts["masked"][rows] += np.bincount(row, minlength=len(rows))
         for name, layer, ids in (
-            ("action", head.action, batch.action_ids), ("property", head.property, batch.property_ids)
+            ("action", head.action, batch.action_ids),
+            ("property", head.property, batch.property_ids),
         ):
             named = _nameable(layer(states)).argmax(dim=1)  # [N]
             correct = (named == ids[hidden].to(device)).cpu().numpy()
-            counts[name][rows] += np.bincount(row, weights=correct, minlength=len(rows)).astype(np.int64)
+            counts[name][rows] += np.bincount(row, weights=correct, minlength=len(rows)).astype(
+                np.int64
+            )
     return counts
 
 
@@ -269,7 +284,9 @@ def hit_rates(
 ) -> dict[str, Any]:
     """HitRate@k (target ranked among the k best) with bootstrap intervals over users."""
     ones = np.ones(len(ranks))
-    return {f"hit@{k}": ratio_with_interval((ranks < k).astype(float), ones, resamples, rng) for k in ks}
+    return {
+        f"hit@{k}": ratio_with_interval((ranks < k).astype(float), ones, resamples, rng) for k in ks
+    }
 
 
 # --- churn ---------------------------------------------------------------------------------
@@ -294,7 +311,9 @@ def check_label_window(sequences: pa.Table, cutoff_ms: int, churn_days: float) -
         )
 
 
-def rfm_features(history: pa.Table, cutoff_ms: int, top_actions: int) -> tuple[list[str], np.ndarray]:
+def rfm_features(
+    history: pa.Table, cutoff_ms: int, top_actions: int
+) -> tuple[list[str], np.ndarray]:
     """Hand-made features of users with at least one event before the cutoff: (names,
     float64 [users, features]). Durations in days; counts and money as log1p."""
     n = lengths(history)
@@ -332,7 +351,9 @@ def rfm_features(history: pa.Table, cutoff_ms: int, top_actions: int) -> tuple[l
     return list(features), np.column_stack(list(features.values()))
 
 
-def future_labels(future: pa.Table, cutoff_ms: int, days: float, action: str | None = None) -> np.ndarray:
+def future_labels(
+    future: pa.Table, cutoff_ms: int, days: float, action: str | None = None
+) -> np.ndarray:
     """True for users with an event (of `action`, when given) in [cutoff, cutoff + days)
     (bool [users]); churn is its negation over all actions."""
     times = _flat(future, "event_time").to_numpy()
@@ -359,8 +380,15 @@ def cv_logistic(seed: int) -> Any:
     folds = StratifiedKFold(n_splits=PROBE_FOLDS, shuffle=True, random_state=seed)
     return make_pipeline(
         StandardScaler(),
-        LogisticRegressionCV(Cs=PROBE_STRENGTHS, cv=folds, scoring="roc_auc", l1_ratios=(0.0,),
-                             use_legacy_attributes=False, tol=1e-3, max_iter=500),
+        LogisticRegressionCV(
+            Cs=PROBE_STRENGTHS,
+            cv=folds,
+            scoring="roc_auc",
+            l1_ratios=(0.0,),
+            use_legacy_attributes=False,
+            tol=1e-3,
+            max_iter=500,
+        ),
     )
 
 
@@ -382,7 +410,9 @@ def probe_models(
             f"of {len(labels)}: choose another cutoff or horizon (EvalConfig)"
         )
     train, test = train_test_split(
-        np.arange(len(labels)), test_size=config.test_fraction, stratify=labels,
+        np.arange(len(labels)),
+        test_size=config.test_fraction,
+        stratify=labels,
         random_state=config.seed,
     )
     candidates = {
@@ -408,8 +438,11 @@ def probe_models(
     best = max(("rfm_logistic", "rfm_boosting"), key=aucs.get)
 
     def difference(model: str, versus: str) -> dict[str, Any]:
-        return {"versus": versus, "value": aucs[model] - aucs[versus],
-                "ci95": _interval(samples[model] - samples[versus])}
+        return {
+            "versus": versus,
+            "value": aucs[model] - aucs[versus],
+            "ci95": _interval(samples[model] - samples[versus]),
+        }
 
     return {
         "train_users": len(train),
@@ -433,7 +466,9 @@ def segments(
     top actions (share of its events), events per user and events per active (UTC) day; and a
     2-D PCA map of the users."""
     if len(embeddings) < k:
-        raise ValueError(f"{len(embeddings)} users cannot form {k} segments; lower EvalConfig.segments")
+        raise ValueError(
+            f"{len(embeddings)} users cannot form {k} segments; lower EvalConfig.segments"
+        )
     x = StandardScaler().fit_transform(embeddings)
     segment = KMeans(n_clusters=k, n_init=4, random_state=seed).fit_predict(x)  # [users]
     xy = PCA(n_components=2, random_state=seed).fit_transform(x)  # [users, 2]
@@ -452,22 +487,29 @@ def segments(
     rows = []
     for s in range(k):
         best = np.argsort(-action_counts[s], kind="stable")[:top]
-        rows.append({
-            "segment": s,
-            "users": int(users[s]),
-            "share": float(users[s] / len(segment)),
-            "top_actions": [
-                {"action": names[a], "share": float(action_counts[s, a] / max(events[s], 1))}
-                for a in best if action_counts[s, a]
-            ],
-            "events_per_user": float(events[s] / users[s]),
-            "events_per_active_day": float(events[s] / max(active_days[s], 1)),
-        })
+        rows.append(
+            {
+                "segment": s,
+                "users": int(users[s]),
+                "share": float(users[s] / len(segment)),
+                "top_actions": [
+                    {"action": names[a], "share": float(action_counts[s, a] / max(events[s], 1))}
+                    for a in best
+                    if action_counts[s, a]
+                ],
+                "events_per_user": float(events[s] / users[s]),
+                "events_per_active_day": float(events[s] / max(active_days[s], 1)),
+            }
+        )
     return {
         "k": k,
         "segments": rows,
-        "map": {"user_id": history["user_id"].to_pylist(), "x": xy[:, 0].tolist(),
-                "y": xy[:, 1].tolist(), "segment": segment.tolist()},
+        "map": {
+            "user_id": history["user_id"].to_pylist(),
+            "x": xy[:, 0].tolist(),
+            "y": xy[:, 1].tolist(),
+            "segment": segment.tolist(),
+        },
     }
 
 
@@ -494,12 +536,24 @@ def evaluate_model(
     path = Path(model_dir)
     pretrainer = load_pretrainer(path) if (path / HEADS_FILE).is_file() else None
     saved = load_model_dir(path / MODEL_DIR if pretrainer is not None else path)
-    model = pretrainer.model if pretrainer is not None else Beat.from_tensors(saved.config, saved.tensors, str(path))
-    encoder = BeatEncoder(model, saved.actions, saved.properties, saved.model_version, device, config.batch_size)
+    model = (
+        pretrainer.model
+        if pretrainer is not None
+        else Beat.from_tensors(saved.config, saved.tensors, str(path))
+    )
+    encoder = BeatEncoder(
+        model, saved.actions, saved.properties, saved.model_version, device, config.batch_size
+    )
     with torch.random.fork_rng(devices=[]):  # the floor: same architecture and vocabulary
         torch.manual_seed(config.seed)
-        floor = BeatEncoder(Beat(saved.config), saved.actions, saved.properties, "untrained", device,
-                            config.batch_size)
+        floor = BeatEncoder(
+            Beat(saved.config),
+            saved.actions,
+            saved.properties,
+            "untrained",
+            device,
+            config.batch_size,
+        )
 
     past, future = split_at(sequences, cutoff_ms)
     history_lengths, future_lengths = lengths(past), lengths(future)
@@ -527,22 +581,35 @@ def evaluate_model(
             "users_with_history": history.num_rows,
             "users_with_future": int((future_lengths > 0).sum()),
         },
-        "next_event": _next_event(pretrainer, encoder, embeddings, untrained, history, after, config, rng),
+        "next_event": _next_event(
+            pretrainer, encoder, embeddings, untrained, history, after, config, rng
+        ),
     }
     if pretrainer is not None:
-        windows, context = masked_windows(sequences, history_lengths, saved.config.max_events, config.future_share)
-        counts = masked_accuracy(pretrainer, saved.actions, saved.properties, windows, context, config, device)
+        windows, context = masked_windows(
+            sequences, history_lengths, saved.config.max_events, config.future_share
+        )
+        counts = masked_accuracy(
+            pretrainer, saved.actions, saved.properties, windows, context, config, device
+        )
         results["masked"] = _masked_summary(counts, windows, context, history, encoder, config, rng)
     else:
-        results["masked"] = {"skipped": f"{path} has no pretraining heads ({HEADS_FILE}): "
-                                        "pass a model.train output directory"}
+        results["masked"] = {
+            "skipped": f"{path} has no pretraining heads ({HEADS_FILE}): "
+            "pass a model.train output directory"
+        }
 
     labels = churn_labels(after, cutoff_ms, config.churn_days)
     names, rfm = rfm_features(history, cutoff_ms, config.top_actions)
     results["data"]["churn_rate"] = float(labels.mean())
-    results["churn"] = {"churn_days": config.churn_days, "rfm_features": names,
-                        **probe_models(embeddings, untrained, rfm, labels, config)}
-    results["propensity"] = _propensity(embeddings, untrained, rfm, history, after, cutoff_ms, config)
+    results["churn"] = {
+        "churn_days": config.churn_days,
+        "rfm_features": names,
+        **probe_models(embeddings, untrained, rfm, labels, config),
+    }
+    results["propensity"] = _propensity(
+        embeddings, untrained, rfm, history, after, cutoff_ms, config
+    )
     results["segments"] = segments(embeddings, history, config.segments, config.seed)
     return results
 
@@ -563,8 +630,12 @@ def _propensity(
         return {"skipped": "no event has a value, so no action is the most valuable"}
     labels = future_labels(future, cutoff_ms, config.propensity_days, action)
     task = f"propensity to {action}"
-    return {"action": action, "days": config.propensity_days, "positive_rate": float(labels.mean()),
-            **probe_models(embeddings, untrained, rfm, labels, config, task)}
+    return {
+        "action": action,
+        "days": config.propensity_days,
+        "positive_rate": float(labels.mean()),
+        **probe_models(embeddings, untrained, rfm, labels, config, task),
+    }
 
 
 def _probe_ranks(x: np.ndarray, target: np.ndarray, vocabulary_size: int, seed: int) -> np.ndarray:
@@ -619,13 +690,19 @@ def _next_event(
             with torch.inference_mode():
                 logits = head(torch.from_numpy(embeddings[evaluated]).to(encoder.device))
             ranks["beat"] = _model_ranks(logits, torch.from_numpy(target).to(encoder.device))
-        out[field] = {name: hit_rates(r, config.ks, config.bootstrap, rng) for name, r in ranks.items()}
+        out[field] = {
+            name: hit_rates(r, config.ks, config.bootstrap, rng) for name, r in ranks.items()
+        }
         # the floor: a linear probe of the untrained network's embeddings, next to the same probe
         # of BEAT's, on a sample of users (a multinomial fit per field is slow)
         sample = np.random.default_rng(config.seed).permutation(len(target))[: config.probe_users]
         out[field]["probes"] = {"users": len(sample)} | {
-            name: hit_rates(_probe_ranks(x[evaluated][sample], target[sample], len(vocabulary),
-                                         config.seed), config.ks, config.bootstrap, rng)
+            name: hit_rates(
+                _probe_ranks(x[evaluated][sample], target[sample], len(vocabulary), config.seed),
+                config.ks,
+                config.bootstrap,
+                rng,
+            )
             for name, x in (("untrained", untrained), ("beat", embeddings))
         }
     return out
@@ -655,8 +732,9 @@ def _masked_summary(
         popular_hits = np.bincount(window, target == popularity.argmax(), len(context))
         future_events = np.bincount(window, minlength=len(context)).astype(float)
         out[field] = {
-            "beat": ratio_with_interval(counts[field].astype(float), counts["masked"].astype(float),
-                                        config.bootstrap, rng),
+            "beat": ratio_with_interval(
+                counts[field].astype(float), counts["masked"].astype(float), config.bootstrap, rng
+            ),
             "popular": ratio_with_interval(popular_hits, future_events, config.bootstrap, rng),
         }
     return out

@@ -78,8 +78,10 @@ class PretrainConfig:
         if self.temperature <= 0:
             raise ValueError(f"temperature must be positive, got {self.temperature}")
         if not self.future_horizons_days or min(self.future_horizons_days) <= 0:
-            raise ValueError("future_horizons_days needs at least one horizon, each positive; "
-                             f"got {self.future_horizons_days}")
+            raise ValueError(
+                "future_horizons_days needs at least one horizon, each positive; "
+                f"got {self.future_horizons_days}"
+            )
         if self.gap_buckets < 3:
             raise ValueError(f"gap_buckets must be at least 3, got {self.gap_buckets}")
         weights = [getattr(self, f"{name}_weight") for name in OBJECTIVES]
@@ -171,8 +173,10 @@ class FutureHead(nn.Module):
         R, H = known.shape
         counts = views.future_counts[known]  # [K]
         loss = F.mse_loss(self.count(x)[known], counts.log1p())
-        for layer, target in ((self.action, views.future_actions),
-                              (self.property, views.future_properties)):
+        for layer, target in (
+            (self.action, views.future_actions),
+            (self.property, views.future_properties),
+        ):
             logits = layer(x).view(R, H, -1)[known]  # [K, V]
             present = target[known]  # [K, V] 0/1
             active = counts > 0  # a silent horizon names no value
@@ -222,7 +226,9 @@ class BeatPretrainer(nn.Module):
         self.future_head = FutureHead(size, model.config, len(config.future_horizons_days))
         self.gap_head = GapHead(size, model.config, config.gap_buckets)
 
-    def forward(self, views: ViewBatch, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+    def forward(
+        self, views: ViewBatch, generator: torch.Generator | None = None
+    ) -> dict[str, Tensor]:
         """Losses (scalars): one per objective (OBJECTIVES) and their weighted sum "loss"."""
         config = self.config
         originals = views.inputs  # [2B, L]: A of every user, then B

@@ -1,13 +1,13 @@
 """The pretraining report: model.evaluation's results as report.json, PNGs and a console table.
 
-    out_dir/
-        report.json     every metric with its 95 % interval, the data summary, the training
-                        summary (from train_log.jsonl when the model came from model.train)
-        segments.csv    user_id, x, y (PCA map), segment
-        segments.png    the map coloured by segment, each segment's activity beside it
-        loss.png        loss per objective per logged step (when there is a training log)
+out_dir/
+    report.json     every metric with its 95 % interval, the data summary, the training
+                    summary (from train_log.jsonl when the model came from model.train)
+    segments.csv    user_id, x, y (PCA map), segment
+    segments.png    the map coloured by segment, each segment's activity beside it
+    loss.png        loss per objective per logged step (when there is a training log)
 
-    python -m model.report --model OUT_DIR --sequences FILE.parquet --cutoff 2024-04-01 --out DIR
+python -m model.report --model OUT_DIR --sequences FILE.parquet --cutoff 2024-04-01 --out DIR
 """
 
 from __future__ import annotations
@@ -50,14 +50,17 @@ def training_summary(path: str | Path) -> dict[str, Any]:
         "steps": int(log["step"][-1]) if len(log["step"]) else 0,
         "losses": {
             name: {"first": float(values[0]), "last": float(values[-tail:].mean())}
-            for name, values in log.items() if name != "step" and len(values)
+            for name, values in log.items()
+            if name != "step" and len(values)
         },
     }
 
 
 def plot_losses(log: dict[str, np.ndarray], path: Path) -> None:
     objectives = [name for name in log if name != "step"]
-    fig, axes = plt.subplots(1, len(objectives), figsize=(3.6 * len(objectives), 3.2), squeeze=False)
+    fig, axes = plt.subplots(
+        1, len(objectives), figsize=(3.6 * len(objectives), 3.2), squeeze=False
+    )
     for ax, name in zip(axes[0], objectives):
         ax.plot(log["step"], log[name], lw=1.2)
         ax.set_title(name)
@@ -88,17 +91,30 @@ def plot_segments(segments: dict[str, Any], path: Path) -> None:
     fig, (ax, text) = plt.subplots(1, 2, figsize=(13, 6), gridspec_kw={"width_ratios": [1.2, 1]})
     for row in segments["segments"]:
         s = row["segment"]
-        ax.scatter(np.array(points["x"])[segment == s], np.array(points["y"])[segment == s],
-                   s=6, alpha=0.6, color=colours(s % 10), label=f"S{s}")
+        ax.scatter(
+            np.array(points["x"])[segment == s],
+            np.array(points["y"])[segment == s],
+            s=6,
+            alpha=0.6,
+            color=colours(s % 10),
+            label=f"S{s}",
+        )
     ax.set_title(f"users' BEAT embeddings, PCA; k-means k={segments['k']}")
     ax.set_xlabel("PC 1")
     ax.set_ylabel("PC 2")
     ax.legend(markerscale=3, fontsize=8)
     text.axis("off")
     for i, row in enumerate(segments["segments"]):
-        text.text(0.0, 1 - i / len(segments["segments"]), segment_lines(row), va="top",
-                  family="monospace", fontsize=9, color=colours(row["segment"] % 10),
-                  transform=text.transAxes)
+        text.text(
+            0.0,
+            1 - i / len(segments["segments"]),
+            segment_lines(row),
+            va="top",
+            family="monospace",
+            fontsize=9,
+            color=colours(row["segment"] % 10),
+            transform=text.transAxes,
+        )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -158,12 +174,15 @@ def summary_table(results: dict[str, Any]) -> Table:
     for task, scores in tasks:
         for method, metric in scores["auc"].items():
             table.add_row(task, "AUC", method, *_estimate(metric))
-        for key, label in (("beat_minus_best_handmade", "beat"),
-                           ("beat_rfm_minus_best_handmade", "beat + rfm"),
-                           ("beat_minus_untrained", "beat")):
+        for key, label in (
+            ("beat_minus_best_handmade", "beat"),
+            ("beat_rfm_minus_best_handmade", "beat + rfm"),
+            ("beat_minus_untrained", "beat"),
+        ):
             difference = scores[key]
-            table.add_row(task, "AUC difference", f"{label} - {difference['versus']}",
-                          *_estimate(difference))
+            table.add_row(
+                task, "AUC difference", f"{label} - {difference['versus']}", *_estimate(difference)
+            )
     return table
 
 
@@ -179,8 +198,12 @@ def main(argv: list[str] | None = None) -> None:
         prog="python -m model.report",
         description="Evaluate a BEAT model on the future after a cutoff and write the report.",
     )
-    parser.add_argument("--model", type=Path, required=True,
-                        help="a model.train output directory (or a plain model directory: no heads)")
+    parser.add_argument(
+        "--model",
+        type=Path,
+        required=True,
+        help="a model.train output directory (or a plain model directory: no heads)",
+    )
     parser.add_argument("--sequences", type=Path, required=True, help="Parquet from beat export")
     parser.add_argument("--cutoff", required=True, help="ISO date or time (UTC when no zone)")
     parser.add_argument("--out", type=Path, required=True, help="report directory")
@@ -192,8 +215,9 @@ def main(argv: list[str] | None = None) -> None:
     cutoff = cutoff if cutoff.tzinfo else cutoff.replace(tzinfo=UTC)
     config = EvalConfig(segments=args.segments, churn_days=args.churn_days, seed=args.seed)
     try:
-        results = evaluate_model(args.model, read_sequences(args.sequences),
-                                 int(cutoff.timestamp() * 1000), config)
+        results = evaluate_model(
+            args.model, read_sequences(args.sequences), int(cutoff.timestamp() * 1000), config
+        )
     except ValueError as error:
         parser.error(str(error))
     paths = write_report(args.out, results)

@@ -38,7 +38,8 @@ def read_sequences(path: str | Path) -> pa.Table:
     table = pq.read_table(path)
     if not table.schema.equals(SEQUENCE_SCHEMA):
         raise ValueError(
-            f"{path} is not a sequences file (see model/sequences.py); its schema is\n{table.schema}"
+            f"{path} is not a sequences file (see model/sequences.py); "
+            f"its schema is\n{table.schema}"
         )
     return table
 

@@ -98,16 +98,20 @@ class TrainConfig:
                     f"TrainConfig.{name} must be at least 1, got {getattr(self, name)}"
                 )
         if self.batch_size < 2:
-            raise ValueError("TrainConfig.batch_size must be at least 2: the contrastive loss "
-                             "takes its negatives from the other users of the batch")
+            raise ValueError(
+                "TrainConfig.batch_size must be at least 2: the contrastive loss "
+                "takes its negatives from the other users of the batch"
+            )
         if self.lr <= 0 or self.weight_decay < 0 or self.grad_clip <= 0:
             raise ValueError(
                 f"TrainConfig needs lr > 0, weight_decay >= 0 and grad_clip > 0; got "
                 f"lr={self.lr}, weight_decay={self.weight_decay}, grad_clip={self.grad_clip}"
             )
         if not 0 <= self.warmup_steps < self.steps:
-            raise ValueError(f"TrainConfig.warmup_steps must be in [0, steps={self.steps}), "
-                             f"got {self.warmup_steps}")
+            raise ValueError(
+                f"TrainConfig.warmup_steps must be in [0, steps={self.steps}), "
+                f"got {self.warmup_steps}"
+            )
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"TrainConfig.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.device not in ("auto", "cpu", "cuda"):
@@ -117,18 +121,24 @@ class TrainConfig:
         for name in ("max_actions", "max_properties"):
             size = getattr(self, name)
             if size is not None and size <= len(SPECIAL_TOKENS):
-                raise ValueError(f"TrainConfig.{name} must exceed the {len(SPECIAL_TOKENS)} "
-                                 f"reserved ids, got {size}")
+                raise ValueError(
+                    f"TrainConfig.{name} must exceed the {len(SPECIAL_TOKENS)} "
+                    f"reserved ids, got {size}"
+                )
 
     def vocabulary_sizes(self, beat: BeatConfig) -> tuple[int, int]:
         """(actions, properties): the vocabularies' sizes, checked against the model's tables."""
         sizes = []
-        for name, table_name in (("max_actions", "action_vocab_size"),
-                                 ("max_properties", "property_vocab_size")):
+        for name, table_name in (
+            ("max_actions", "action_vocab_size"),
+            ("max_properties", "property_vocab_size"),
+        ):
             wanted, table = getattr(self, name), getattr(beat, table_name)
             if wanted is not None and wanted > table:
-                raise ValueError(f"TrainConfig.{name}={wanted} exceeds the model's table of "
-                                 f"{table} ids; lower it or raise BeatConfig.{table_name}")
+                raise ValueError(
+                    f"TrainConfig.{name}={wanted} exceeds the model's table of "
+                    f"{table} ids; lower it or raise BeatConfig.{table_name}"
+                )
             sizes.append(table if wanted is None else wanted)
         return sizes[0], sizes[1]
 
@@ -206,8 +216,13 @@ class TrainingData:
         """Identifies the training data, so a resume on different data is refused."""
         digest = hashlib.sha256()
         events = self.events
-        for array in (events.lengths, events.event_time, events.action_ids,
-                      events.property_ids, events.values):
+        for array in (
+            events.lengths,
+            events.event_time,
+            events.action_ids,
+            events.property_ids,
+            events.values,
+        ):
             digest.update(np.ascontiguousarray(array).tobytes())
         digest.update(str(events.data_end_ms).encode())
         digest.update(json.dumps([self.actions.tokens, self.properties.tokens]).encode())
@@ -226,12 +241,22 @@ class TrainingData:
         return users
 
     def views(
-        self, users: np.ndarray, config: PretrainConfig, vocab_sizes: tuple[int, int],
+        self,
+        users: np.ndarray,
+        config: PretrainConfig,
+        vocab_sizes: tuple[int, int],
         rng: np.random.Generator,
     ) -> ViewBatch:
         """Two views of each user and their targets (model/views.py)."""
-        return sample_views(self.events, users, config.min_view_events, config.max_view_events,
-                            config.future_horizons_days, vocab_sizes, rng)
+        return sample_views(
+            self.events,
+            users,
+            config.min_view_events,
+            config.max_view_events,
+            config.future_horizons_days,
+            vocab_sizes,
+            rng,
+        )
 
 
 # --- optimization ----------------------------------------------------------------------------
@@ -300,8 +325,11 @@ def save_checkpoint(checkpoints: Path, step: int, state: dict[str, Any]) -> Path
 
 
 def run_settings(beat: BeatConfig, pretrain: PretrainConfig, train: TrainConfig) -> dict[str, Any]:
-    return {"beat": beat.to_dict(), "pretrain": dataclasses.asdict(pretrain),
-            "train": dataclasses.asdict(train)}
+    return {
+        "beat": beat.to_dict(),
+        "pretrain": dataclasses.asdict(pretrain),
+        "train": dataclasses.asdict(train),
+    }
 
 
 def check_resumable(saved: dict[str, Any], current: dict[str, Any], source: Path) -> None:
@@ -321,8 +349,11 @@ def check_resumable(saved: dict[str, Any], current: dict[str, Any], source: Path
 def save_heads(path: Path, pretrainer: BeatPretrainer) -> None:
     heads = {k: v for k, v in pretrainer.state_dict().items() if not k.startswith("model.")}
     config = json.dumps(dataclasses.asdict(pretrainer.config))
-    save_file({k: v.detach().cpu().contiguous() for k, v in heads.items()}, str(path),
-              metadata={"pretrain_config": config})
+    save_file(
+        {k: v.detach().cpu().contiguous() for k, v in heads.items()},
+        str(path),
+        metadata={"pretrain_config": config},
+    )
 
 
 def load_pretrainer(out_dir: str | Path) -> BeatPretrainer:
@@ -370,8 +401,9 @@ def setup(config: TrainConfig) -> tuple[Distributed, torch.device]:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if config.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("TrainConfig.device='cuda' but torch finds no CUDA device; "
-                         "use device='auto' or 'cpu'")
+        raise ValueError(
+            "TrainConfig.device='cuda' but torch finds no CUDA device; use device='auto' or 'cpu'"
+        )
     cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
     device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
     if cuda:
@@ -379,8 +411,10 @@ def setup(config: TrainConfig) -> tuple[Distributed, torch.device]:
     if world_size == 1:
         return Distributed(), device
     if config.batch_size % world_size:
-        raise ValueError(f"TrainConfig.batch_size={config.batch_size} must be divisible by the "
-                         f"number of processes ({world_size})")
+        raise ValueError(
+            f"TrainConfig.batch_size={config.batch_size} must be divisible by the "
+            f"number of processes ({world_size})"
+        )
     started = not dist.is_initialized()
     if started:
         dist.init_process_group("nccl" if cuda else "gloo")
@@ -433,17 +467,27 @@ def all_sum(values: Tensor, world: Distributed) -> Tensor:
     return values
 
 
-def log_line(step: int, lr: float, elapsed: float, window: LogWindow, counter: EventCounter,
-             world: Distributed) -> dict[str, float]:
+def log_line(
+    step: int,
+    lr: float,
+    elapsed: float,
+    window: LogWindow,
+    counter: EventCounter,
+    world: Distributed,
+) -> dict[str, float]:
     """The window's means over steps and ranks, and its throughput over all ranks."""
     counts = counter.read() - window.counts_before  # [2]
     values = all_sum(torch.cat([window.sums / window.steps, counts]), world).tolist()
     seconds = time.perf_counter() - window.began
     means = [value / world.world_size for value in values[:-2]]
     return {
-        "step": step, "lr": lr, **dict(zip((*LOSSES, "grad_norm"), means)),
-        "steps_per_s": window.steps / seconds, "events_per_s": values[-2] / seconds,
-        "tokens_per_s": values[-1] / seconds, "elapsed_s": elapsed,
+        "step": step,
+        "lr": lr,
+        **dict(zip((*LOSSES, "grad_norm"), means)),
+        "steps_per_s": window.steps / seconds,
+        "events_per_s": values[-2] / seconds,
+        "tokens_per_s": values[-1] / seconds,
+        "elapsed_s": elapsed,
     }
 
 
@@ -456,24 +500,38 @@ def trim_log(path: Path, step: int) -> None:
 
 def progress_bar(enabled: bool) -> Progress:
     return Progress(
-        TextColumn("[bold]pretrain"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("{task.fields[rates]}"), TimeRemainingColumn(), disable=not enabled,
+        TextColumn("[bold]pretrain"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rates]}"),
+        TimeRemainingColumn(),
+        disable=not enabled,
     )
 
 
-def restore(latest: Path, pretrainer: BeatPretrainer, optimizer: torch.optim.Optimizer,
-            scheduler: torch.optim.lr_scheduler.LRScheduler, settings: dict[str, Any],
-            fingerprint: str, device: torch.device) -> tuple[int, float]:
+def restore(
+    latest: Path,
+    pretrainer: BeatPretrainer,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    settings: dict[str, Any],
+    fingerprint: str,
+    device: torch.device,
+) -> tuple[int, float]:
     """Load a checkpoint written by the same settings and data; returns (step, elapsed_s)."""
     state = torch.load(latest / CHECKPOINT_FILE, map_location=device, weights_only=True)
     check_resumable(state["settings"], settings, latest)
     if state["data"] != fingerprint:
-        raise ValueError(f"{latest} was trained on other sequences; pass the same data to "
-                         f"resume, or start over with resume=False (--no-resume)")
+        raise ValueError(
+            f"{latest} was trained on other sequences; pass the same data to "
+            f"resume, or start over with resume=False (--no-resume)"
+        )
     batch_size = settings["train"]["batch_size"]
     if state["sampler_position"] != state["step"] * batch_size:
-        raise ValueError(f"{latest}: sampler position {state['sampler_position']} is not "
-                         f"step {state['step']} x batch_size {batch_size}")
+        raise ValueError(
+            f"{latest}: sampler position {state['sampler_position']} is not "
+            f"step {state['step']} x batch_size {batch_size}"
+        )
     pretrainer.load_state_dict(state["pretrainer"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
@@ -525,8 +583,9 @@ def train(
     latest = latest_checkpoint(checkpoints) if resume else None
     step, elapsed_before = 0, 0.0
     if latest is not None:
-        step, elapsed_before = restore(latest, pretrainer, optimizer, scheduler, settings,
-                                       fingerprint, device)
+        step, elapsed_before = restore(
+            latest, pretrainer, optimizer, scheduler, settings, fingerprint, device
+        )
     resumed_from = step
     if world.main:
         trim_log(log_path, step)
@@ -566,20 +625,27 @@ def train(
                 if world.main:
                     with log_path.open("a") as log:
                         log.write(json.dumps(line) + "\n")
-                progress.update(task, rates=f"{line['steps_per_s']:.2f} step/s  "
-                                f"{line['events_per_s']:,.0f} events/s  "
-                                f"{line['tokens_per_s']:,.0f} tokens/s")
+                progress.update(
+                    task,
+                    rates=f"{line['steps_per_s']:.2f} step/s  "
+                    f"{line['events_per_s']:,.0f} events/s  "
+                    f"{line['tokens_per_s']:,.0f} tokens/s",
+                )
             if world.main and (step % config.checkpoint_every == 0 or step == config.steps):
-                save_checkpoint(checkpoints, step, {
-                    "step": step,
-                    "sampler_position": step * config.batch_size,
-                    "elapsed_s": elapsed,
-                    "pretrainer": pretrainer.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "settings": settings,
-                    "data": fingerprint,
-                })
+                save_checkpoint(
+                    checkpoints,
+                    step,
+                    {
+                        "step": step,
+                        "sampler_position": step * config.batch_size,
+                        "elapsed_s": elapsed,
+                        "pretrainer": pretrainer.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "settings": settings,
+                        "data": fingerprint,
+                    },
+                )
     wall = time.perf_counter() - began
     events, tokens = all_sum(counter.read(), world).tolist()
 
@@ -623,8 +689,9 @@ def add_options(
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
         elif get_origin(hint) is tuple:  # tuple[float, ...]: one or more values
             item = get_args(hint)[0]
-            group.add_argument(flag, type=item, nargs="+", default=None,
-                               metavar=item.__name__.upper())
+            group.add_argument(
+                flag, type=item, nargs="+", default=None, metavar=item.__name__.upper()
+            )
         else:
             group.add_argument(flag, type=kind, default=None, metavar=kind.__name__.upper())
 
@@ -644,24 +711,34 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sequences", type=Path, required=True, help="Parquet from beat export")
     parser.add_argument("--out", type=Path, required=True, help="output directory")
     parser.add_argument("--preset", default="default", choices=sorted(PRESETS))
-    parser.add_argument("--no-resume", action="store_true",
-                        help="start over, deleting the output directory's checkpoints")
+    parser.add_argument(
+        "--no-resume",
+        action="store_true",
+        help="start over, deleting the output directory's checkpoints",
+    )
     add_options(parser, TrainConfig, "training (TrainConfig)")
     add_options(parser, PretrainConfig, "objectives (PretrainConfig)")
     add_options(parser, BeatConfig, "architecture (BeatConfig, over the preset)", skip=("name",))
     args = parser.parse_args(argv)
     try:
         beat = dataclasses.replace(BeatConfig.preset(args.preset), **given(args, BeatConfig))
-        result = train(read_sequences(args.sequences), args.out, beat,
-                       PretrainConfig(**given(args, PretrainConfig)),
-                       TrainConfig(**given(args, TrainConfig)), resume=not args.no_resume)
+        result = train(
+            read_sequences(args.sequences),
+            args.out,
+            beat,
+            PretrainConfig(**given(args, PretrainConfig)),
+            TrainConfig(**given(args, TrainConfig)),
+            resume=not args.no_resume,
+        )
     except ValueError as error:
         parser.error(str(error))
     if result.model_version:  # rank 0
         losses = "  ".join(f"{k} {v:.4f}" for k, v in result.final_losses.items())
-        print(f"{result.model_version} in {result.model_dir} after step {result.steps} "
-              f"(resumed from {result.resumed_from}); {result.seconds_per_step:.3f} s/step, "
-              f"{result.events_per_s:,.0f} events/s, {result.tokens_per_s:,.0f} tokens/s; {losses}")
+        print(
+            f"{result.model_version} in {result.model_dir} after step {result.steps} "
+            f"(resumed from {result.resumed_from}); {result.seconds_per_step:.3f} s/step, "
+            f"{result.events_per_s:,.0f} events/s, {result.tokens_per_s:,.0f} tokens/s; {losses}"
+        )
 
 
 if __name__ == "__main__":

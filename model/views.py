@@ -68,7 +68,8 @@ class ViewBatch:
     def to(self, device: str | torch.device) -> ViewBatch:
         targets = {
             f.name: getattr(self, f.name).to(device, non_blocking=True)
-            for f in fields(self) if f.name != "inputs"
+            for f in fields(self)
+            if f.name != "inputs"
         }
         return replace(self, inputs=self.inputs.to(device), **targets)
 
@@ -92,17 +93,20 @@ def sample_views(
     m, cap = min_view_events, max_view_events
     first, n = events.starts[users], events.lengths[users]  # [B]
     if int(n.min()) < 2 * m:
-        raise ValueError(f"every user needs at least {2 * m} events for two views of {m}; "
-                         f"one has {int(n.min())}")
+        raise ValueError(
+            f"every user needs at least {2 * m} events for two views of {m}; one has {int(n.min())}"
+        )
     times = events.event_time
     # 1. as-of of B: uniform in time from the (2m)-th event to the end of the data
     earliest = times[first + 2 * m - 1].astype(np.float64)
     latest = np.maximum(float(events.data_end_ms), earliest)
     as_of_b = np.floor(earliest + rng.random(len(users)) * (latest - earliest)).astype(np.int64)
-    end_b = np.array([  # [B] events at or before as_of_b, per user (>= 2m)
-        np.searchsorted(times[f : f + k], t, side="right")
-        for f, k, t in zip(first.tolist(), n.tolist(), as_of_b.tolist())
-    ])
+    end_b = np.array(
+        [  # [B] events at or before as_of_b, per user (>= 2m)
+            np.searchsorted(times[f : f + k], t, side="right")
+            for f, k, t in zip(first.tolist(), n.tolist(), as_of_b.tolist())
+        ]
+    )
     # 2. view lengths: B ends at end_b, A ends where B starts
     len_b = _uniform_int(rng, np.full_like(n, m), np.minimum(end_b - m, cap))
     cut = end_b - len_b  # first event of B, relative to the user's first
@@ -155,10 +159,15 @@ def _with_targets(
     horizon_end = as_of[:, None] + horizons[None] * MS_PER_DAY  # [R, H] ms
     known = horizon_end <= events.data_end_ms  # [R, H]
     # events within (as_of, horizon_end]: [after, stop) of the user's events
-    stop = np.array([
-        [after[r] + np.searchsorted(times[after[r] : user_end[r]], e, side="right") for e in ends]
-        for r, ends in enumerate(horizon_end.tolist())
-    ]).reshape(rows, len(horizons))  # [R, H] absolute
+    stop = np.array(
+        [
+            [
+                after[r] + np.searchsorted(times[after[r] : user_end[r]], e, side="right")
+                for e in ends
+            ]
+            for r, ends in enumerate(horizon_end.tolist())
+        ]
+    ).reshape(rows, len(horizons))  # [R, H] absolute
     counts = (stop - after[:, None]).astype(np.float32)  # [R, H]
     future = [np.zeros((rows, len(horizons), size), np.float32) for size in vocab_sizes]
     flat_counts = counts.astype(np.int64).ravel()  # [R * H]
@@ -170,7 +179,9 @@ def _with_targets(
     return ViewBatch(
         inputs=inputs,
         next_action=torch.from_numpy(np.where(has_next, events.action_ids[next_index], 0)).long(),
-        next_property=torch.from_numpy(np.where(has_next, events.property_ids[next_index], 0)).long(),
+        next_property=torch.from_numpy(
+            np.where(has_next, events.property_ids[next_index], 0)
+        ).long(),
         has_next=torch.from_numpy(has_next),
         gap_days=torch.from_numpy(gap_days.astype(np.float32)),
         gap_censored=torch.from_numpy(~has_next),

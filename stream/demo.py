@@ -45,7 +45,9 @@ class Observed:
     """What the demo has seen of the system so far."""
 
     messages: dict[str, int] = field(default_factory=dict)  # per topic
-    event_ms: list[int] = field(default_factory=lambda: [2**63, 0])  # first and last event's Kafka timestamp
+    event_ms: list[int] = field(
+        default_factory=lambda: [2**63, 0]
+    )  # first and last event's Kafka timestamp
     freshness_ms: list[float] = field(default_factory=list)
     users: dict[str, int] = field(default_factory=dict)  # user_id -> event_count last seen
 
@@ -69,17 +71,30 @@ class Monitor:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.topics = [settings.events_topic, settings.windows_topic, settings.embeddings_topic, settings.dead_letter_topic]
+        self.topics = [
+            settings.events_topic,
+            settings.windows_topic,
+            settings.embeddings_topic,
+            settings.dead_letter_topic,
+        ]
         # Not on the events' path: a longer fetch wait spares the broker and the CPU.
-        self.consumer = Consumer(client_config(settings, **{"group.id": "beat-demo-monitor", "fetch.wait.max.ms": 200}))
+        self.consumer = Consumer(
+            client_config(settings, **{"group.id": "beat-demo-monitor", "fetch.wait.max.ms": 200})
+        )
         self.admin = AdminClient(client_config(settings))
         # Everything but the 768 floats, which the reader skips.
-        self.codec = AvroCodec("user_embedding", settings.embeddings_topic, settings.schema_registry_url,
-                               fields=("user_id", "event_count", "last_event_time", "updated_at"))
+        self.codec = AvroCodec(
+            "user_embedding",
+            settings.embeddings_topic,
+            settings.schema_registry_url,
+            fields=("user_id", "event_count", "last_event_time", "updated_at"),
+        )
         self.observed = Observed()
         self.next_offset: dict[tuple[str, int], int] = {}
         metadata = self.consumer.list_topics(timeout=10).topics
-        self.consumer.assign([TopicPartition(t, p, 0) for t in self.topics for p in metadata[t].partitions])
+        self.consumer.assign(
+            [TopicPartition(t, p, 0) for t in self.topics for p in metadata[t].partitions]
+        )
 
     def poll(self) -> Observed:
         while messages := self.consumer.consume(10_000, 0.05):
@@ -91,7 +106,10 @@ class Monitor:
                 self.observed.messages[topic] = self.observed.messages.get(topic, 0) + 1
                 if topic == self.settings.events_topic:
                     timestamp = message.timestamp()[1]
-                    self.observed.event_ms = [min(self.observed.event_ms[0], timestamp), max(self.observed.event_ms[1], timestamp)]
+                    self.observed.event_ms = [
+                        min(self.observed.event_ms[0], timestamp),
+                        max(self.observed.event_ms[1], timestamp),
+                    ]
                 elif topic == self.settings.embeddings_topic:
                     record = self.codec.decode(message.value())
                     # The embedding is produced after its row is in the online store, so its
@@ -107,7 +125,9 @@ class Monitor:
         partitions = [TopicPartition(topic, p) for (t, p) in self.next_offset if t == topic]
         if not partitions:
             return 0
-        committed = self.admin.list_consumer_group_offsets([ConsumerGroupTopicPartitions(group, partitions)])
+        committed = self.admin.list_consumer_group_offsets(
+            [ConsumerGroupTopicPartitions(group, partitions)]
+        )
         return sum(
             self.next_offset[(topic, tp.partition)] - max(tp.offset, 0)
             for tp in committed[group].result(10).topic_partitions
@@ -130,15 +150,22 @@ def _progress_table(observed: Observed, settings: Settings, phase: str, elapsed_
     table.add_row("users encoded", f"{m.get(settings.embeddings_topic, 0):,}")
     table.add_row("distinct users in Feast", f"{len(observed.users):,}")
     table.add_row("dead letters", f"{m.get(settings.dead_letter_topic, 0):,}")
-    table.add_row("freshness p50 / p99", f"{p50:,.0f} / {p99:,.0f} ms" if observed.freshness_ms else "-")
+    table.add_row(
+        "freshness p50 / p99", f"{p50:,.0f} / {p99:,.0f} ms" if observed.freshness_ms else "-"
+    )
     return table
 
 
 def _spawn(args: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen:
     log = open(log_path, "w")
     # Own sessions: a Ctrl-C reaches only the demo, which then stops the children in order.
-    return subprocess.Popen([sys.executable, "-m", "stream.cli", *args], env=env, stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "stream.cli", *args],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
 
 
 def _stop(process: subprocess.Popen, timeout_s: float = 20.0) -> None:
@@ -185,19 +212,32 @@ class DemoModel:
         ensure_topics(history)
         end = datetime.now(UTC)
         population = SyntheticEvents(n_users=self.users, seed=self.seed)  # as `beat produce`
-        console.print(f"first run: {self.history_days:g} days of synthetic history to "
-                      f"{history.events_topic}, then pretraining the {self.preset} preset")
+        console.print(
+            f"first run: {self.history_days:g} days of synthetic history to "
+            f"{history.events_topic}, then pretraining the {self.preset} preset"
+        )
         produce(history, population.history(end - timedelta(days=self.history_days), end))
         sequences, _ = replay(history, ReplayConfig())
         run = self.model_dir.parent / f"{self.model_dir.name}-training"
-        result = train(sequences, run, BeatConfig.preset(self.preset), PretrainConfig(),
-                       TrainConfig(steps=self.steps, batch_size=self.batch_size,
-                                   warmup_steps=self.steps // 10, checkpoint_every=self.steps),
-                       resume=False)
+        result = train(
+            sequences,
+            run,
+            BeatConfig.preset(self.preset),
+            PretrainConfig(),
+            TrainConfig(
+                steps=self.steps,
+                batch_size=self.batch_size,
+                warmup_steps=self.steps // 10,
+                checkpoint_every=self.steps,
+            ),
+            resume=False,
+        )
         shutil.rmtree(self.model_dir, ignore_errors=True)
         shutil.copytree(result.model_dir, self.model_dir)
-        console.print(f"pretrained {result.model_version} in {result.wall_seconds:.0f} s; "
-                      f"cached in {self.model_dir}")
+        console.print(
+            f"pretrained {result.model_version} in {result.wall_seconds:.0f} s; "
+            f"cached in {self.model_dir}"
+        )
 
     def config(self):  # noqa: ANN201 (model.BeatConfig)
         from model.checkpoint import load_model_dir
@@ -219,13 +259,17 @@ class DemoModel:
         nearest = np.argpartition(-similarity, k, axis=1)[:, :k]  # [U, k]
         _, counts = np.unique(personas, return_counts=True)
         shares = counts / len(personas)
-        return {"users": len(user_ids), "neighbours": k,
-                "agreement": round(float((personas[nearest] == personas[:, None]).mean()), 3),
-                "chance": round(float((shares * (counts - 1) / max(len(personas) - 1, 1)).sum()), 3)}
+        return {
+            "users": len(user_ids),
+            "neighbours": k,
+            "agreement": round(float((personas[nearest] == personas[:, None]).mean()), 3),
+            "chance": round(float((shares * (counts - 1) / max(len(personas) - 1, 1)).sum()), 3),
+        }
 
 
-def run_demo(settings: Settings, duration_s: float, rate_per_s: float, users: int,
-             model: DemoModel) -> dict:
+def run_demo(
+    settings: Settings, duration_s: float, rate_per_s: float, users: int, model: DemoModel
+) -> dict:
     """Run the demo; returns the summary it prints (also written to data/demo/summary.json)."""
     signal.signal(signal.SIGTERM, _raise_interrupt)
     workdir = settings.data_dir / "demo"
@@ -238,8 +282,15 @@ def run_demo(settings: Settings, duration_s: float, rate_per_s: float, users: in
             return {"interrupted": True}
 
 
-def _run(stack: ExitStack, settings: Settings, duration_s: float, rate_per_s: float, users: int,
-         model: DemoModel, workdir: Path) -> dict:
+def _run(
+    stack: ExitStack,
+    settings: Settings,
+    duration_s: float,
+    rate_per_s: float,
+    users: int,
+    model: DemoModel,
+    workdir: Path,
+) -> dict:
     if not settings.bootstrap_servers:
         broker = stack.enter_context(EmbeddedBroker())
         settings = settings.model_copy(update={"bootstrap_servers": broker.bootstrap_servers})
@@ -249,18 +300,26 @@ def _run(stack: ExitStack, settings: Settings, duration_s: float, rate_per_s: fl
     # The demo's workers keep the windows its model reads, whatever the preset; five processes
     # share this machine's cores: one torch thread unless told otherwise.
     config = model.config()
-    worker_settings = settings.model_copy(update={
-        "model_dir": model.model_dir, "torch_threads": settings.torch_threads or 1,
-        "max_events": config.max_events, "window_days": config.window_days,
-    })
+    worker_settings = settings.model_copy(
+        update={
+            "model_dir": model.model_dir,
+            "torch_threads": settings.torch_threads or 1,
+            "max_events": config.max_events,
+            "window_days": config.window_days,
+        }
+    )
     env = {**os.environ, **worker_settings.to_env()}
 
     ready = {name: workdir / f"{name}.ready" for name in ("stream", "encode")}
     for path in ready.values():
         path.unlink(missing_ok=True)
     workers = {
-        "stream worker": _spawn(["stream", "--ready-file", str(ready["stream"])], env, workdir / "stream-worker.log"),
-        "encoder worker": _spawn(["encode", "--ready-file", str(ready["encode"])], env, workdir / "encoder-worker.log"),
+        "stream worker": _spawn(
+            ["stream", "--ready-file", str(ready["stream"])], env, workdir / "stream-worker.log"
+        ),
+        "encoder worker": _spawn(
+            ["encode", "--ready-file", str(ready["encode"])], env, workdir / "encoder-worker.log"
+        ),
     }
     for process in workers.values():
         stack.callback(_stop, process)
@@ -269,18 +328,40 @@ def _run(stack: ExitStack, settings: Settings, duration_s: float, rate_per_s: fl
 
     dashboard = Dashboard(monitor, settings, workers)
     with Live(console=console, refresh_per_second=2) as dashboard.live:
-        dashboard.wait("starting workers", lambda: all(p.exists() for p in ready.values()), timeout_s=120)
-        producer = _spawn(["produce", "--synthetic", "--users", str(users), "--seed", str(model.seed),
-                           "--rate", str(rate_per_s),
-                           "--duration", str(duration_s)], env, workdir / "producer.log")
+        dashboard.wait(
+            "starting workers", lambda: all(p.exists() for p in ready.values()), timeout_s=120
+        )
+        producer = _spawn(
+            [
+                "produce",
+                "--synthetic",
+                "--users",
+                str(users),
+                "--seed",
+                str(model.seed),
+                "--rate",
+                str(rate_per_s),
+                "--duration",
+                str(duration_s),
+            ],
+            env,
+            workdir / "producer.log",
+        )
         stack.callback(_stop, producer)
         dashboard.wait("producing", lambda: producer.poll() is not None, timeout_s=duration_s + 60)
         if producer.returncode:
-            raise SystemExit(f"producer exited with code {producer.returncode}; see {workdir / 'producer.log'}")
+            raise SystemExit(
+                f"producer exited with code {producer.returncode}; see {workdir / 'producer.log'}"
+            )
         produced = time.monotonic()
-        dashboard.wait("draining", lambda: monitor.lag(settings.stream_group, settings.events_topic) == 0
-                       and monitor.lag(settings.encoder_group, settings.windows_topic) == 0,
-                       timeout_s=max(60, duration_s))
+        dashboard.wait(
+            "draining",
+            lambda: (
+                monitor.lag(settings.stream_group, settings.events_topic) == 0
+                and monitor.lag(settings.encoder_group, settings.windows_topic) == 0
+            ),
+            timeout_s=max(60, duration_s),
+        )
         drain_s = time.monotonic() - produced
         observed = monitor.poll()
     for process in workers.values():
@@ -295,9 +376,11 @@ def _run(stack: ExitStack, settings: Settings, duration_s: float, rate_per_s: fl
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
     console.print_json(data=summary)
     agreement = summary["persona_agreement"]
-    console.print(f"embeddings that mean something: {agreement['agreement']:.1%} of each user's "
-                  f"{agreement['neighbours']} nearest neighbours (cosine, read back through Feast) "
-                  f"share its planted persona; chance is {agreement['chance']:.1%}")
+    console.print(
+        f"embeddings that mean something: {agreement['agreement']:.1%} of each user's "
+        f"{agreement['neighbours']} nearest neighbours (cosine, read back through Feast) "
+        f"share its planted persona; chance is {agreement['chance']:.1%}"
+    )
     console.print(f"logs and summary in {workdir}")
     return summary
 
@@ -317,7 +400,8 @@ class Dashboard:
         while not done():
             for name, process in self.workers.items():
                 if process.poll() is not None:
-                    raise SystemExit(f"{name} exited with code {process.returncode}; see {self.settings.data_dir / 'demo'}")
+                    logs = self.settings.data_dir / "demo"
+                    raise SystemExit(f"{name} exited with code {process.returncode}; see {logs}")
             if time.monotonic() > deadline:
                 raise SystemExit(f"demo: '{phase}' did not finish within {timeout_s:.0f}s")
             self.refresh(phase)
@@ -325,7 +409,11 @@ class Dashboard:
         self.refresh(phase)
 
     def refresh(self, phase: str) -> None:
-        self.live.update(_progress_table(self.monitor.poll(), self.settings, phase, time.monotonic() - self.start))
+        self.live.update(
+            _progress_table(
+                self.monitor.poll(), self.settings, phase, time.monotonic() - self.start
+            )
+        )
 
 
 def _summary(observed: Observed, settings: Settings) -> dict:
@@ -355,10 +443,14 @@ def _read_back(settings: Settings, user_ids: list[str]) -> tuple[list[dict], np.
     rows = []
     for i, user_id in enumerate(user_ids):
         embedding = values["embedding"][i]
-        rows.append({
-            "user_id": user_id,
-            "model_version": values["model_version"][i],
-            "event_count": values["event_count"][i],
-            "embedding_norm": None if embedding is None else round(float(np.linalg.norm(embedding)), 4),
-        })
+        rows.append(
+            {
+                "user_id": user_id,
+                "model_version": values["model_version"][i],
+                "event_count": values["event_count"][i],
+                "embedding_norm": None
+                if embedding is None
+                else round(float(np.linalg.norm(embedding)), 4),
+            }
+        )
     return rows, embeddings

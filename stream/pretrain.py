@@ -1,10 +1,10 @@
 """`beat pretrain`: from topic history to a trained BEAT model and the report that judges it.
 
-    sequences   replay beat.events (stream/replay.py), or read a `beat export` Parquet file
-    split       at a cutoff in event time: training sees only the events before it
-    train       model/train.py on the past (checkpointed; rerunning the command resumes)
-    evaluate    model/evaluation.py on each user's future; model/report.py writes
-                report.json and the plots into the output directory
+sequences   replay beat.events (stream/replay.py), or read a `beat export` Parquet file
+split       at a cutoff in event time: training sees only the events before it
+train       model/train.py on the past (checkpointed; rerunning the command resumes)
+evaluate    model/evaluation.py on each user's future; model/report.py writes
+            report.json and the plots into the output directory
 """
 
 from __future__ import annotations
@@ -52,7 +52,11 @@ def load_sequences(settings: Settings, job: PretrainJob) -> tuple[pa.Table, dict
     else:
         table, summary = replay(settings, ReplayConfig(start_ms=job.start_ms, end_ms=job.end_ms))
         source = {"source": f"topic {settings.events_topic}", **dataclasses.asdict(summary)}
-    return table, {**source, "users": table.num_rows, "load_seconds": round(time.monotonic() - began, 2)}
+    return table, {
+        **source,
+        "users": table.num_rows,
+        "load_seconds": round(time.monotonic() - began, 2),
+    }
 
 
 def default_cutoff(sequences: pa.Table, churn_days: float) -> int:
@@ -67,7 +71,11 @@ def default_cutoff(sequences: pa.Table, churn_days: float) -> int:
 def run_pretrain(settings: Settings, job: PretrainJob) -> dict[str, Any]:
     """Load, split, train, evaluate, report; returns the report's results."""
     sequences, loaded = load_sequences(settings, job)
-    cutoff = job.cutoff_ms if job.cutoff_ms is not None else default_cutoff(sequences, job.evaluation.churn_days)
+    cutoff = (
+        job.cutoff_ms
+        if job.cutoff_ms is not None
+        else default_cutoff(sequences, job.evaluation.churn_days)
+    )
     past, _ = split_at(sequences, cutoff)
     result = train(past, job.out_dir, job.beat, job.pretrain, job.train, resume=job.resume)
     results = evaluate_model(job.out_dir, sequences, cutoff, job.evaluation)
@@ -79,10 +87,9 @@ def run_pretrain(settings: Settings, job: PretrainJob) -> dict[str, Any]:
         "events_per_s": round(result.events_per_s),
         "tokens_per_s": round(result.tokens_per_s),
         "model_version": result.model_version,
-        "objective_weights": {
-            name: getattr(job.pretrain, f"{name}_weight") for name in OBJECTIVES
-        },
-        "temporal_signals": job.beat.use_age_encoding or job.beat.use_gap_encoding
+        "objective_weights": {name: getattr(job.pretrain, f"{name}_weight") for name in OBJECTIVES},
+        "temporal_signals": job.beat.use_age_encoding
+        or job.beat.use_gap_encoding
         or job.beat.use_periodic_encoding,
         "value_encoding": job.beat.use_value_encoding,
         "window_statistics": job.beat.use_window_statistics,

@@ -17,11 +17,11 @@ from model.evaluation import (
     TransitionBaseline,
     check_label_window,
     churn_labels,
-    probe_models,
-    future_labels,
-    most_valuable_action,
     evaluate_model,
+    future_labels,
     masked_windows,
+    most_valuable_action,
+    probe_models,
     rfm_features,
     weighted_auc,
 )
@@ -52,21 +52,28 @@ def trained(sequences, tmp_path_factory) -> str:
     """A tiny model trained for a few steps on the events before the cutoff (plumbing only)."""
     out = tmp_path_factory.mktemp("trained")
     past, _ = split_at(sequences, CUTOFF_MS)
-    train(past, out, BeatConfig.preset("tiny"), PretrainConfig(min_view_events=3, max_view_events=8),
-          TrainConfig(steps=6, batch_size=8, warmup_steps=1, log_every=2, checkpoint_every=6))
+    train(
+        past,
+        out,
+        BeatConfig.preset("tiny"),
+        PretrainConfig(min_view_events=3, max_view_events=8),
+        TrainConfig(steps=6, batch_size=8, warmup_steps=1, log_every=2, checkpoint_every=6),
+    )
     return str(out)
 
 
 def hand_made(users: dict[str, list[tuple[float, str]]]) -> pa.Table:
     """A sequences table from {user: [(day, action), ...]} (days after the cutoff's epoch day 0)."""
     rows = sorted(users.items())
-    return pa.table({
-        "user_id": [u for u, _ in rows],
-        "event_time": [[int(day * DAY_MS) for day, _ in events] for _, events in rows],
-        "action": [[a for _, a in events] for _, events in rows],
-        "property": [[None] * len(events) for _, events in rows],
-        "value": [[None] * len(events) for _, events in rows],
-    }).cast(SEQUENCE_SCHEMA)
+    return pa.table(
+        {
+            "user_id": [u for u, _ in rows],
+            "event_time": [[int(day * DAY_MS) for day, _ in events] for _, events in rows],
+            "action": [[a for _, a in events] for _, events in rows],
+            "property": [[None] * len(events) for _, events in rows],
+            "value": [[None] * len(events) for _, events in rows],
+        }
+    ).cast(SEQUENCE_SCHEMA)
 
 
 # --- the whole evaluation and the report ---------------------------------------------------
@@ -85,7 +92,10 @@ def test_evaluation_of_a_trained_model_and_its_report(sequences, trained, tmp_pa
     assert data["events_before_cutoff"] + data["events_after_cutoff"] == data["events"]
     assert 0.2 < data["churn_rate"] < 0.6
     masked = results["masked"]
-    assert masked["windows"] == data["users_with_future"] and masked["masked_events"] >= masked["windows"]
+    assert (
+        masked["windows"] == data["users_with_future"]
+        and masked["masked_events"] >= masked["windows"]
+    )
     for field in ("action", "property"):
         assert all(in_unit_interval(m) for m in masked[field].values())
         next_event = dict(results["next_event"][field])
@@ -97,11 +107,19 @@ def test_evaluation_of_a_trained_model_and_its_report(sequences, trained, tmp_pa
             assert rates["hit@1"]["value"] <= rates["hit@10"]["value"]
     for task in ("churn", "propensity"):
         scores = results[task]
-        assert set(scores["auc"]) == {"beat_logistic", "untrained_logistic", "rfm_logistic",
-                                      "rfm_boosting", "beat_rfm_logistic"}
+        assert set(scores["auc"]) == {
+            "beat_logistic",
+            "untrained_logistic",
+            "rfm_logistic",
+            "rfm_boosting",
+            "beat_rfm_logistic",
+        }
         assert all(in_unit_interval(m) for m in scores["auc"].values())
-        for name in ("beat_minus_best_handmade", "beat_rfm_minus_best_handmade",
-                     "beat_minus_untrained"):
+        for name in (
+            "beat_minus_best_handmade",
+            "beat_rfm_minus_best_handmade",
+            "beat_minus_untrained",
+        ):
             low, high = scores[name]["ci95"]
             assert low <= scores[name]["value"] <= high
     churn = results["churn"]
@@ -119,7 +137,11 @@ def test_evaluation_of_a_trained_model_and_its_report(sequences, trained, tmp_pa
     report = json.loads(paths["report.json"].read_text())
     assert report["churn"]["auc"]["rfm_boosting"] == churn["auc"]["rfm_boosting"]
     assert "map" not in report["segments"]
-    assert report["training"]["steps"] == 6 and set(report["training"]["losses"]) >= {"masked", "next", "contrastive"}
+    assert report["training"]["steps"] == 6 and set(report["training"]["losses"]) >= {
+        "masked",
+        "next",
+        "contrastive",
+    }
     for name in ("segments.png", "loss.png"):
         assert paths[name].read_bytes()[:4] == b"\x89PNG"
     assert paths["segments.csv"].read_text().startswith('"user_id","x","y","segment"')
@@ -160,7 +182,9 @@ def test_rfm_churn_model_finds_the_planted_churners(sequences):
     noise = np.random.default_rng(0).normal(size=(len(labels), 16))  # stands in for embeddings
     # the RFM features themselves stand in for a model that carries them all
     churn = probe_models(noise, rfm, rfm, labels, QUICK)
-    assert churn["auc"]["rfm_boosting"]["value"] > 0.9 and churn["auc"]["rfm_logistic"]["value"] > 0.9
+    assert (
+        churn["auc"]["rfm_boosting"]["value"] > 0.9 and churn["auc"]["rfm_logistic"]["value"] > 0.9
+    )
     low, high = churn["auc"]["beat_logistic"]["ci95"]
     assert low < 0.5 < high  # noise has no signal, and the interval says so
     assert churn["beat_minus_best_handmade"]["ci95"][1] < 0
@@ -171,19 +195,22 @@ def test_rfm_churn_model_finds_the_planted_churners(sequences):
 
 def test_propensity_labels_the_most_valuable_action_within_the_horizon():
     day = DAY_MS
-    table = pa.table({
-        "user_id": ["a", "b", "c"],
-        "event_time": [[10 * day, 50 * day], [12 * day], [11 * day, 20 * day]],
-        "action": [["view", "buy"], ["buy"], ["view", "view"]],
-        "property": [[None, None], [None], [None, None]],
-        "value": [[None, 30.0], [5.0], [None, None]],
-    }).cast(SEQUENCE_SCHEMA)
+    table = pa.table(
+        {
+            "user_id": ["a", "b", "c"],
+            "event_time": [[10 * day, 50 * day], [12 * day], [11 * day, 20 * day]],
+            "action": [["view", "buy"], ["buy"], ["view", "view"]],
+            "property": [[None, None], [None], [None, None]],
+            "value": [[None, 30.0], [5.0], [None, None]],
+        }
+    ).cast(SEQUENCE_SCHEMA)
     assert most_valuable_action(table) == "buy"
     labels = future_labels(table, cutoff_ms=10 * day, days=30, action="buy")
     assert labels.tolist() == [False, True, False]  # a's purchase is 40 days after the cutoff
     assert future_labels(table, cutoff_ms=10 * day, days=30).tolist() == [True, True, True]
-    no_values = table.set_column(4, "value", pa.array([[None, None], [None], [None, None]],
-                                                       pa.list_(pa.float64())))
+    no_values = table.set_column(
+        4, "value", pa.array([[None, None], [None], [None, None]], pa.list_(pa.float64()))
+    )
     assert most_valuable_action(no_values) is None
 
 
@@ -193,8 +220,9 @@ def test_rfm_features_of_a_hand_made_user():
     a, b = dict(zip(names, rfm[0])), dict(zip(names, rfm[1]))
     assert a["recency_days"] == 0.5 and a["tenure_days"] == 9 and a["log_events"] == np.log1p(4)
     assert a["log_events_7d"] == np.log1p(2) and a["log_events_30d"] == np.log1p(4)
-    np.testing.assert_allclose([a["gap_mean_days"], a["gap_std_days"], a["gap_max_days"]],
-                               [17 / 6, np.std([2, 4, 2.5]), 4])
+    np.testing.assert_allclose(
+        [a["gap_mean_days"], a["gap_std_days"], a["gap_max_days"]], [17 / 6, np.std([2, 4, 2.5]), 4]
+    )
     assert a["log_x"] == np.log1p(3) and b["log_y"] == np.log1p(1) and b["gap_max_days"] == 0
 
 
@@ -205,8 +233,12 @@ def test_markov_baseline_beats_popularity_on_a_planted_chain():
     ids = np.empty((users, steps), np.int64)
     ids[:, 0] = rng.integers(3, 8, users)
     for t in range(1, steps):
-        ids[:, t] = np.where(rng.random(users) < 0.1, rng.integers(3, 8, users), (ids[:, t - 1] - 2) % 5 + 3)
-    baseline = TransitionBaseline.fit(ids[:, :-1].ravel(), np.repeat(np.arange(users), steps - 1), 10)
+        ids[:, t] = np.where(
+            rng.random(users) < 0.1, rng.integers(3, 8, users), (ids[:, t - 1] - 2) % 5 + 3
+        )
+    baseline = TransitionBaseline.fit(
+        ids[:, :-1].ravel(), np.repeat(np.arange(users), steps - 1), 10
+    )
     markov = baseline.markov_ranks(ids[:, -2], ids[:, -1])
     popular = baseline.popular_ranks(ids[:, -1])
     assert (markov == 0).mean() > 0.85 and (popular == 0).mean() < 0.35
@@ -216,7 +248,9 @@ def test_markov_baseline_beats_popularity_on_a_planted_chain():
 
 
 def test_masked_windows_keep_the_first_future_events_after_the_newest_history():
-    table = hand_made({"a": [(d, f"e{d}") for d in range(10)], "b": [(1, "x")], "c": [(8, "y"), (9, "z")]})
+    table = hand_made(
+        {"a": [(d, f"e{d}") for d in range(10)], "b": [(1, "x")], "c": [(8, "y"), (9, "z")]}
+    )
     history = lengths(split_at(table, 7 * DAY_MS)[0])  # a: 7, b: 1, c: 0
     windows, context = masked_windows(table, history, max_events=6, future_share=0.5)
     assert windows["user_id"].to_pylist() == ["a", "c"]  # b has no future
@@ -228,7 +262,11 @@ def test_weighted_auc_is_roc_auc_with_ties_and_a_bootstrap_of_multiplicities():
     rng = np.random.default_rng(1)
     labels = rng.random(300) < 0.3
     scores = np.round(labels + rng.normal(size=300), 1)  # rounding makes ties
-    assert weighted_auc(scores, labels, np.ones((1, 300)))[0] == pytest.approx(roc_auc_score(labels, scores))
+    assert weighted_auc(scores, labels, np.ones((1, 300)))[0] == pytest.approx(
+        roc_auc_score(labels, scores)
+    )
     twice = np.r_[np.arange(300), np.arange(150)]
     weights = np.bincount(twice, minlength=300)[None].astype(float)
-    assert weighted_auc(scores, labels, weights)[0] == pytest.approx(roc_auc_score(labels[twice], scores[twice]))
+    assert weighted_auc(scores, labels, weights)[0] == pytest.approx(
+        roc_auc_score(labels[twice], scores[twice])
+    )

@@ -219,7 +219,8 @@ def test_window_statistics_count_recency_and_amounts():
     values = torch.tensor([[10.0, torch.nan, -4.0, 2.0, 99.0]])
     features = statistics(actions, actions + 1, ages, mask, values)[0]
     count, with_amount, total, last_day, last_week, last_month, newest, oldest, span, month = (
-        features[:10].tolist())
+        features[:10].tolist()
+    )
     assert count == pytest.approx(np.log1p(4)) and with_amount == pytest.approx(np.log1p(3))
     assert total == pytest.approx(np.log1p(8.0))  # 10 - 4 + 2; the padded 99 is not counted
     assert [last_day, last_week, last_month] == pytest.approx(np.log1p([1, 2, 3]).tolist())
@@ -245,8 +246,13 @@ def test_a_model_directory_from_before_amounts_still_loads(tmp_path):
     encoder = BeatEncoder.from_pretrained(tmp_path)
     assert not encoder.model.config.use_value_encoding
     window = make_window(np.random.default_rng(0), 12)
-    expected = model(**EventBatch.from_windows([window], encoder.actions, encoder.properties)
-                     .inputs())["embedding"].detach().numpy()
+    expected = (
+        model(**EventBatch.from_windows([window], encoder.actions, encoder.properties).inputs())[
+            "embedding"
+        ]
+        .detach()
+        .numpy()
+    )
     np.testing.assert_allclose(encoder.encode([window]), expected, atol=1e-6)
 
 
@@ -284,7 +290,10 @@ def test_model_dir_round_trip_gives_identical_embeddings(tmp_path):
     version = model.save_pretrained(tmp_path, actions, properties)
     assert version.startswith("beat-tiny-") and len(version) == len("beat-tiny-") + 8
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "config.json", "model.safetensors", "vocab_actions.json", "vocab_properties.json",
+        "config.json",
+        "model.safetensors",
+        "vocab_actions.json",
+        "vocab_properties.json",
     ]
     document = json.loads((tmp_path / "config.json").read_text())
     assert document["format_version"] == 1 and document["model_version"] == version
@@ -384,7 +393,9 @@ def test_batch_ages_count_back_from_as_of_and_default_to_the_newest_event():
     assert (silent.time_gaps[1, 3:] == 0).all()  # padding untouched
     # as_of at or before the newest event (clock skew) is the newest event
     for as_of in (newest, newest - DAY, int(newest.min()) - DAY):
-        assert torch.equal(EventBatch.from_windows(windows, *vocab, as_of).time_gaps, default.time_gaps)
+        assert torch.equal(
+            EventBatch.from_windows(windows, *vocab, as_of).time_gaps, default.time_gaps
+        )
 
 
 def test_encoder_as_of_tells_the_embedding_how_long_the_user_has_been_silent(encoder):
@@ -402,7 +413,9 @@ def test_encoder_as_of_tells_the_embedding_how_long_the_user_has_been_silent(enc
     each = encoder.encode(windows, as_of_ms=as_of)
     np.testing.assert_allclose(each[-1], week[0], atol=1e-5, rtol=0)
     for i, w in enumerate(windows):
-        np.testing.assert_allclose(each[i], encoder.encode([w], as_of_ms=int(as_of[i]))[0], atol=1e-5, rtol=0)
+        np.testing.assert_allclose(
+            each[i], encoder.encode([w], as_of_ms=int(as_of[i]))[0], atol=1e-5, rtol=0
+        )
     shared = encoder.encode(windows, as_of_ms=newest + 7 * DAY)
     np.testing.assert_allclose(shared[-1], week[0], atol=1e-5, rtol=0)
     # ages past the window saturate in the time encodings (no periodic wrap-around of the
@@ -462,8 +475,9 @@ def test_length_batches_cover_every_row_once_with_little_padding():
 
 def test_auto_model_loads_a_model_dir_with_the_model_card_snippet(tiny_dir):
     pytest.importorskip("transformers", reason="the optional `hf` extra is not installed")
-    import model.hf  # noqa: F401  registers BEAT with the Auto classes
     from transformers import AutoConfig, AutoModel
+
+    import model.hf  # noqa: F401  registers BEAT with the Auto classes
 
     assert json.loads((tiny_dir / "config.json").read_text())["model_type"] == "beat"
     assert AutoConfig.from_pretrained(tiny_dir).beat_config() == BeatConfig.preset("tiny")

@@ -70,8 +70,11 @@ def hourly_users(lengths: list[int], data_end_ms: int | None = None) -> UserEven
     index = np.concatenate([np.arange(k) for k in lengths])
     times = T0 + index * HOUR
     return UserEvents(
-        starts=np.r_[0, np.cumsum(lengths)[:-1]], lengths=lengths, event_time=times,
-        action_ids=(3 + index).astype(np.int32), property_ids=(103 + index).astype(np.int32),
+        starts=np.r_[0, np.cumsum(lengths)[:-1]],
+        lengths=lengths,
+        event_time=times,
+        action_ids=(3 + index).astype(np.int32),
+        property_ids=(103 + index).astype(np.int32),
         values=np.where(index % 2 == 0, index, np.nan).astype(np.float32),
         data_end_ms=int(times.max()) if data_end_ms is None else data_end_ms,
     )
@@ -80,8 +83,9 @@ def hourly_users(lengths: list[int], data_end_ms: int | None = None) -> UserEven
 def test_views_are_adjacent_windows_as_of_a_moment_with_what_follows_them():
     events = hourly_users([40] * 64, data_end_ms=T0 + 60 * HOUR)
     horizons = (0.25, 1.0)  # 6 hours and a day
-    views = sample_views(events, np.arange(64), 3, 12, horizons, (64, 256),
-                         np.random.default_rng(1))
+    views = sample_views(
+        events, np.arange(64), 3, 12, horizons, (64, 256), np.random.default_rng(1)
+    )
     inputs = views.inputs
     for row in range(128):
         ids = inputs.action_ids[row][inputs.padding_mask[row]]
@@ -111,15 +115,23 @@ def test_views_are_adjacent_windows_as_of_a_moment_with_what_follows_them():
             marked = torch.nonzero(views.future_actions[row, h])[:, 0].tolist()
             assert marked == [3 + k for k in following]
             assert torch.nonzero(views.future_properties[row, h])[:, 0].tolist() == [
-                103 + k for k in following]
+                103 + k for k in following
+            ]
     # B follows A directly, and the last views reach the end of the history
     a_last = inputs.action_ids[:64].gather(1, (inputs.lengths[:64] - 1)[:, None])[:, 0]
     assert torch.equal(inputs.action_ids[64:, 0], a_last + 1)
     assert (~views.has_next[64:]).any() and views.has_next[64:].any()
     assert len(set(inputs.lengths.tolist())) > 3  # lengths vary
     with pytest.raises(ValueError, match="at least 6 events"):
-        sample_views(hourly_users([5, 40]), np.arange(2), 3, 12, horizons, (64, 256),
-                     np.random.default_rng(0))
+        sample_views(
+            hourly_users([5, 40]),
+            np.arange(2),
+            3,
+            12,
+            horizons,
+            (64, 256),
+            np.random.default_rng(0),
+        )
 
 
 def test_censored_targets_do_not_teach_silence():
@@ -128,11 +140,16 @@ def test_censored_targets_do_not_teach_silence():
     gap = GapHead(8, config, buckets=16)
     x = torch.randn(4, 8)
     events = hourly_users([12, 12, 12, 12])
-    views = sample_views(events, np.arange(2), 3, 12, (1.0, 30.0), (64, 256),
-                         np.random.default_rng(0))
+    views = sample_views(
+        events, np.arange(2), 3, 12, (1.0, 30.0), (64, 256), np.random.default_rng(0)
+    )
     assert not views.future_known[:, 1].any()  # 30 days run past the data
-    changed = replace(views, future_counts=views.future_counts.where(views.future_known, 0.0) * 0
-                      + views.future_counts * views.future_known + 99 * ~views.future_known)
+    changed = replace(
+        views,
+        future_counts=views.future_counts.where(views.future_known, 0.0) * 0
+        + views.future_counts * views.future_known
+        + 99 * ~views.future_known,
+    )
     torch.testing.assert_close(head.loss(x, views), head.loss(x, changed))
     # a censored gap is scored by every bucket at or beyond it: never more than the exact one
     days = torch.full((4,), 2.0)
@@ -165,27 +182,44 @@ def test_info_nce_rewards_matching_pairs():
 
 def views_of(n: int, config: PretrainConfig, seed: int = 0) -> ViewBatch:
     tiny = BeatConfig.preset("tiny")
-    events = hourly_users(list(np.random.default_rng(seed).integers(10, 41, n)),
-                          data_end_ms=T0 + 24 * 40 * HOUR)
-    return sample_views(events, np.arange(n), config.min_view_events, config.max_view_events,
-                        config.future_horizons_days,
-                        (tiny.action_vocab_size, tiny.property_vocab_size),
-                        np.random.default_rng(seed))
+    events = hourly_users(
+        list(np.random.default_rng(seed).integers(10, 41, n)), data_end_ms=T0 + 24 * 40 * HOUR
+    )
+    return sample_views(
+        events,
+        np.arange(n),
+        config.min_view_events,
+        config.max_view_events,
+        config.future_horizons_days,
+        (tiny.action_vocab_size, tiny.property_vocab_size),
+        np.random.default_rng(seed),
+    )
 
 
 def test_loss_is_the_configured_weighted_sum():
     config = BeatConfig.preset("tiny")
-    weights = PretrainConfig(masked_weight=0.5, next_weight=2.0, contrastive_weight=0.25,
-                             future_weight=0.75, gap_weight=1.5, min_view_events=3,
-                             max_view_events=20, future_horizons_days=(1.0, 30.0))
+    weights = PretrainConfig(
+        masked_weight=0.5,
+        next_weight=2.0,
+        contrastive_weight=0.25,
+        future_weight=0.75,
+        gap_weight=1.5,
+        min_view_events=3,
+        max_view_events=20,
+        future_horizons_days=(1.0, 30.0),
+    )
     pretrainer = BeatPretrainer(Beat(config), weights)
     losses = pretrainer(views_of(8, weights), torch.Generator().manual_seed(0))
     expected = sum(getattr(weights, f"{name}_weight") * losses[name] for name in OBJECTIVES)
     torch.testing.assert_close(losses["loss"], expected)
     losses["loss"].backward()
     assert pretrainer.model.summary.grad is not None
-    for head in (pretrainer.masked_head.action, pretrainer.future_head.count,
-                 pretrainer.future_head.action, pretrainer.gap_head.logits):
+    for head in (
+        pretrainer.masked_head.action,
+        pretrainer.future_head.count,
+        pretrainer.future_head.action,
+        pretrainer.gap_head.logits,
+    ):
         assert head.weight.grad.abs().sum() > 0
 
 
@@ -205,8 +239,9 @@ def test_bucketed_forward_matches_one_padded_pass(buckets):
     model = Beat(BeatConfig.preset("tiny")).eval()  # dropout off: the same computation
     batch, selected = mask_events(histories(29), 0.3, torch.Generator().manual_seed(1))
     widths = []  # of every forward pass
-    model.register_forward_pre_hook(lambda m, a, kw: widths.append(kw["action_ids"].shape[1]),
-                                    with_kwargs=True)
+    model.register_forward_pre_hook(
+        lambda m, a, kw: widths.append(kw["action_ids"].shape[1]), with_kwargs=True
+    )
     embedding, states = _forward_in_buckets(model, batch, selected, buckets)
     assert len(widths) == min(buckets, 29) and max(widths) == int(batch.lengths.max())
     one_pass = model(**batch.inputs())
@@ -223,11 +258,14 @@ def one_pass_losses(pretrainer: BeatPretrainer, views: ViewBatch, seed: int) -> 
     out = pretrainer.model(**inputs.inputs())
     B, embedding, has_next = len(views) // 2, out["embedding"], views.has_next
     losses = {
-        "masked": pretrainer.masked_head.loss(out["hidden_states"][hidden],
-                                              originals.action_ids[hidden],
-                                              originals.property_ids[hidden]),
-        "next": pretrainer.next_head.loss(embedding[has_next], views.next_action[has_next],
-                                          views.next_property[has_next]),
+        "masked": pretrainer.masked_head.loss(
+            out["hidden_states"][hidden],
+            originals.action_ids[hidden],
+            originals.property_ids[hidden],
+        ),
+        "next": pretrainer.next_head.loss(
+            embedding[has_next], views.next_action[has_next], views.next_property[has_next]
+        ),
         "contrastive": info_nce(embedding[:B], embedding[B:], config.temperature),
         "future": pretrainer.future_head.loss(embedding, views),
         "gap": pretrainer.gap_head.loss(embedding, views.gap_days, views.gap_censored),
@@ -279,19 +317,25 @@ def test_pretraining_lowers_every_loss_and_separates_personas():
     events = SyntheticEvents(800, seed=3)
     # Temporal split: pretrain on March; probe on each user's newest 12 events of April (short
     # windows, so that the action mix alone does not give the persona away).
-    past = synthetic_windows(events, datetime(2024, 3, 1, tzinfo=UTC),
-                             datetime(2024, 4, 1, tzinfo=UTC), 64)
-    future = synthetic_windows(events, datetime(2024, 4, 1, tzinfo=UTC),
-                               datetime(2024, 5, 1, tzinfo=UTC), 12)
+    past = synthetic_windows(
+        events, datetime(2024, 3, 1, tzinfo=UTC), datetime(2024, 4, 1, tzinfo=UTC), 64
+    )
+    future = synthetic_windows(
+        events, datetime(2024, 4, 1, tzinfo=UTC), datetime(2024, 5, 1, tzinfo=UTC), 12
+    )
     actions = Vocabulary.build((a for w in past.values() for a in w.action), 512)
     properties = Vocabulary.build((p for w in past.values() for p in w.property), 1024)
     train = [w for w in past.values() if len(w) >= 8]
     lengths = np.array([len(w) for w in train])
     times = np.concatenate([w.event_time_ms for w in train])
     pool = UserEvents(
-        starts=np.r_[0, np.cumsum(lengths)[:-1]], lengths=lengths, event_time=times,
+        starts=np.r_[0, np.cumsum(lengths)[:-1]],
+        lengths=lengths,
+        event_time=times,
         action_ids=actions.lookup(np.concatenate([w.action for w in train])).astype(np.int32),
-        property_ids=properties.lookup(np.concatenate([w.property for w in train])).astype(np.int32),
+        property_ids=properties.lookup(np.concatenate([w.property for w in train])).astype(
+            np.int32
+        ),
         values=np.concatenate([w.value for w in train]).astype(np.float32),
         data_end_ms=int(times.max()),
     )
@@ -324,8 +368,15 @@ def test_pretraining_lowers_every_loss_and_separates_personas():
     began = time.perf_counter()
     for _ in range(STEPS):
         users = rng.choice(len(train), 32, replace=False)
-        views = sample_views(pool, users, 4, 32, objectives.future_horizons_days,
-                             (config.action_vocab_size, config.property_vocab_size), rng)
+        views = sample_views(
+            pool,
+            users,
+            4,
+            32,
+            objectives.future_horizons_days,
+            (config.action_vocab_size, config.property_vocab_size),
+            rng,
+        )
         losses = pretrainer(views, g)
         optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
@@ -344,6 +395,8 @@ def test_pretraining_lowers_every_loss_and_separates_personas():
         assert end < (0.85 if name in ("future", "gap") else 0.7) * start, (name, start, end)
 
     accuracy = persona_probe(pretrainer.model)
-    print(f"linear probe: accuracy {accuracy:.3f} after pretraining, {untrained:.3f} before, "
-          f"majority class {majority:.3f}")
+    print(
+        f"linear probe: accuracy {accuracy:.3f} after pretraining, {untrained:.3f} before, "
+        f"majority class {majority:.3f}"
+    )
     assert accuracy > majority + 0.3 and accuracy > untrained + 0.05

@@ -19,8 +19,8 @@ import torch
 from safetensors.torch import load_file
 
 from model import BeatConfig, BeatEncoder, EventWindow, PretrainConfig
-from model.pretraining import OBJECTIVES
 from model.checkpoint import WEIGHTS_FILE
+from model.pretraining import OBJECTIVES
 from model.sequences import write_sequences
 from model.train import (
     TrainConfig,
@@ -67,7 +67,10 @@ def quick(**overrides) -> TrainConfig:
 
 
 def weights(out_dir: Path) -> dict[str, torch.Tensor]:
-    return {**load_file(out_dir / "model" / WEIGHTS_FILE), **load_file(out_dir / "pretrain_heads.safetensors")}
+    return {
+        **load_file(out_dir / "model" / WEIGHTS_FILE),
+        **load_file(out_dir / "pretrain_heads.safetensors"),
+    }
 
 
 # --- pieces ----------------------------------------------------------------------------------
@@ -94,8 +97,12 @@ def test_weight_decay_applies_to_linear_weights_only():
     plain_names = {names[id(p)] for p in plain["params"]}
     assert "model.blocks.0.attn.qkv.weight" in decayed_names
     assert "masked_head.action.weight" in decayed_names
-    for name in ("model.embed.action.weight", "model.blocks.0.ln_1.weight",
-                 "model.blocks.0.attn.qkv.bias", "model.summary"):
+    for name in (
+        "model.embed.action.weight",
+        "model.blocks.0.ln_1.weight",
+        "model.blocks.0.attn.qkv.bias",
+        "model.summary",
+    ):
         assert name in plain_names
     assert len(decayed_names) + len(plain_names) == len(names)
     assert decayed["weight_decay"] == 0.01 and plain["weight_decay"] == 0.0
@@ -103,7 +110,9 @@ def test_weight_decay_applies_to_linear_weights_only():
 
 def test_training_data_draws_views_of_every_user_each_epoch(sequences):
     data = TrainingData.build(sequences, tiny(), quick(), min_events=8)
-    assert data.num_users == int((pc.list_value_length(sequences["event_time"]).to_numpy() >= 8).sum())
+    assert data.num_users == int(
+        (pc.list_value_length(sequences["event_time"]).to_numpy() >= 8).sum()
+    )
     newest = pc.max(pc.list_flatten(sequences["event_time"])).as_py()
     assert data.events.data_end_ms == newest
     # one epoch of positions visits each user once; the next epoch is another order
@@ -117,8 +126,9 @@ def test_training_data_draws_views_of_every_user_each_epoch(sequences):
     sizes = (tiny().action_vocab_size, tiny().property_vocab_size)
     views = data.views(users, PretrainConfig(max_view_events=16), sizes, np.random.default_rng(0))
     again = data.views(users, PretrainConfig(max_view_events=16), sizes, np.random.default_rng(0))
-    assert len(views) == 2 * data.num_users and torch.equal(views.inputs.event_times,
-                                                            again.inputs.event_times)
+    assert len(views) == 2 * data.num_users and torch.equal(
+        views.inputs.event_times, again.inputs.event_times
+    )
     events = data.events
     for row in (0, 1, data.num_users - 1):  # view B of these users: a run of their own events
         real = views.inputs.padding_mask[data.num_users + row]
@@ -156,13 +166,26 @@ def test_train_writes_a_servable_model_heads_log_and_two_checkpoints(sequences, 
     log = [json.loads(line) for line in result.log_path.read_text().splitlines()]
     assert [line["step"] for line in log] == [2, 4, 6, 8, 10, 12]
     assert log[0]["lr"] == pytest.approx(3e-3 * 2 / 2)  # step 2 used the second warmup factor
-    for key in ("masked", "next", "contrastive", "grad_norm", "events_per_s", "tokens_per_s", "elapsed_s"):
+    for key in (
+        "masked",
+        "next",
+        "contrastive",
+        "grad_norm",
+        "events_per_s",
+        "tokens_per_s",
+        "elapsed_s",
+    ):
         assert np.isfinite(log[-1][key])
-    assert [p.name for p in sorted(result.checkpoint_dir.iterdir())] == ["step-00000010", "step-00000012"]
+    assert [p.name for p in sorted(result.checkpoint_dir.iterdir())] == [
+        "step-00000010",
+        "step-00000012",
+    ]
 
     encoder = BeatEncoder.from_pretrained(result.model_dir, device="cpu")
     assert encoder.model_version == result.model_version
-    window = EventWindow([1_709_251_200_000, 1_709_254_800_000], ["page_view", "purchase"], [None, None])
+    window = EventWindow(
+        [1_709_251_200_000, 1_709_254_800_000], ["page_view", "purchase"], [None, None]
+    )
     assert encoder.encode([window]).shape == (1, 768)
 
     pretrainer = load_pretrainer(tmp_path)
@@ -178,8 +201,13 @@ def test_train_writes_a_servable_model_heads_log_and_two_checkpoints(sequences, 
 
 
 def test_pretraining_lowers_the_loss(sequences, tmp_path):
-    result = train(sequences, tmp_path, tiny(), PRETRAIN,
-                   quick(steps=60, batch_size=16, log_every=10, checkpoint_every=60))
+    result = train(
+        sequences,
+        tmp_path,
+        tiny(),
+        PRETRAIN,
+        quick(steps=60, batch_size=16, log_every=10, checkpoint_every=60),
+    )
     log = [json.loads(line) for line in result.log_path.read_text().splitlines()]
     assert log[-1]["loss"] < 0.85 * log[0]["loss"], (log[0]["loss"], log[-1]["loss"])
 
@@ -189,11 +217,29 @@ def test_pretraining_lowers_the_loss(sequences, tmp_path):
 
 def train_command(sequences_file: Path, out: Path, steps: int, *extra: str) -> list[str]:
     return [
-        "--sequences", str(sequences_file), "--out", str(out), "--preset", "tiny",
-        "--steps", str(steps), "--batch-size", "8", "--lr", "3e-3", "--warmup-steps", "2",
-        "--checkpoint-every", "5", "--log-every", "5",
-        "--min-view-events", str(PRETRAIN.min_view_events),
-        "--max-view-events", str(PRETRAIN.max_view_events), *extra,
+        "--sequences",
+        str(sequences_file),
+        "--out",
+        str(out),
+        "--preset",
+        "tiny",
+        "--steps",
+        str(steps),
+        "--batch-size",
+        "8",
+        "--lr",
+        "3e-3",
+        "--warmup-steps",
+        "2",
+        "--checkpoint-every",
+        "5",
+        "--log-every",
+        "5",
+        "--min-view-events",
+        str(PRETRAIN.min_view_events),
+        "--max-view-events",
+        str(PRETRAIN.max_view_events),
+        *extra,
     ]
 
 
@@ -213,8 +259,9 @@ def test_a_run_killed_after_a_checkpoint_resumes_to_exactly_the_uninterrupted_we
     killed = tmp_path / "killed"
     command = [sys.executable, "-m", "model.train", *train_command(path, killed, steps)]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE)
+    process = subprocess.Popen(
+        command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     deadline = time.monotonic() + 60
     while latest_checkpoint(killed / "checkpoints") is None:
         assert process.poll() is None, process.stderr.read().decode()
@@ -233,7 +280,9 @@ def test_a_run_killed_after_a_checkpoint_resumes_to_exactly_the_uninterrupted_we
     for name in a:
         assert torch.equal(a[name], b[name]), name
     # the log holds each step once, as if the run had never stopped
-    log = [json.loads(line)["step"] for line in (killed / "train_log.jsonl").read_text().splitlines()]
+    log = [
+        json.loads(line)["step"] for line in (killed / "train_log.jsonl").read_text().splitlines()
+    ]
     assert log == list(range(5, steps + 1, 5))
 
 
@@ -246,8 +295,16 @@ def test_torchrun_with_two_processes_trains_and_saves_the_model(sequences, tmp_p
     write_sequences(sequences, path)
     out = tmp_path / "ddp"
     torchrun = Path(sys.executable).parent / "torchrun"
-    command = [str(torchrun), "--nproc_per_node=2", "--standalone", "-m", "model.train",
-               *train_command(path, out, 3), "--device", "cpu"]
+    command = [
+        str(torchrun),
+        "--nproc_per_node=2",
+        "--standalone",
+        "-m",
+        "model.train",
+        *train_command(path, out, 3),
+        "--device",
+        "cpu",
+    ]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     began = time.monotonic()
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
