@@ -166,24 +166,22 @@ class FutureHead(nn.Module):
         self.count = nn.Linear(in_size, horizons)
 
     def loss(self, x: Tensor, views: ViewBatch) -> Tensor:
-        # x: [R, in_size]; targets [R, H, V] of views that know their horizon
-        known = views.future_known  # [R, H]
-        if not bool(known.any()):
-            return x.sum() * 0.0  # keeps the graph (and DDP) whole on a batch of censored views
+        # x: [R, in_size]; targets [R, H, V]. Means over the cells (view, horizon) that count,
+        # as masked sums: every head's parameters stay in the graph even when no cell counts
+        # (a batch of censored views), which DDP needs on every rank.
+        known = views.future_known.float()  # [R, H]: the horizon ends before the data does
+        counts = views.future_counts  # [R, H]
         R, H = known.shape
-        counts = views.future_counts[known]  # [K]
-        loss = F.mse_loss(self.count(x)[known], counts.log1p())
+        squared = (self.count(x) - counts.log1p()).square()  # [R, H]
+        loss = (squared * known).sum() / known.sum().clamp_min(1)
+        active = known * (counts > 0)  # a silent horizon names no value
         for layer, target in (
             (self.action, views.future_actions),
             (self.property, views.future_properties),
         ):
-            logits = layer(x).view(R, H, -1)[known]  # [K, V]
-            present = target[known]  # [K, V] 0/1
-            active = counts > 0  # a silent horizon names no value
-            if bool(active.any()):
-                log_p = F.log_softmax(logits[active].float(), dim=-1)
-                hits = present[active]
-                loss = loss - ((hits * log_p).sum(-1) / hits.sum(-1)).mean()
+            log_p = F.log_softmax(layer(x).view(R, H, -1).float(), dim=-1)  # [R, H, V]
+            nll = -(target * log_p).sum(-1) / target.sum(-1).clamp_min(1)  # [R, H]
+            loss = loss + (nll * active).sum() / active.sum().clamp_min(1)
         return loss
 
 

@@ -139,18 +139,21 @@ def test_censored_targets_do_not_teach_silence():
     head = FutureHead(8, config, horizons=2)
     gap = GapHead(8, config, buckets=16)
     x = torch.randn(4, 8)
-    events = hourly_users([12, 12, 12, 12])
-    views = sample_views(
-        events, np.arange(2), 3, 12, (1.0, 30.0), (64, 256), np.random.default_rng(0)
-    )
-    assert not views.future_known[:, 1].any()  # 30 days run past the data
-    changed = replace(
+    events = hourly_users([12, 12, 12, 12], data_end_ms=T0 + 5 * 24 * HOUR)
+    sizes = (config.action_vocab_size, config.property_vocab_size)
+    views = sample_views(events, np.arange(2), 3, 12, (1.0, 30.0), sizes, np.random.default_rng(0))
+    # a day fits before the end of the data, 30 days do not
+    assert views.future_known[:, 0].all() and not views.future_known[:, 1].any()
+    unknown = ~views.future_known[..., None]  # [R, H, 1]
+    changed = replace(  # whatever the censored cells say, the loss is the same
         views,
-        future_counts=views.future_counts.where(views.future_known, 0.0) * 0
-        + views.future_counts * views.future_known
-        + 99 * ~views.future_known,
+        future_counts=torch.where(views.future_known, views.future_counts, 99.0),
+        future_actions=torch.where(unknown, 1.0, views.future_actions),
+        future_properties=torch.where(unknown, 1.0, views.future_properties),
     )
     torch.testing.assert_close(head.loss(x, views), head.loss(x, changed))
+    silent = replace(views, future_counts=torch.where(views.future_known, 0.0, 99.0))
+    assert not torch.allclose(head.loss(x, views), head.loss(x, silent))  # known cells count
     # a censored gap is scored by every bucket at or beyond it: never more than the exact one
     days = torch.full((4,), 2.0)
     observed = gap.loss(x, days, torch.zeros(4, dtype=torch.bool))
