@@ -40,6 +40,9 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from encoder import make_encoder, make_windows  # noqa: E402
 
+from model import init_model_dir  # noqa: E402
+from stream.synthetic import SyntheticEvents  # noqa: E402
+
 RESULTS = REPO / "bench" / "results" / "freshness.json"
 
 
@@ -70,13 +73,13 @@ def pass_seconds(rate: float, users: int, encoder_rate: float) -> float:
     return (low + high) / 2
 
 
-def run_demo(rate: float, users: int, duration: float, store: str) -> dict:
+def run_demo(rate: float, users: int, duration: float, store: str, model_dir: Path) -> dict:
     data = Path(tempfile.mkdtemp(prefix="beat_freshness_"))
     env = {**os.environ, "BEAT_DATA_DIR": str(data), "BEAT_ONLINE_STORE": store,
            "BEAT_FEAST_DATA_DIR": str(data / "feast"),
            "BEAT_FEAST_PROJECT": f"freshness_{int(time.time())}"}
     command = [sys.executable, "-m", "stream.cli", "demo", "--rate", str(rate),
-               "--users", str(users), "--duration", str(duration)]
+               "--users", str(users), "--duration", str(duration), "--model-dir", str(model_dir)]
     began = time.monotonic()
     result = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True)
     summary_path = data / "demo" / "summary.json"
@@ -93,11 +96,16 @@ def main() -> None:
     parser.add_argument("--store", default="redis")
     args = parser.parse_args()
 
+    # One untrained small model for every run: freshness is about serving, and the demo would
+    # otherwise pretrain a model of its own first in each fresh data directory.
+    model_dir = Path(tempfile.mkdtemp(prefix="beat_freshness_model_"))
+    catalogue = SyntheticEvents(n_users=1)
+    init_model_dir(model_dir, "small", catalogue.actions, catalogue.properties)
     rows = []
     for spec in args.runs.split(","):
         rate, users, duration = (float(x) for x in spec.split(":"))
         load_before = os.getloadavg()[0]
-        summary = run_demo(rate, int(users), duration, args.store)
+        summary = run_demo(rate, int(users), duration, args.store, model_dir)
         row = {"rate": rate, "users": int(users), "duration_s": duration,
                "load_average": round(load_before, 1), **summary}
         if "error" not in summary:
