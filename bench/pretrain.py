@@ -34,13 +34,14 @@ from stream.config import load_settings  # noqa: E402
 
 RESULTS = REPO / "bench" / "results" / "pretrain"
 DATASETS = {
-    # 20,000 synthetic users over 150 days (about 29M events); churners fade inside the history.
+    # Synthetic users (--synthetic-users, default 20,000: about 29M events) over 150 days;
+    # churners fade inside the history.
     "synthetic": {
-        "produce": ["--synthetic", "--users", "20000", "--history-days", "150"],
+        "produce": ["--synthetic", "--history-days", "150"],
         "pretrain": [],
     },
     # CDNOW: 23,570 customers, 1997-01 to 1998-06, 3 purchases each on average: cut after
-    # 39 weeks (the usual calibration period) and let 2 + 2 + 1 purchases make a training pair.
+    # 39 weeks (the usual calibration period) and let 2 + 2 purchases make a training pair.
     "cdnow": {
         "produce": ["--dataset", "cdnow"],
         "pretrain": ["--cutoff", "1997-10-01", "--min-view-events", "2"],
@@ -173,6 +174,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
+    parser.add_argument("--synthetic-users", type=int, default=20_000)
     parser.add_argument(
         "--variants",
         nargs="+",
@@ -200,7 +202,14 @@ def main() -> None:
         "preset": args.preset,
         "steps": args.steps,
         "batch_size": args.batch_size,
+        "synthetic_users": args.synthetic_users,
         "datasets": {},
+    }
+    datasets = {**DATASETS}
+    synthetic = datasets["synthetic"]
+    datasets["synthetic"] = {
+        **synthetic,
+        "produce": [*synthetic["produce"], "--users", str(args.synthetic_users)],
     }
     for name in args.datasets:
         with EmbeddedBroker() as broker:
@@ -212,7 +221,7 @@ def main() -> None:
             ensure_topics(settings)
             env = {**os.environ, **settings.to_env()}
             results["datasets"][name] = run_dataset(
-                name, DATASETS[name], env, train_args, args.variants, args.out
+                name, datasets[name], env, train_args, args.variants, args.out
             )
         (args.out / "pretrain.json").write_text(json.dumps(results, indent=1, default=str))
         print(tables(name, results["datasets"][name]))
