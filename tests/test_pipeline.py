@@ -105,6 +105,9 @@ def test_events_become_windows_and_embeddings_in_feast(
             np.array([ms(e["event_time"]) for e in expected[u]]),
             np.array([e["action"] for e in expected[u]], dtype=object),
             np.array([e["property"] for e in expected[u]], dtype=object),
+            # the amounts as the window stores them: float32, NaN where an event has none
+            np.array([np.nan if e["value"] is None else np.float32(e["value"])
+                      for e in expected[u]]),
         )
         for u in users
     ]
