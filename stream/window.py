@@ -75,7 +75,8 @@ class Symbols:
         self.properties: list[str | None] = []
         self.avro_actions: list[bytes] = []  # each action as an Avro string
         self.avro_properties: list[bytes] = []  # each property as an Avro ["null", "string"]
-        self._arrays = (np.empty(0, object), np.empty(0, object))
+        self._arrays = (np.empty(0, object), np.empty(0, object))  # the first _filled pairs
+        self._filled = 0
 
     def __len__(self) -> int:
         return len(self.actions)
@@ -100,9 +101,20 @@ class Symbols:
         return len(self.actions) - 1
 
     def strings(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(actions, properties) of ids, object arrays."""
-        if len(self._arrays[0]) != len(self.actions):
-            self._arrays = (np.array(self.actions, object), np.array(self.properties, object))
+        """(actions, properties) of ids, object arrays. The arrays behind them grow by
+        doubling: new pairs cost amortized O(1) each, not a copy of the whole table per
+        batch (200k distinct properties made that 16.8 s a batch)."""
+        n = len(self.actions)
+        if self._filled < n:
+            if len(self._arrays[0]) < n:
+                grown = (np.empty(max(2 * len(self._arrays[0]), n), object) for _ in range(2))
+                old = self._arrays
+                self._arrays = tuple(grown)
+                for new, kept in zip(self._arrays, old):
+                    new[: self._filled] = kept[: self._filled]
+            self._arrays[0][self._filled : n] = self.actions[self._filled : n]
+            self._arrays[1][self._filled : n] = self.properties[self._filled : n]
+            self._filled = n
         return self._arrays[0][ids], self._arrays[1][ids]
 
 

@@ -99,3 +99,17 @@ def test_event_window_gives_the_model_strings_and_amounts_in_order() -> None:
     amounts = [np.nan if e["value"] is None else np.float32(e["value"]) for e in expected]
     np.testing.assert_array_equal(model_input.value, amounts)  # float32 as stored; NaN: none
     assert np.isnan(model_input.value).any() and not np.isnan(model_input.value).all()
+
+
+def test_symbol_strings_follow_a_table_that_grows_between_calls() -> None:
+    from stream.window import Symbols
+
+    symbols = Symbols()
+    seen: list[tuple[str, str | None]] = []
+    for step in range(40):  # 1, 2, 3... new pairs a call: past several capacity doublings
+        pairs = [(f"a{step}", f"p{step}-{i}" if i else None) for i in range(step + 1)]
+        ids = symbols.ids(*zip(*pairs))
+        seen += pairs
+        asked = np.concatenate([ids, np.arange(len(seen))[::7]])
+        actions, properties = symbols.strings(asked)
+        assert list(zip(actions.tolist(), properties.tolist())) == [seen[i] for i in asked.tolist()]
