@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 
 # After a SIGTERM, how long the batch's windows may wait for the broker before the worker
 # exits without committing them (a frozen broker must not keep a stopped worker alive).
-STOP_GRACE_S = 5.0
+STOP_GRACE_S = 3.0
 
 
 @dataclass
@@ -168,6 +168,8 @@ class StreamWorker:
             if clean:  # a broker that may not answer is not waited for: the process exits
                 self.consumer.close()  # leaves the group: the partitions move at once
                 self.producer.flush(STOP_GRACE_S)
+            else:  # nothing of the batch is committed: drop what is unsent rather than wait
+                self.producer.purge()
             for store in self.stores.values():
                 store.close()
 
