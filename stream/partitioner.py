@@ -21,6 +21,8 @@ def key_partitions(keys: pa.Array, partitions: int) -> np.ndarray:
     """The partition of each key (bytes) among `partitions`, int64 [n]: murmur2 of the key,
     its sign bit cleared, modulo the partition count, as the Java client computes it. Keys
     must not be null. Each distinct key is hashed once."""
+    if partitions < 1:
+        raise ValueError(f"a topic has at least one partition, not {partitions}")
     distinct = pc.dictionary_encode(keys)
     hashes = murmur2(distinct.dictionary.cast(pa.binary()))
     home = (hashes & np.uint32(0x7FFFFFFF)).astype(np.int64) % partitions

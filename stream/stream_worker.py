@@ -225,6 +225,8 @@ class StreamWorker:
         into those on their key's partition and those elsewhere, produced with another
         partitioner: (valid ones here, messages elsewhere, their key's partitions). Events
         from the repartition topic are on theirs by construction."""
+        if not self.partitions:  # process() without run(): tests
+            self.partitions = self._partition_count()
         home = key_partitions(keys.take(pa.array(rows)), self.partitions)
         elsewhere = (home != partitions[rows]) & ~moved_here[rows]
         if not elsewhere.any():
