@@ -1,4 +1,5 @@
-"""Stream-worker state size: bytes per stored event, and memory / disk per 1M users with full windows.
+"""Stream-worker state size: bytes per stored event, and memory / disk per 1M users with full
+windows.
 
     .venv/bin/python bench/state_size.py [--users 100000]
 
@@ -29,8 +30,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from stream.codec import AvroCodec  # noqa: E402
-from stream.synthetic import SyntheticEvents  # noqa: E402
 from stream.state import MemoryStore, RocksStore  # noqa: E402
+from stream.synthetic import SyntheticEvents  # noqa: E402
 from stream.window import ROW, NewEvents, Window, encode_window_body, event_id_hashes, merge_batch  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
@@ -41,7 +42,9 @@ MILLION = 1_000_000
 def template_windows(count: int) -> list[Window]:
     """Full windows of the heaviest synthetic users (at most count of them)."""
     start = datetime(2024, 1, 1, tzinfo=UTC)
-    history = pa.Table.from_batches(list(SyntheticEvents(n_users=3_000, seed=1).history(start, start + timedelta(days=30))))
+    history = pa.Table.from_batches(
+        list(SyntheticEvents(n_users=3_000, seed=1).history(start, start + timedelta(days=30)))
+    )
     users = history["user_id"].combine_chunks().dictionary_encode()
     user_ids = users.dictionary.to_pylist()
     new = NewEvents(
@@ -77,7 +80,10 @@ def main() -> None:
     tracemalloc.start()
     for start in range(0, args.users, 10_000):
         chunk = keys[start : start + 10_000]
-        windows = [fresh_copy(templates[(start + i) % len(templates)], key.decode()) for i, key in enumerate(chunk)]
+        windows = [
+            fresh_copy(templates[(start + i) % len(templates)], key.decode())
+            for i, key in enumerate(chunk)
+        ]
         store.put_many(chunk, windows)
         del windows
     memory_bytes = tracemalloc.get_traced_memory()[0]

@@ -30,10 +30,19 @@ user_embedding = FeatureView(
     entities=[user],
     ttl=timedelta(0),  # never expires: a quiet user's last embedding stays valid
     schema=[
-        Field(name="embedding", dtype=Array(Float32), description=f"BEAT embedding, {EMBEDDING_SIZE} floats"),
-        Field(name="model_version", dtype=String, description="model that computed it; compare only equal versions"),
+        Field(
+            name="embedding", dtype=Array(Float32),
+            description=f"BEAT embedding, {EMBEDDING_SIZE} floats",
+        ),
+        Field(
+            name="model_version", dtype=String,
+            description="model that computed it; compare only equal versions",
+        ),
         Field(name="event_count", dtype=Int64, description="events in the encoded window"),
-        Field(name="last_event_time", dtype=UnixTimestamp, description="newest event in the encoded window"),
+        Field(
+            name="last_event_time", dtype=UnixTimestamp,
+            description="newest event in the encoded window",
+        ),
     ],
     source=user_embedding_push,
     online=True,

@@ -72,7 +72,9 @@ def _event_batches(args: argparse.Namespace) -> Iterator[pa.RecordBatch]:
 
         # The population's churn clock starts with the history, so churners fade inside it.
         start = datetime.now(UTC) - timedelta(days=args.history_days)
-        population = _synthetic(args.users, args.seed, origin=start, churn_horizon_days=args.history_days)
+        population = _synthetic(
+            args.users, args.seed, origin=start, churn_horizon_days=args.history_days
+        )
         return population.history(start, start + timedelta(days=args.history_days))
     return _synthetic(args.users, args.seed).live(args.rate)
 
@@ -105,14 +107,22 @@ def cmd_pretrain(args: argparse.Namespace, settings: Settings) -> int:
     try:
         beat = dataclasses.replace(BeatConfig.preset(args.preset), **given(args, BeatConfig))
         if args.no_temporal:
-            beat = dataclasses.replace(beat, use_age_encoding=False, use_gap_encoding=False, use_periodic_encoding=False)
+            beat = dataclasses.replace(
+                beat, use_age_encoding=False, use_gap_encoding=False, use_periodic_encoding=False
+            )
         objectives = PretrainConfig(**given(args, PretrainConfig))
         if args.no_contrastive:
             objectives = dataclasses.replace(objectives, contrastive_weight=0.0)
         job = PretrainJob(
-            args.out, beat, objectives, TrainConfig(**given(args, TrainConfig)),
+            args.out,
+            beat,
+            objectives,
+            TrainConfig(**given(args, TrainConfig)),
             EvalConfig(churn_days=args.churn_days, seed=args.eval_seed),
-            sequences_file=args.sequences, start_ms=args.start, end_ms=args.end, cutoff_ms=args.cutoff,
+            sequences_file=args.sequences,
+            start_ms=args.start,
+            end_ms=args.end,
+            cutoff_ms=args.cutoff,
             resume=not args.no_resume,
         )
         run_pretrain(settings, job)
@@ -129,7 +139,9 @@ def _iso_ms(text: str) -> int:
     try:
         moment = datetime.fromisoformat(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an ISO time such as 2026-01-31 or 2026-01-31T12:00:00+01:00") from None
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not an ISO time such as 2026-01-31 or 2026-01-31T12:00:00+01:00"
+        ) from None
     return int((moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp() * 1000)
 
 
@@ -156,8 +168,11 @@ def cmd_refresh(args: argparse.Namespace, settings: Settings) -> int:
     worker = load_worker(settings)  # a bad model is said before the broker is tried
     check_reachable(settings)
     summary = refresh_idle(settings, worker, int(args.idle_hours * 3_600_000))
-    print(f"re-encoded {summary.refreshed:,} of {summary.users:,} users (idle over {args.idle_hours:g} h) "
-          f"as of now in {summary.seconds:.1f}s")
+    print(
+        f"re-encoded {summary.refreshed:,} of {summary.users:,} users "
+        f"(idle over {args.idle_hours:g} h) "
+        f"as of now in {summary.seconds:.1f}s"
+    )
     return 0
 
 
@@ -237,12 +252,20 @@ def build_parser() -> argparse.ArgumentParser:
     from model.pretraining import PretrainConfig
     from model.train import TrainConfig, add_options
 
-    parser = argparse.ArgumentParser(prog="beat", description="beatstream: fresh BEAT user embeddings in Feast")
+    parser = argparse.ArgumentParser(
+        prog="beat", description="beatstream: fresh BEAT user embeddings in Feast"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="the whole platform on the embedded stack for about a minute")
-    demo.add_argument("--duration", type=float, default=60.0, help="seconds of producing (default 60)")
-    demo.add_argument("--rate", type=float, default=1_000.0, help="events per second (default 1000)")
+    demo = sub.add_parser(
+        "demo", help="the whole platform on the embedded stack for about a minute"
+    )
+    demo.add_argument(
+        "--duration", type=float, default=60.0, help="seconds of producing (default 60)"
+    )
+    demo.add_argument(
+        "--rate", type=float, default=1_000.0, help="events per second (default 1000)"
+    )
     demo.add_argument("--users", type=int, default=DEMO_USERS)
     demo.add_argument("--preset", default="small",
                       help="preset the demo pretrains when its model directory does not exist yet")
@@ -252,44 +275,87 @@ def build_parser() -> argparse.ArgumentParser:
 
     produce = sub.add_parser("produce", help="write events to beat.events")
     source = produce.add_mutually_exclusive_group(required=True)
-    source.add_argument("--synthetic", action="store_true", help="generated users with planted personas")
-    source.add_argument("--file", type=Path, help="CSV, Parquet, JSONL or whitespace-separated .txt events")
-    source.add_argument("--dataset", choices=["cdnow"], help="a public event log shipped in an installed package "
-                        "(cdnow: CDNOW purchases, from lifetimes)")
+    source.add_argument(
+        "--synthetic", action="store_true", help="generated users with planted personas"
+    )
+    source.add_argument(
+        "--file", type=Path, help="CSV, Parquet, JSONL or whitespace-separated .txt events"
+    )
+    source.add_argument(
+        "--dataset",
+        choices=["cdnow"],
+        help="a public event log shipped in an installed package "
+        "(cdnow: CDNOW purchases, from lifetimes)",
+    )
     produce.add_argument("--column", action="append", default=[], metavar="FIELD=COLUMN",
                          help="map a schema field to a file column, e.g. --column user_id=customer")
     produce.add_argument("--users", type=int, default=DEMO_USERS)
-    produce.add_argument("--rate", type=float, help="events per second (default: as fast as possible)")
+    produce.add_argument(
+        "--rate", type=float, help="events per second (default: as fast as possible)"
+    )
     produce.add_argument("--duration", type=float, help="stop after this many seconds")
     produce.add_argument("--limit", type=int, help="stop after this many events")
     produce.add_argument("--seed", type=int, default=0)
-    produce.add_argument("--history-days", type=float, help="with --synthetic: the last N days of history, "
-                         "as fast as possible, instead of live events")
+    produce.add_argument(
+        "--history-days",
+        type=float,
+        help="with --synthetic: the last N days of history, "
+        "as fast as possible, instead of live events",
+    )
     produce.set_defaults(run=cmd_produce)
 
-    export = sub.add_parser("export", help="replay beat.events into users' sequences (Parquet, model/sequences.py)")
+    export = sub.add_parser(
+        "export", help="replay beat.events into users' sequences (Parquet, model/sequences.py)"
+    )
     export.add_argument("--out", type=Path, required=True, help="the Parquet file to write")
-    export.add_argument("--start", type=_iso_ms, help="ISO time (log time); default: the oldest retained message")
-    export.add_argument("--end", type=_iso_ms, help="ISO time, exclusive; default: the end of the log now")
+    export.add_argument(
+        "--start", type=_iso_ms, help="ISO time (log time); default: the oldest retained message"
+    )
+    export.add_argument(
+        "--end", type=_iso_ms, help="ISO time, exclusive; default: the end of the log now"
+    )
     export.set_defaults(run=cmd_export)
 
     pretrain = sub.add_parser(
-        "pretrain", help="pretrain BEAT on topic history (or a `beat export` file) and write the evaluation report",
-        description="Replays beat.events (or reads --sequences), trains on the events before --cutoff, "
-        "evaluates on each user's events after it, and writes OUT/model, checkpoints, train_log.jsonl, "
-        "report.json and PNG plots. Rerunning the same command resumes from the newest checkpoint.",
+        "pretrain",
+        help="pretrain BEAT on topic history (or a `beat export` file) and write the evaluation "
+        "report",
+        description="Replays beat.events (or reads --sequences), trains on the events before "
+        "--cutoff, evaluates on each user's events after it, and writes OUT/model, checkpoints, "
+        "train_log.jsonl, report.json and PNG plots. Rerunning the same command resumes from the "
+        "newest checkpoint.",
     )
     pretrain.add_argument("--out", type=Path, required=True, help="output directory")
-    pretrain.add_argument("--sequences", type=Path, help="a Parquet file from `beat export` instead of the topic")
-    pretrain.add_argument("--start", type=_iso_ms, help="replay from this ISO time (log time); default: all history")
-    pretrain.add_argument("--end", type=_iso_ms, help="replay up to this ISO time, exclusive; default: now")
-    pretrain.add_argument("--cutoff", type=_iso_ms, help="train/evaluation split in event time; default: the "
-                          "newest event minus --churn-days")
-    pretrain.add_argument("--churn-days", type=float, default=30.0, help="churned = inactive this long after the cutoff")
+    pretrain.add_argument(
+        "--sequences", type=Path, help="a Parquet file from `beat export` instead of the topic"
+    )
+    pretrain.add_argument(
+        "--start", type=_iso_ms, help="replay from this ISO time (log time); default: all history"
+    )
+    pretrain.add_argument(
+        "--end", type=_iso_ms, help="replay up to this ISO time, exclusive; default: now"
+    )
+    pretrain.add_argument(
+        "--cutoff",
+        type=_iso_ms,
+        help="train/evaluation split in event time; default: the newest event minus --churn-days",
+    )
+    pretrain.add_argument(
+        "--churn-days",
+        type=float,
+        default=30.0,
+        help="churned = inactive this long after the cutoff",
+    )
     pretrain.add_argument("--preset", default="small", choices=sorted(PRESETS))
-    pretrain.add_argument("--no-contrastive", action="store_true", help="ablation: contrastive loss weight 0")
-    pretrain.add_argument("--no-temporal", action="store_true", help="ablation: no age, gap or periodic time signals")
-    pretrain.add_argument("--no-resume", action="store_true", help="start over, deleting OUT's checkpoints")
+    pretrain.add_argument(
+        "--no-contrastive", action="store_true", help="ablation: contrastive loss weight 0"
+    )
+    pretrain.add_argument(
+        "--no-temporal", action="store_true", help="ablation: no age, gap or periodic time signals"
+    )
+    pretrain.add_argument(
+        "--no-resume", action="store_true", help="start over, deleting OUT's checkpoints"
+    )
     pretrain.add_argument("--eval-seed", type=int, default=0)
     add_options(pretrain, TrainConfig, "training (TrainConfig)")
     add_options(pretrain, PretrainConfig, "objectives (PretrainConfig)")
@@ -305,15 +371,21 @@ def build_parser() -> argparse.ArgumentParser:
     encode.add_argument("--ready-file", type=Path, help="created once the worker holds partitions")
     encode.set_defaults(run=cmd_encode)
 
-    refresh = sub.add_parser("refresh", help="re-encode users idle for a while, as of now (run it on a schedule)")
-    refresh.add_argument("--idle-hours", type=float, default=24.0, help="re-encode users whose newest event is older")
+    refresh = sub.add_parser(
+        "refresh", help="re-encode users idle for a while, as of now (run it on a schedule)"
+    )
+    refresh.add_argument(
+        "--idle-hours", type=float, default=24.0, help="re-encode users whose newest event is older"
+    )
     refresh.add_argument("--model-dir", type=Path, help="overrides BEAT_MODEL_DIR")
     refresh.set_defaults(run=cmd_refresh)
 
     topics = sub.add_parser("topics", help="create beatstream's topics")
     topics.set_defaults(run=cmd_topics)
 
-    feast_config = sub.add_parser("feast-config", help="print this deployment's feature_store.yaml, for `feast -f`")
+    feast_config = sub.add_parser(
+        "feast-config", help="print this deployment's feature_store.yaml, for `feast -f`"
+    )
     feast_config.set_defaults(run=cmd_feast_config)
 
     model = sub.add_parser("model", help="BEAT model directories")
@@ -334,7 +406,9 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--preset", default="default", help="when no dir is given")
     info.set_defaults(run=cmd_model_info)
     for command in sub.choices.values():
-        command.add_argument("--loglevel", default="info", choices=list(LOGLEVELS), help="default: info")
+        command.add_argument(
+            "--loglevel", default="info", choices=list(LOGLEVELS), help="default: info"
+        )
     return parser
 
 

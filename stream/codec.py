@@ -67,7 +67,9 @@ class Framing(Protocol):
     def writer_schema(self, payload: bytes) -> tuple[dict, int]: ...
 
 
-def _read_frame(payload: bytes, magic: bytes, number: struct.Struct, expected: str) -> tuple[int, int]:
+def _read_frame(
+    payload: bytes, magic: bytes, number: struct.Struct, expected: str
+) -> tuple[int, int]:
     """(the number after magic: the schema's fingerprint or id, where the Avro body starts);
     DecodeError saying what was expected when the payload does not start that way."""
     body_start = len(magic) + number.size
@@ -91,8 +93,12 @@ class SingleObjectFraming:
         return SINGLE_OBJECT_MAGIC + SINGLE_OBJECT_FINGERPRINT.pack(self._fingerprint)
 
     def writer_schema(self, payload: bytes) -> tuple[dict, int]:
-        fp, start = _read_frame(payload, SINGLE_OBJECT_MAGIC, SINGLE_OBJECT_FINGERPRINT,
-                                "not Avro single-object encoded (expected C3 01 + 8-byte fingerprint)")
+        fp, start = _read_frame(
+            payload,
+            SINGLE_OBJECT_MAGIC,
+            SINGLE_OBJECT_FINGERPRINT,
+            "not Avro single-object encoded (expected C3 01 + 8-byte fingerprint)",
+        )
         if fp not in self._known:
             raise DecodeError(f"unknown writer schema fingerprint {fp:016x}")
         return self._known[fp], start
@@ -126,8 +132,12 @@ class ConfluentFraming:
     def writer_schema(self, payload: bytes) -> tuple[dict, int]:
         from confluent_kafka.schema_registry.error import SchemaRegistryError
 
-        schema_id, start = _read_frame(payload, CONFLUENT_MAGIC, CONFLUENT_SCHEMA_ID,
-                                       "not in Confluent wire format (expected 00 + 4-byte schema id)")
+        schema_id, start = _read_frame(
+            payload,
+            CONFLUENT_MAGIC,
+            CONFLUENT_SCHEMA_ID,
+            "not in Confluent wire format (expected 00 + 4-byte schema id)",
+        )
         if schema_id not in self._by_id:
             try:
                 registered = self._client.get_schema(schema_id)
@@ -171,4 +181,6 @@ def _projection(schema: dict, fields: tuple[str, ...]) -> dict:
     unknown = set(fields) - {f["name"] for f in schema["fields"]}
     if unknown:
         raise ValueError(f"{schema['name']} has no fields {sorted(unknown)}")
-    return fastavro.parse_schema({**schema, "fields": [f for f in schema["fields"] if f["name"] in fields]})
+    return fastavro.parse_schema(
+        {**schema, "fields": [f for f in schema["fields"] if f["name"] in fields]}
+    )

@@ -41,7 +41,9 @@ _WINDOW_OVERHEAD = 1_024
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="BEAT_", extra="ignore", frozen=True, populate_by_name=True)
+    model_config = SettingsConfigDict(
+        env_prefix="BEAT_", extra="ignore", frozen=True, populate_by_name=True
+    )
 
     # Kafka
     bootstrap_servers: str | None = Field(
@@ -124,7 +126,9 @@ class Settings(BaseSettings):
     online_store: Literal["sqlite", "redis"] = "sqlite"
     redis_url: str = "127.0.0.1:6379"
     feast_project: str = "beatstream"
-    feast_data_dir: Path | None = Field(None, description="registry and sqlite store; unset: feature_repo/data")
+    feast_data_dir: Path | None = Field(
+        None, description="registry and sqlite store; unset: feature_repo/data"
+    )
 
     @model_validator(mode="after")
     def _check_paths(self) -> "Settings":
@@ -161,7 +165,11 @@ class Settings(BaseSettings):
 
     def to_env(self) -> dict[str, str]:
         """These settings as environment variables, for child processes."""
-        env = {f"BEAT_{name.upper()}": str(value) for name, value in self.model_dump().items() if value is not None}
+        env = {
+            f"BEAT_{name.upper()}": str(value)
+            for name, value in self.model_dump().items()
+            if value is not None
+        }
         if self.bootstrap_servers:
             env["KAFKA_BOOTSTRAP_SERVERS"] = self.bootstrap_servers
         if self.schema_registry_url:

@@ -38,7 +38,11 @@ from model import BeatEncoder, EventWindow
 from stream.as_of import AsOfClock
 from stream.avro_binary import binary_array, strings, varints, write_long, write_string, zigzag
 from stream.broker import (
-    CheckedProducer, check_reachable, consumer_config, dead_letter_headers, records_in,
+    CheckedProducer,
+    check_reachable,
+    consumer_config,
+    dead_letter_headers,
+    records_in,
 )
 from stream.codec import AvroCodec, DecodeError
 from stream.config import ConfigError, Settings, check_model_fits
@@ -306,7 +310,9 @@ def embedding_values(header: bytes, rows: EmbeddingRows) -> list[bytes]:
 def load_worker(settings: Settings) -> EncoderWorker:
     """An encoder worker with the model of BEAT_MODEL_DIR and the Feast sink."""
     if settings.model_dir is None:
-        raise ConfigError("BEAT_MODEL_DIR: no model; set it or pass --model-dir (see `beat model init`)")
+        raise ConfigError(
+            "BEAT_MODEL_DIR: no model; set it or pass --model-dir (see `beat model init`)"
+        )
     if settings.torch_threads:
         import torch
 

@@ -72,9 +72,9 @@ class EventColumns:
         """The events at index (ints into these columns); rejected is kept as is."""
         arrow_index = pa.array(index)
         return EventColumns(
-            self.user_id.take(arrow_index), self.event_id.take(arrow_index), self.action.take(arrow_index),
-            self.property.take(arrow_index), self.event_time[index], self.value[index], self.row[index],
-            self.rejected,
+            self.user_id.take(arrow_index), self.event_id.take(arrow_index),
+            self.action.take(arrow_index), self.property.take(arrow_index), self.event_time[index],
+            self.value[index], self.row[index], self.rejected,
         )  # fmt: skip
 
 
@@ -101,7 +101,8 @@ class EventDecoder:
         if schema_layout(codec.schema) != LAYOUT:
             raise ValueError(
                 f"schema {codec.schema['name']} is not the layout stream/event_columns.py decodes "
-                f"({schema_layout(codec.schema)} != {LAYOUT}): update LAYOUT and EventDecoder._walk with the schema"
+                f"({schema_layout(codec.schema)} != {LAYOUT}): "
+                "update LAYOUT and EventDecoder._walk with the schema"
             )
         self.codec = codec
         self.limits = limits
@@ -126,7 +127,9 @@ class EventDecoder:
         ends = np.cumsum(kept_sizes)  # [n]
         starts = ends - kept_sizes
         if n and ends[-1] > _MAX_BATCH_BYTES:
-            raise ValueError(f"a batch of {ends[-1]:,} bytes is over 2 GiB: decode fewer messages at a time")
+            raise ValueError(
+                f"a batch of {ends[-1]:,} bytes is over 2 GiB: decode fewer messages at a time"
+            )
         buffer = pa.py_buffer(b"".join([*payloads, _PAD]))
         data = np.frombuffer(buffer, np.uint8)
 
@@ -156,7 +159,9 @@ class EventDecoder:
         head = data[starts[:, None] + np.arange(width)]  # [n, width]; _PAD keeps the last in bounds
         return (ends - starts >= width) & (head == self.header).all(axis=1)
 
-    def _decode_each(self, payloads: list[bytes], rows: np.ndarray) -> tuple[list[int], list[dict], list[tuple[int, str]]]:
+    def _decode_each(
+        self, payloads: list[bytes], rows: np.ndarray
+    ) -> tuple[list[int], list[dict], list[tuple[int, str]]]:
         """The codec's per-record decode of rows: (decoded rows, their records, rejected)."""
         decoded, records, rejected = [], [], []
         for i in rows.tolist():
@@ -459,10 +464,14 @@ def _invalid_utf8(text: pa.BinaryArray) -> np.ndarray:
         if len(text) == 1:
             return np.zeros(1, np.int64)
         half = len(text) // 2
-        return np.concatenate([_invalid_utf8(text.slice(0, half)), half + _invalid_utf8(text.slice(half))])
+        return np.concatenate(
+            [_invalid_utf8(text.slice(0, half)), half + _invalid_utf8(text.slice(half))]
+        )
 
 
 def _with_nulls(text: pa.StringArray, valid: np.ndarray) -> pa.StringArray:
     bitmap = pa.py_buffer(np.packbits(valid, bitorder="little"))
     _, offsets, data = text.buffers()
-    return pa.Array.from_buffers(pa.string(), len(text), [bitmap, offsets, data], offset=text.offset)
+    return pa.Array.from_buffers(
+        pa.string(), len(text), [bitmap, offsets, data], offset=text.offset
+    )

@@ -44,17 +44,19 @@ class EventEncoder:
         if schema_layout(codec.schema) != LAYOUT:
             raise ValueError(
                 f"schema {codec.schema['name']} is not the layout stream/event_encoding.py writes "
-                f"({schema_layout(codec.schema)} != {LAYOUT}): update LAYOUT and EventEncoder.encode with the schema"
+                f"({schema_layout(codec.schema)} != {LAYOUT}): "
+                "update LAYOUT and EventEncoder.encode with the schema"
             )
         self.header = pa.scalar(codec.framing.header(), pa.binary())
 
     def encode(self, batch: pa.RecordBatch) -> pa.BinaryArray:
-        """The value of every event of a batch in stream.event_contract.EVENT_SCHEMA layout [num_rows]."""
+        """The value of every event of a batch in stream.event_contract.EVENT_SCHEMA layout
+        [num_rows]."""
         batch = batch.select(_TYPES.names).cast(_TYPES)
         for name in _REQUIRED:
             if batch[name].null_count:
-                raise ValueError(f"{batch[name].null_count} events have no {name}: every event needs one "
-                                 "(schemas/behavior_event.avsc)")  # fmt: skip
+                raise ValueError(f"{batch[name].null_count} events have no {name}: every event "
+                                 "needs one (schemas/behavior_event.avsc)")  # fmt: skip
         event_time = batch["event_time"].cast(pa.int64()).to_numpy()  # [n] epoch ms
         pieces = [
             self.header,

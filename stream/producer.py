@@ -19,12 +19,15 @@ class EventProducer:
 
     def __init__(self, settings: Settings) -> None:
         self.topic = settings.events_topic
-        self.codec = AvroCodec("behavior_event", settings.events_topic, settings.schema_registry_url)
+        self.codec = AvroCodec(
+            "behavior_event", settings.events_topic, settings.schema_registry_url
+        )
         self.encoder = EventEncoder(self.codec)
         # Delivery reports only for failures: a Python callback per delivered event
         # would cost about as much as producing it.
         self.producer = Producer(producer_config(settings, **{
-            "linger.ms": 20, "on_delivery": self._on_delivery, "delivery.report.only.error": True}))  # fmt: skip
+            "linger.ms": 20, "on_delivery": self._on_delivery,
+            "delivery.report.only.error": True}))  # fmt: skip
         self.sent = 0
         self.failed: list[str] = []  # delivery errors since the last flush
 

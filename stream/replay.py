@@ -54,8 +54,10 @@ _POLL_S = 0.02
 class ReplayConfig:
     start_ms: int | None = None  # log time; None: the oldest retained message
     end_ms: int | None = None  # exclusive; None: the end of the log when the replay starts
-    batch_messages: int = 20_000  # per consume call; smaller batches stay in cache (faster than 100k)
-    idle_s: float = 0.5  # without end-of-partition reports: an empty consume this long after every watermark
+    batch_messages: int = 20_000
+    idle_s: float = (
+        0.5  # without end-of-partition reports: an empty consume this long after every watermark
+    )
     progress: bool = True  # a rich progress bar on stderr
 
 
@@ -66,7 +68,9 @@ class ReplaySummary:
     duplicates: int = 0  # repeated (user_id, event_id): the first one read is kept
     # undecodable values or over a limit, skipped (the stream worker dead-letters them)
     dead_letters: int = 0
-    dead_letter_examples: list[tuple[int, int, str]] = field(default_factory=list)  # (partition, offset, reason)
+    dead_letter_examples: list[tuple[int, int, str]] = field(
+        default_factory=list
+    )  # (partition, offset, reason)
     users: int = 0
     bytes: int = 0  # of message values
     seconds: float = 0.0
@@ -74,12 +78,16 @@ class ReplaySummary:
     def __str__(self) -> str:
         rate = self.messages / self.seconds if self.seconds else 0.0
         lines = [
-            f"replayed {self.messages:,} messages ({self.bytes / 1e6:,.1f} MB) in {self.seconds:,.1f} s "
+            f"replayed {self.messages:,} messages ({self.bytes / 1e6:,.1f} MB) "
+            f"in {self.seconds:,.1f} s "
             f"({rate:,.0f} events/s): {self.events:,} events of {self.users:,} users, "
             f"{self.duplicates:,} duplicates removed, "
             f"{self.dead_letters:,} undecodable or over a limit skipped"
         ]
-        lines += [f"  skipped partition {p} offset {o}: {reason}" for p, o, reason in self.dead_letter_examples]
+        lines += [
+            f"  skipped partition {p} offset {o}: {reason}"
+            for p, o, reason in self.dead_letter_examples
+        ]
         return "\n".join(lines)
 
 
@@ -99,7 +107,8 @@ class _Partitions:
         return np.where(self.stop == _NO_END, self.next >= self.high, self.next >= self.stop)
 
     def done(self) -> np.ndarray:
-        """bool per partition: every message in range read, as far as offsets and end reports tell."""
+        """bool per partition: every message in range read, as far as offsets and end reports
+        tell."""
         return (self.next >= self.stop) | (self.eof >= np.minimum(self.stop, self.high))
 
     def total(self) -> int:
@@ -107,11 +116,19 @@ class _Partitions:
         return int(np.maximum(np.minimum(self.stop, self.high) - self.start, 0).sum())
 
 
-def replay(settings: Settings, config: ReplayConfig | None = None) -> tuple[pa.Table, ReplaySummary]:
+def replay(
+    settings: Settings, config: ReplayConfig | None = None
+) -> tuple[pa.Table, ReplaySummary]:
     """The sequences table (model/sequences.py) of the events in beat.events, and a summary."""
     config = config or ReplayConfig()
-    if config.start_ms is not None and config.end_ms is not None and config.start_ms >= config.end_ms:
-        raise ValueError(f"replay needs start < end, got {config.start_ms} >= {config.end_ms} (epoch ms)")
+    if (
+        config.start_ms is not None
+        and config.end_ms is not None
+        and config.start_ms >= config.end_ms
+    ):
+        raise ValueError(
+            f"replay needs start < end, got {config.start_ms} >= {config.end_ms} (epoch ms)"
+        )
     codec = AvroCodec("behavior_event", settings.events_topic, settings.schema_registry_url)
     decoder = EventDecoder(codec, settings.event_limits)  # the stream workers' events, no others
     summary = ReplaySummary()
@@ -119,7 +136,9 @@ def replay(settings: Settings, config: ReplayConfig | None = None) -> tuple[pa.T
     consumer = Consumer(replay_consumer_config(settings))
     try:
         partitions = _locate(consumer, settings.events_topic, config)
-        consumer.assign([TopicPartition(partitions.topic, p, int(o)) for p, o in enumerate(partitions.start)])
+        consumer.assign(
+            [TopicPartition(partitions.topic, p, int(o)) for p, o in enumerate(partitions.start)]
+        )
         parts = []
         with _progress(config.progress, partitions.total()) as advance:
             for columns in _read(consumer, partitions, decoder, config, summary):
@@ -128,7 +147,10 @@ def replay(settings: Settings, config: ReplayConfig | None = None) -> tuple[pa.T
     finally:
         consumer.close()
     table, summary.duplicates = build_sequences(_concat(parts))
-    summary.events, summary.users = summary.messages - summary.dead_letters - summary.duplicates, table.num_rows
+    summary.events, summary.users = (
+        summary.messages - summary.dead_letters - summary.duplicates,
+        table.num_rows,
+    )
     summary.seconds = time.monotonic() - began
     return table, summary
 
@@ -136,35 +158,50 @@ def replay(settings: Settings, config: ReplayConfig | None = None) -> tuple[pa.T
 def replay_consumer_config(settings: Settings) -> dict:
     """librdkafka settings of the replay's consumer: large fetches, deep prefetch."""
     return client_config(settings, **{
-        "group.id": f"{settings.group_prefix}-replay-{uuid.uuid4().hex}",  # assign() only: never joins or commits
+        # assign() only: the group never joins or commits
+        "group.id": f"{settings.group_prefix}-replay-{uuid.uuid4().hex}",
         "enable.auto.commit": False,
         "enable.partition.eof": True,
         "fetch.wait.max.ms": max(settings.fetch_max_wait_ms, 100),
         "fetch.max.bytes": 64 << 20,
         "max.partition.fetch.bytes": 16 << 20,
         "queued.max.messages.kbytes": 64 << 10,  # the prefetch limit per partition: 64 MB
-        "queued.min.messages": 10_000_000,  # librdkafka's maximum; not the limit (see the docstring)
+        "queued.min.messages": 10_000_000,  # librdkafka's maximum; not the limit (docstring)
         "fetch.queue.backoff.ms": 10,  # how soon to fetch again once a full queue has room
     })  # fmt: skip
 
 
-def _locate(consumer: Consumer, topic: str, config: ReplayConfig, timeout_s: float = 10.0) -> _Partitions:
+def _locate(
+    consumer: Consumer, topic: str, config: ReplayConfig, timeout_s: float = 10.0
+) -> _Partitions:
     metadata = consumer.list_topics(topic, timeout=timeout_s).topics.get(topic)
     if metadata is None or metadata.error is not None or not metadata.partitions:
-        raise RuntimeError(f"topic {topic} does not exist: check BEAT_EVENTS_TOPIC and KAFKA_BOOTSTRAP_SERVERS")
+        raise RuntimeError(
+            f"topic {topic} does not exist: check BEAT_EVENTS_TOPIC and KAFKA_BOOTSTRAP_SERVERS"
+        )
     n = max(metadata.partitions) + 1
     low, high = np.zeros(n, np.int64), np.zeros(n, np.int64)
     for p in range(n):
-        low[p], high[p] = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout_s)
+        low[p], high[p] = consumer.get_watermark_offsets(
+            TopicPartition(topic, p), timeout=timeout_s
+        )
 
     def offsets_at(time_ms: int, missing: np.ndarray) -> np.ndarray:
         """First offset at or after time_ms per partition; `missing` where there is none."""
-        found = consumer.offsets_for_times([TopicPartition(topic, p, time_ms) for p in range(n)], timeout=timeout_s)
-        offsets = np.array([tp.offset for tp in sorted(found, key=lambda tp: tp.partition)], np.int64)
+        found = consumer.offsets_for_times(
+            [TopicPartition(topic, p, time_ms) for p in range(n)], timeout=timeout_s
+        )
+        offsets = np.array(
+            [tp.offset for tp in sorted(found, key=lambda tp: tp.partition)], np.int64
+        )
         return np.where(offsets < 0, missing, offsets)
 
     start = low if config.start_ms is None else np.maximum(offsets_at(config.start_ms, high), low)
-    stop = np.full(n, _NO_END) if config.end_ms is None else offsets_at(config.end_ms, np.full(n, _NO_END))
+    stop = (
+        np.full(n, _NO_END)
+        if config.end_ms is None
+        else offsets_at(config.end_ms, np.full(n, _NO_END))
+    )
     return _Partitions(topic, start, stop, high, next=start.copy(), eof=np.full(n, -1, np.int64))
 
 
@@ -193,7 +230,12 @@ def _read(consumer: Consumer, partitions: _Partitions, decoder: EventDecoder, co
         if not in_range.all():
             keep = np.flatnonzero(in_range)
             messages, partition, offset = [messages[i] for i in keep], partition[keep], offset[keep]
-            consumer.pause([TopicPartition(partitions.topic, int(p)) for p in np.flatnonzero(partitions.done())])
+            consumer.pause(
+                [
+                    TopicPartition(partitions.topic, int(p))
+                    for p in np.flatnonzero(partitions.done())
+                ]
+            )
         columns = decoder.decode(list(map(Message.value, messages)))
         summary.messages += len(messages)
         summary.bytes += columns.bytes
@@ -209,11 +251,18 @@ def _progress(show: bool, total: int) -> Iterator[Callable[[int], None]]:
     if not show:
         yield lambda done: None
         return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
 
     began = time.monotonic()
     with Progress(
-        TextColumn("replay"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]} events/s  ETA"),
+        TextColumn("replay"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]} events/s  ETA"),
         TimeRemainingColumn(),
     ) as bar:  # fmt: skip
         task = bar.add_task("replay", total=total, rate="-")
@@ -228,10 +277,14 @@ def _progress(show: bool, total: int) -> Iterator[Callable[[int], None]]:
 def _concat(parts: list[EventColumns]) -> EventColumns:
     if not parts:
         empty = pa.array([], pa.string())
-        return EventColumns(empty, empty, empty, empty, np.empty(0, np.int64), np.empty(0), np.empty(0, np.int64))
+        return EventColumns(
+            empty, empty, empty, empty, np.empty(0, np.int64), np.empty(0), np.empty(0, np.int64)
+        )
     strings = {name: pa.concat_arrays([getattr(p, name) for p in parts])
                for name in ("user_id", "event_id", "action", "property")}  # fmt: skip
-    numbers = {name: np.concatenate([getattr(p, name) for p in parts]) for name in ("event_time", "value")}
+    numbers = {
+        name: np.concatenate([getattr(p, name) for p in parts]) for name in ("event_time", "value")
+    }
     return EventColumns(**strings, **numbers, row=np.arange(sum(map(len, parts))))
 
 
@@ -240,15 +293,17 @@ def build_sequences(events: EventColumns) -> tuple[pa.Table, int]:
 
     Of the events sharing a (user_id, event_id), the first in log order is kept. The window
     keys events by (event_time, event-id hash) instead, having no event_id strings; README,
-    "Duplicates have two rules, on purpose", says where the two differ. Three whole-column steps: rank
-    users by id, a stable sort by (user, event_id) that marks repeats, a stable sort of
+    "Duplicates have two rules, on purpose", says where the two differ. Three whole-column
+    steps: rank users by id, a stable sort by (user, event_id) that marks repeats, a stable sort of
     the rest by (user, event_time), which leaves equal times in event_id order.
     """
     users = pc.unique(events.user_id)
     users = users.take(pc.sort_indices(users))
     user = pc.index_in(events.user_id, users).to_numpy()  # [events] rank of the user id
-    by_id = pc.sort_indices(pa.table({"user": user, "event_id": events.event_id}),
-                            sort_keys=[("user", "ascending"), ("event_id", "ascending")]).to_numpy()  # fmt: skip
+    by_id = pc.sort_indices(
+        pa.table({"user": user, "event_id": events.event_id}),
+        sort_keys=[("user", "ascending"), ("event_id", "ascending")],
+    ).to_numpy()
     ids = events.event_id.take(by_id)
     repeat = np.zeros(len(by_id), bool)
     if len(by_id) > 1:
@@ -265,5 +320,8 @@ def build_sequences(events: EventColumns) -> tuple[pa.Table, int]:
         "property": events.property.take(order),
         "value": pa.array(value, mask=np.isnan(value)),
     }
-    columns = {"user_id": users, **{name: pa.ListArray.from_arrays(offsets, array) for name, array in flat.items()}}
+    columns = {
+        "user_id": users,
+        **{name: pa.ListArray.from_arrays(offsets, array) for name, array in flat.items()},
+    }
     return pa.table(columns).cast(SEQUENCE_SCHEMA), int(repeat.sum())

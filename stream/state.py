@@ -88,7 +88,9 @@ class RocksStore:
 
 def _pack(window: Window) -> bytes:
     symbols = window.symbols.astype(np.int32, copy=False)
-    return b"".join([_COUNTS.pack(len(window.rows), len(symbols)), window.rows.tobytes(), symbols.tobytes()])
+    return b"".join(
+        [_COUNTS.pack(len(window.rows), len(symbols)), window.rows.tobytes(), symbols.tobytes()]
+    )
 
 
 def _unpack(key: bytes, value: bytes) -> Window:

@@ -33,15 +33,28 @@ import pyarrow.compute as pc
 from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
 
 from stream.broker import (
-    SEAL_KEY, BrokerError, ClientErrors, consumer_config, dead_letter, producer_config,
-    read_compacted, records_in,
+    SEAL_KEY,
+    BrokerError,
+    ClientErrors,
+    consumer_config,
+    dead_letter,
+    producer_config,
+    read_compacted,
+    records_in,
 )
 from stream.codec import AvroCodec
 from stream.config import ConfigError, Settings
 from stream.event_columns import EventColumns, EventDecoder
 from stream.partitioner import key_partitions
 from stream.state import PartitionStore, open_store
-from stream.window import MAX_TIME_MS, NewEvents, Window, encode_window_body, event_id_hashes, merge_batch
+from stream.window import (
+    MAX_TIME_MS,
+    NewEvents,
+    Window,
+    encode_window_body,
+    event_id_hashes,
+    merge_batch,
+)
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +75,13 @@ class Rejected:
         self.reason += [reason] * len(index) if isinstance(reason, str) else list(reason)
 
 
-def validate(events: EventColumns, keys: pa.BinaryArray, now_ms: int, future_tolerance_ms: int, rejected: Rejected) -> np.ndarray:
+def validate(
+    events: EventColumns,
+    keys: pa.BinaryArray,
+    now_ms: int,
+    future_tolerance_ms: int,
+    rejected: Rejected,
+) -> np.ndarray:
     """Indices (into events' rows) of the valid events; the others are added to rejected."""
     problems = [
         (pc.equal(events.user_id, ""), "missing user_id"),
@@ -78,18 +97,30 @@ def validate(events: EventColumns, keys: pa.BinaryArray, now_ms: int, future_tol
     row_keys = keys.take(pa.array(events.row))
     keyed = pc.fill_null(pc.equal(row_keys, events.user_id.cast(pa.binary())), False)
     wrong_key = ~np.asarray(keyed.to_numpy(zero_copy_only=False), bool) & ~bad
-    rejected.add(events.row[wrong_key], [
-        f"message key {None if key is None else key[:64]!r} is not the event's user_id {user!r}; "
-        "produce events keyed by user_id"
-        for key, user in zip(row_keys.filter(pa.array(wrong_key)).to_pylist(), events.user_id.filter(pa.array(wrong_key)).to_pylist())
-    ])
+    rejected.add(
+        events.row[wrong_key],
+        [
+            f"message key {None if key is None else key[:64]!r} "
+            f"is not the event's user_id {user!r}; "
+            "produce events keyed by user_id"
+            for key, user in zip(
+                row_keys.filter(pa.array(wrong_key)).to_pylist(),
+                events.user_id.filter(pa.array(wrong_key)).to_pylist(),
+            )
+        ],
+    )
     bad |= wrong_key
     ahead = events.event_time - now_ms
     future = (ahead > future_tolerance_ms) & ~bad
-    rejected.add(events.row[future], [f"event_time is {s / 1000:.0f}s in the future" for s in ahead[future].tolist()])
+    rejected.add(
+        events.row[future],
+        [f"event_time is {s / 1000:.0f}s in the future" for s in ahead[future].tolist()],
+    )
     bad |= future
     out_of_range = ((events.event_time < 0) | (events.event_time > MAX_TIME_MS)) & ~bad
-    rejected.add(events.row[out_of_range], "event_time before 1970 or after year 10889 cannot be stored")
+    rejected.add(
+        events.row[out_of_range], "event_time before 1970 or after year 10889 cannot be stored"
+    )
     return np.flatnonzero(~(bad | out_of_range))
 
 
@@ -101,9 +132,12 @@ class WindowStats:
     def summary(self) -> str:
         c = self.counts
         ratio = c["events"] / max(1, c["windows"])
-        stages = " ".join(f"{stage}={s / max(1, c['batches']) * 1000:.1f}ms" for stage, s in self.seconds.items())
+        stages = " ".join(
+            f"{stage}={s / max(1, c['batches']) * 1000:.1f}ms" for stage, s in self.seconds.items()
+        )
         return (
-            f"events={c['events']} windows={c['windows']} (coalescing {ratio:.1f}x) batches={c['batches']} "
+            f"events={c['events']} windows={c['windows']} (coalescing {ratio:.1f}x) "
+            f"batches={c['batches']} "
             f"duplicates={c['duplicates']} too_old={c['too_old']} dead_letters={c['dead_letters']} "
             f"repartitioned={c['repartitioned']} "
             f"per batch: {stages}"
@@ -119,16 +153,27 @@ class StreamWorker:
         registry = settings.schema_registry_url
         event_codec = AvroCodec("behavior_event", settings.events_topic, registry)
         self.events = EventDecoder(event_codec, settings.event_limits)
-        self.window_codec = AvroCodec("user_window", settings.windows_topic, settings.schema_registry_url)
+        self.window_codec = AvroCodec(
+            "user_window", settings.windows_topic, settings.schema_registry_url
+        )
         self.window_header = self.window_codec.framing.header()
         self.client_errors = ClientErrors(settings)
-        self.consumer = Consumer(consumer_config(
-            settings, settings.stream_group, error_cb=self.client_errors,
-            # Partition p of the events and of the repartition topic go to the same worker:
-            # both feed the windows of partition p.
-            **{"partition.assignment.strategy": "range", "fetch.max.bytes": 64 << 20, "max.partition.fetch.bytes": 16 << 20, "queued.min.messages": 200_000,
-               "fetch.queue.backoff.ms": 10},  # librdkafka otherwise pauses 1 s once the queue is full
-        ))
+        self.consumer = Consumer(
+            consumer_config(
+                settings,
+                settings.stream_group,
+                error_cb=self.client_errors,
+                # Partition p of the events and of the repartition topic go to the same worker:
+                # both feed the windows of partition p.
+                **{
+                    "partition.assignment.strategy": "range",
+                    "fetch.max.bytes": 64 << 20,
+                    "max.partition.fetch.bytes": 16 << 20,
+                    "queued.min.messages": 200_000,
+                    "fetch.queue.backoff.ms": 10,
+                },  # librdkafka otherwise pauses 1 s once the queue is full
+            )
+        )
         # Delivery reports only for failures: no Python callback per window sent.
         self.producer = Producer(producer_config(
             settings, error_cb=self.client_errors,
@@ -187,7 +232,11 @@ class StreamWorker:
             return
         self.pending += first
         deadline = time.monotonic() + interval_s
-        while (left := deadline - time.monotonic()) > 0 and len(self.pending) < limit and not self.stopping:
+        while (
+            (left := deadline - time.monotonic()) > 0
+            and len(self.pending) < limit
+            and not self.stopping
+        ):
             self.pending += self.consumer.consume(limit - len(self.pending), left)
 
     # -- one batch ------------------------------------------------------------------------
@@ -200,12 +249,18 @@ class StreamWorker:
             keys = pa.array(list(map(Message.key, messages)), pa.binary())
             partitions = np.fromiter(map(Message.partition, messages), np.int64, len(messages))
             topics = pa.array(list(map(Message.topic, messages)), pa.string())
-            moved_here = pc.equal(topics, self.settings.repartition_topic).to_numpy(zero_copy_only=False)
+            moved_here = pc.equal(topics, self.settings.repartition_topic).to_numpy(
+                zero_copy_only=False
+            )
             events = self.events.decode(list(map(Message.value, messages)))
             rejected = Rejected()
-            rejected.add(np.array([i for i, _ in events.rejected], np.int64), [r for _, r in events.rejected])
+            rejected.add(
+                np.array([i for i, _ in events.rejected], np.int64), [r for _, r in events.rejected]
+            )
             valid = validate(events, keys, now_ms, self.settings.future_tolerance_ms, rejected)
-            valid, elsewhere, home = self._route(events.row[valid], valid, keys, partitions, moved_here)
+            valid, elsewhere, home = self._route(
+                events.row[valid], valid, keys, partitions, moved_here
+            )
         with self._stage("merge"):
             windows = self._merge(events.take(valid), partitions)
         with self._stage("emit"):
@@ -233,15 +288,21 @@ class StreamWorker:
             return valid, np.empty(0, np.int64), home[:0]
         return valid[~elsewhere], rows[elsewhere], home[elsewhere]
 
-    def _repartition(self, messages: list[Message], elsewhere: np.ndarray, home: np.ndarray) -> None:
+    def _repartition(
+        self, messages: list[Message], elsewhere: np.ndarray, home: np.ndarray
+    ) -> None:
         """Send events to their key's partition of the repartition topic; they are windowed
         when the worker of that partition reads them (this batch commits them only once
         they are flushed, with the windows)."""
         for index, partition in zip(elsewhere.tolist(), home.tolist()):
             message = messages[index]
             self.producer.produce(
-                self.settings.repartition_topic, message.value(), message.key(), partition=partition,
-                headers=message.headers(), on_delivery=self._on_delivery,
+                self.settings.repartition_topic,
+                message.value(),
+                message.key(),
+                partition=partition,
+                headers=message.headers(),
+                on_delivery=self._on_delivery,
             )
         self.stats.counts["repartitioned"] += len(elsewhere)
 
@@ -254,7 +315,8 @@ class StreamWorker:
         counts = {name: len(metadata[name].partitions) if name in metadata else 0 for name in names}
         if len(set(counts.values())) != 1 or 0 in counts.values():
             raise ConfigError(
-                f"topics {counts} (partitions) must exist with the same partition count: create the "
+                f"topics {counts} (partitions) must exist with the same partition count: "
+                "create the "
                 "missing ones with `beat topics`, or the repartition topic with as many partitions "
                 "as the events topic (BEAT_REPARTITION_TOPIC)"
             )
@@ -274,12 +336,21 @@ class StreamWorker:
         stored: list[Window | None] = [None] * len(keys)
         for partition in np.unique(user_partition).tolist():
             members = np.flatnonzero(user_partition == partition).tolist()
-            for i, window in zip(members, self.stores[partition].get_many([keys[i] for i in members])):
+            for i, window in zip(
+                members, self.stores[partition].get_many([keys[i] for i in members])
+            ):
                 stored[i] = window
         new = NewEvents(
-            user_code, events.event_time, event_id_hashes(events.event_id), events.action, events.property, events.value,
+            user_code,
+            events.event_time,
+            event_id_hashes(events.event_id),
+            events.action,
+            events.property,
+            events.value,
         )
-        merged, counts = merge_batch(stored, user_ids, new, self.settings.max_events, self.settings.window_ms)
+        merged, counts = merge_batch(
+            stored, user_ids, new, self.settings.max_events, self.settings.window_ms
+        )
         self.stats.counts["duplicates"] += counts.duplicates
         self.stats.counts["too_old"] += counts.too_old
         return list(zip(user_partition.tolist(), merged))
@@ -292,7 +363,9 @@ class StreamWorker:
         for partition, window in windows:
             key = window.user_id.encode()
             value = self.window_header + encode_window_body(window, now_ms)
-            self.producer.produce(topic, value, key, partition=partition, on_delivery=self._on_delivery)
+            self.producer.produce(
+                topic, value, key, partition=partition, on_delivery=self._on_delivery
+            )
             keys, merged = by_partition.setdefault(partition, ([], []))
             keys.append(key)
             merged.append(window)
@@ -307,7 +380,13 @@ class StreamWorker:
         after the windows are flushed (why: stream/broker.py)."""
         self._flush()
         for partition in partitions:
-            self.producer.produce(self.settings.windows_topic, None, SEAL_KEY, partition=partition, on_delivery=self._on_delivery)
+            self.producer.produce(
+                self.settings.windows_topic,
+                None,
+                SEAL_KEY,
+                partition=partition,
+                on_delivery=self._on_delivery,
+            )
         self._flush()
 
     def _flush(self) -> None:
@@ -345,7 +424,9 @@ class StreamWorker:
             )
         self.stats.counts["dead_letters"] += len(rejected.index)
 
-    def _commit(self, messages: list[Message], partitions: np.ndarray, moved_here: np.ndarray) -> None:
+    def _commit(
+        self, messages: list[Message], partitions: np.ndarray, moved_here: np.ndarray
+    ) -> None:
         """Commit past the last message of each topic partition in the batch."""
         topic_partition = partitions + moved_here * (1 << 32)  # one code per topic partition
         found, from_end = np.unique(topic_partition[::-1], return_index=True)
@@ -392,12 +473,17 @@ class StreamWorker:
         """A store holding the latest window of every user of the partition, read from
         beat.windows to its end."""
         settings = self.settings
-        store = open_store(settings.state_store, settings.data_dir, settings.stream_group, partition)
+        store = open_store(
+            settings.state_store, settings.data_dir, settings.stream_group, partition
+        )
         for latest in read_compacted(settings, settings.windows_topic, partition):
             for key in [k for k, v in latest.items() if v is None]:  # tombstones and seals
                 store.delete(key)
                 del latest[key]
-            store.put_many(list(latest), [Window.from_record(self.window_codec.decode(v)) for v in latest.values()])
+            store.put_many(
+                list(latest),
+                [Window.from_record(self.window_codec.decode(v)) for v in latest.values()],
+            )
         log.info("stream worker: restored %d windows of partition %d", len(store), partition)
         return store
 

@@ -34,7 +34,13 @@ from stream.avro_binary import write_array, write_long, write_optional_string, w
 from stream.event_contract import hash_strings
 
 ROW = np.dtype(
-    [("time_lo", "<u4"), ("time_hi", "<u2"), ("symbol", "<u2"), ("id_hash", "<u4"), ("value", "<f4")]
+    [
+        ("time_lo", "<u4"),
+        ("time_hi", "<u2"),
+        ("symbol", "<u2"),
+        ("id_hash", "<u4"),
+        ("value", "<f4"),
+    ]
 )
 assert ROW.itemsize == 16
 MAX_TIME_MS = 2**48 - 1  # year 10889
@@ -46,7 +52,9 @@ def event_id_hashes(event_ids: pa.Array) -> np.ndarray:
     return (hash_strings(event_ids) & np.uint64(0xFFFFFFFF)).astype(np.uint32)
 
 
-def pack_rows(time_ms: np.ndarray, symbol: np.ndarray, id_hash: np.ndarray, value: np.ndarray) -> np.ndarray:
+def pack_rows(
+    time_ms: np.ndarray, symbol: np.ndarray, id_hash: np.ndarray, value: np.ndarray
+) -> np.ndarray:
     rows = np.empty(len(time_ms), ROW)
     rows["time_lo"] = time_ms & 0xFFFFFFFF
     rows["time_hi"] = time_ms >> 32
@@ -138,7 +146,13 @@ class Window:
         return cls(user_id, np.empty(0, ROW), np.empty(0, np.int32))
 
     @classmethod
-    def from_strings(cls, user_id: str, rows: np.ndarray, actions: Sequence[str], properties: Sequence[str | None]) -> Window:
+    def from_strings(
+        cls,
+        user_id: str,
+        rows: np.ndarray,
+        actions: Sequence[str],
+        properties: Sequence[str | None],
+    ) -> Window:
         return cls(user_id, rows, SYMBOLS.ids(actions, properties))
 
     @property
@@ -167,10 +181,16 @@ class Window:
     def from_record(cls, record: dict) -> Window:
         events = record["events"]
         if len(events) % ROW.itemsize:
-            raise ValueError(f"window of {record['user_id']!r}: {len(events)} event bytes is not a multiple of {ROW.itemsize}")
+            raise ValueError(
+                f"window of {record['user_id']!r}: {len(events)} event bytes "
+                f"is not a multiple of {ROW.itemsize}"
+            )
         rows = np.frombuffer(events, ROW)
         if len(rows) and int(rows["symbol"].max()) >= len(record["actions"]):
-            raise ValueError(f"window of {record['user_id']!r} names a symbol beyond its {len(record['actions'])}")
+            raise ValueError(
+                f"window of {record['user_id']!r} "
+                f"names a symbol beyond its {len(record['actions'])}"
+            )
         return cls.from_strings(record["user_id"], rows, record["actions"], record["properties"])
 
     def event_window(self) -> EventWindow:
@@ -239,7 +259,11 @@ class MergeCounts:
 
 
 def merge_batch(
-    stored: Sequence[Window | None], users: Sequence[str], new: NewEvents, max_events: int, window_ms: int
+    stored: Sequence[Window | None],
+    users: Sequence[str],
+    new: NewEvents,
+    max_events: int,
+    window_ms: int,
 ) -> tuple[list[Window], MergeCounts]:
     """Merge each user's new events into their stored window (None: no window yet).
 
@@ -256,7 +280,9 @@ def merge_batch(
     # The new events' pairs: factorized on Arrow, then one SYMBOLS lookup per distinct pair.
     new_code, first = _pair_codes(new.action, new.property)
     take = pa.array(first)
-    new_pair = SYMBOLS.ids(new.action.take(take).to_pylist(), new.property.take(take).to_pylist())[new_code]
+    new_pair = SYMBOLS.ids(new.action.take(take).to_pylist(), new.property.take(take).to_pylist())[
+        new_code
+    ]
 
     is_new = np.repeat([False, True], [len(old_rows), len(new.user)])
     user = np.concatenate([old_user, new.user])
@@ -267,14 +293,21 @@ def merge_batch(
 
     # Stable sort: a stored event comes before its replayed copy, and copies keep arrival order.
     order = np.lexsort((id_hash, time, user))
-    user, time, id_hash, value, pair, is_new = (a[order] for a in (user, time, id_hash, value, pair, is_new))
+    user, time, id_hash, value, pair, is_new = (
+        a[order] for a in (user, time, id_hash, value, pair, is_new)
+    )
     duplicate = np.zeros(len(user), bool)
-    duplicate[1:] = (user[1:] == user[:-1]) & (time[1:] == time[:-1]) & (id_hash[1:] == id_hash[:-1])
+    duplicate[1:] = (
+        (user[1:] == user[:-1]) & (time[1:] == time[:-1]) & (id_hash[1:] == id_hash[:-1])
+    )
 
     newest = np.zeros(len(users), np.int64)
     newest[user] = time  # rows ascend by time within a user, so the last write is the newest
     too_old = time < newest[user] - window_ms
-    counts = MergeCounts(int(np.count_nonzero(duplicate & is_new)), int(np.count_nonzero(too_old & ~duplicate & is_new)))
+    counts = MergeCounts(
+        int(np.count_nonzero(duplicate & is_new)),
+        int(np.count_nonzero(too_old & ~duplicate & is_new)),
+    )
 
     keep = ~duplicate & ~too_old
     user, time, id_hash, value, pair = (a[keep] for a in (user, time, id_hash, value, pair))
@@ -294,7 +327,11 @@ def merge_batch(
     row_bounds = np.concatenate([[0], np.cumsum(np.bincount(user, minlength=len(users)))]).tolist()
     symbol_bounds = pair_start.tolist()
     merged = [
-        Window(users[u], rows[row_bounds[u] : row_bounds[u + 1]], symbols[symbol_bounds[u] : symbol_bounds[u + 1]])
+        Window(
+            users[u],
+            rows[row_bounds[u] : row_bounds[u + 1]],
+            symbols[symbol_bounds[u] : symbol_bounds[u + 1]],
+        )
         for u in range(len(users))
     ]
     return merged, counts

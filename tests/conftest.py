@@ -40,7 +40,11 @@ def _docker_engine() -> bool:
 @pytest.fixture(scope="session")
 def apache_kafka() -> Iterator[str | None]:
     """Apache Kafka in KRaft mode through testcontainers, where a Docker engine runs."""
-    if os.environ.get("KAFKA_BOOTSTRAP_SERVERS") or os.environ.get("BEAT_TEST_BROKER") == "tansu" or not _docker_engine():
+    if (
+        os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+        or os.environ.get("BEAT_TEST_BROKER") == "tansu"
+        or not _docker_engine()
+    ):
         yield None
         return
     from testcontainers.kafka import KafkaContainer
@@ -87,7 +91,9 @@ def settings(bootstrap_servers: str, tmp_path: Path) -> Settings:
 
 
 @contextmanager
-def stream_worker(settings: Settings, log_path: Path, ready_file: Path | None = None) -> Iterator[subprocess.Popen]:
+def stream_worker(
+    settings: Settings, log_path: Path, ready_file: Path | None = None
+) -> Iterator[subprocess.Popen]:
     """A stream worker process, as in production.
 
     With ready_file, the worker creates it once it holds partitions and has recovered
@@ -125,7 +131,11 @@ def running(worker) -> Iterator[None]:  # noqa: ANN001
 def read_topic(settings: Settings, topic: str, until: Callable[[list[Message]], bool] | None = None,
                timeout_s: float = 60.0) -> list[Message]:
     """Every message of a topic from the start; with `until`, keep reading until it holds."""
-    consumer = Consumer(client_config(settings, **{"group.id": f"reader-{uuid.uuid4().hex}", "fetch.wait.max.ms": 10}))
+    consumer = Consumer(
+        client_config(
+            settings, **{"group.id": f"reader-{uuid.uuid4().hex}", "fetch.wait.max.ms": 10}
+        )
+    )
     try:
         partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
         consumer.assign([TopicPartition(topic, p, 0) for p in partitions])
@@ -139,7 +149,9 @@ def read_topic(settings: Settings, topic: str, until: Callable[[list[Message]], 
             if until is not None and until(messages):
                 return messages
         if until is not None:
-            raise AssertionError(f"{topic}: condition not met within {timeout_s}s ({len(messages)} messages read)")
+            raise AssertionError(
+                f"{topic}: condition not met within {timeout_s}s ({len(messages)} messages read)"
+            )
         return messages
     finally:
         consumer.close()
@@ -159,17 +171,26 @@ def synthetic_sequences(events: SyntheticEvents, start: datetime, end: datetime)
     table = pa.Table.from_batches(list(events.history(start, end)))
     time_index = table.schema.get_field_index("event_time")
     table = table.set_column(time_index, "event_time", pc.cast(table["event_time"], pa.int64()))
-    table = table.sort_by([("user_id", "ascending"), ("event_time", "ascending"), ("event_id", "ascending")])
+    table = table.sort_by(
+        [("user_id", "ascending"), ("event_time", "ascending"), ("event_id", "ascending")]
+    )
     # a single-threaded group_by keeps each group's rows in table order
-    grouped = table.group_by("user_id", use_threads=False).aggregate([(name, "list") for name in EVENT_COLUMNS])
-    return grouped.rename_columns(["user_id", *EVENT_COLUMNS]).sort_by("user_id").cast(SEQUENCE_SCHEMA)
+    grouped = table.group_by("user_id", use_threads=False).aggregate(
+        [(name, "list") for name in EVENT_COLUMNS]
+    )
+    return (
+        grouped.rename_columns(["user_id", *EVENT_COLUMNS]).sort_by("user_id").cast(SEQUENCE_SCHEMA)
+    )
 
 
 @pytest.fixture
 def redis_url(request: pytest.FixtureRequest) -> str:
     """127.0.0.1:6379, started here if a redis-server binary exists and none is running."""
     url = "127.0.0.1:6379"
-    if "online_store" in request.fixturenames and request.getfixturevalue("online_store") != "redis":
+    if (
+        "online_store" in request.fixturenames
+        and request.getfixturevalue("online_store") != "redis"
+    ):
         return url
     import redis
 

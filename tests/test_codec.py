@@ -95,7 +95,9 @@ def test_truncated_and_padded_bodies_are_rejected() -> None:
     -62_135_596_800_001,  # a millisecond before 0001-01-01
     2**62,  # past what a C long holds in microseconds
 ])
-def test_timestamp_outside_years_1_to_9999_is_rejected(codec: AvroCodec, event_time_ms: int) -> None:
+def test_timestamp_outside_years_1_to_9999_is_rejected(
+    codec: AvroCodec, event_time_ms: int
+) -> None:
     # The same bytes as a real event, written with event_time as a plain long: a producer
     # (not this codec) can put any long there.
     schema = load_schema("behavior_event")

@@ -24,12 +24,21 @@ NOW = datetime.now(timezone.utc).replace(microsecond=0)
 
 
 def event(user: str, n: int, at: datetime = NOW) -> dict:
-    return {"user_id": user, "event_id": f"{user}-{n}", "event_time": at - timedelta(minutes=10 - n),
-            "action": "login", "property": None, "value": None, "attributes": {}}
+    return {
+        "user_id": user,
+        "event_id": f"{user}-{n}",
+        "event_time": at - timedelta(minutes=10 - n),
+        "action": "login",
+        "property": None,
+        "value": None,
+        "attributes": {},
+    }
 
 
 @pytest.mark.parametrize("state_store", ["memory", "rocksdb"])
-def test_bad_events_are_dead_lettered_and_later_events_processed(settings: Settings, tmp_path: Path, state_store: str) -> None:
+def test_bad_events_are_dead_lettered_and_later_events_processed(
+    settings: Settings, tmp_path: Path, state_store: str
+) -> None:
     settings = settings.model_copy(update={"state_store": state_store})
     codec = AvroCodec("behavior_event", settings.events_topic)
     sends = [
@@ -48,11 +57,17 @@ def test_bad_events_are_dead_lettered_and_later_events_processed(settings: Setti
     producer.flush(10)
 
     with stream_worker(settings, tmp_path / "stream.log"):
-        dead = read_topic(settings, settings.dead_letter_topic, until=lambda m: len(m) >= 5, timeout_s=60)
+        dead = read_topic(
+            settings, settings.dead_letter_topic, until=lambda m: len(m) >= 5, timeout_s=60
+        )
         window_codec = AvroCodec("user_window", settings.windows_topic)
 
         def latest(messages: list) -> dict[str, Window]:
-            windows = (Window.from_record(window_codec.decode(m.value())) for m in messages if m.value() is not None)
+            windows = (
+                Window.from_record(window_codec.decode(m.value()))
+                for m in messages
+                if m.value() is not None
+            )
             return {w.user_id: w for w in windows}
 
         def windows_done(messages: list) -> bool:

@@ -40,8 +40,12 @@ def avro_string(text: str | bytes) -> bytes:
 def body(event: dict, blocks: list[tuple[list[tuple[str, str]], bool]] | None = None) -> bytes:
     """An Avro body written by hand, so the attributes map can come in several blocks;
     a block (entries, sized) with sized=True has a negative count and its byte size."""
-    out = [avro_string(event["user_id"]), avro_string(event["event_id"]), zigzag(event["event_time"]),
-           avro_string(event["action"])]
+    out = [
+        avro_string(event["user_id"]),
+        avro_string(event["event_id"]),
+        zigzag(event["event_time"]),
+        avro_string(event["action"]),
+    ]
     out.append(b"\x00" if event["property"] is None else b"\x02" + avro_string(event["property"]))
     out.append(b"\x00" if event["value"] is None else b"\x02" + struct.pack("<d", event["value"]))
     if blocks is None:
@@ -69,15 +73,23 @@ def random_event(rng: np.random.Generator) -> dict:
         "user_id": random_text(rng), "event_id": random_text(rng, 40), "event_time": time,
         "action": random_text(rng, 200 if rng.random() < 0.05 else 12),
         "property": None if rng.random() < 0.3 else random_text(rng),
-        "value": None if rng.random() < 0.3 else float(rng.choice([0.0, -1.5, 1e300, rng.normal() * 1e4])),
+        "value": None
+        if rng.random() < 0.3
+        else float(rng.choice([0.0, -1.5, 1e300, rng.normal() * 1e4])),
         "attributes": {random_text(rng, 5) + str(i): random_text(rng) for i in range(n_attributes)},
     }  # fmt: skip
 
 
-def random_blocks(rng: np.random.Generator, attributes: dict) -> list[tuple[list[tuple[str, str]], bool]]:
+def random_blocks(
+    rng: np.random.Generator, attributes: dict
+) -> list[tuple[list[tuple[str, str]], bool]]:
     """The entries split into 1..4 blocks, some of them sized (negative counts)."""
     entries = list(attributes.items())
-    bounds = [0, *sorted(rng.integers(0, len(entries) + 1, rng.integers(0, 4)).tolist()), len(entries)]
+    bounds = [
+        0,
+        *sorted(rng.integers(0, len(entries) + 1, rng.integers(0, 4)).tolist()),
+        len(entries),
+    ]
     return [(entries[a:b], bool(rng.random() < 0.5)) for a, b in zip(bounds, bounds[1:])]
 
 
@@ -92,7 +104,14 @@ def expected(codec: AvroCodec, payload: bytes | None) -> tuple:
     except (DecodeError, OverflowError) as err:
         return "rejected", same_reason(str(err))
     time_ms = (record["event_time"] - EPOCH) // timedelta(milliseconds=1)
-    return "ok", (record["user_id"], record["event_id"], time_ms, record["action"], record["property"], record["value"])
+    return "ok", (
+        record["user_id"],
+        record["event_id"],
+        time_ms,
+        record["action"],
+        record["property"],
+        record["value"],
+    )
 
 
 def decoded(codec: AvroCodec, payloads: list[bytes | None]) -> list[tuple]:
@@ -101,8 +120,16 @@ def decoded(codec: AvroCodec, payloads: list[bytes | None]) -> list[tuple]:
     assert np.all(np.diff(out.row) > 0), "rows come back in input order"
     answers: list[tuple] = [("missing",)] * len(payloads)
     values = [None if np.isnan(v) else float(v) for v in out.value]
-    for i, fields in enumerate(zip(out.user_id.to_pylist(), out.event_id.to_pylist(), out.event_time.tolist(),
-                                   out.action.to_pylist(), out.property.to_pylist(), values)):
+    for i, fields in enumerate(
+        zip(
+            out.user_id.to_pylist(),
+            out.event_id.to_pylist(),
+            out.event_time.tolist(),
+            out.action.to_pylist(),
+            out.property.to_pylist(),
+            values,
+        )
+    ):
         answers[out.row[i]] = ("ok", fields)
     for row, reason in out.rejected:
         assert answers[row] == ("missing",), f"row {row} both decoded and rejected"
@@ -121,7 +148,9 @@ def fallbacks(codec: AvroCodec, payloads: list[bytes | None]) -> int:
     decoder = EventDecoder(codec)
     calls = []
     codec_decode = codec.decode
-    decoder.codec = type("Counting", (), {"decode": lambda self, p: calls.append(p) or codec_decode(p)})()
+    decoder.codec = type(
+        "Counting", (), {"decode": lambda self, p: calls.append(p) or codec_decode(p)}
+    )()
     decoder.decode(payloads)
     return len(calls)
 
@@ -139,7 +168,10 @@ def events() -> list[dict]:
 
 
 def test_random_records_match_fastavro(codec: AvroCodec, events: list[dict]) -> None:
-    payloads = [codec.encode({**e, "event_time": EPOCH + timedelta(milliseconds=e["event_time"])}) for e in events]
+    payloads = [
+        codec.encode({**e, "event_time": EPOCH + timedelta(milliseconds=e["event_time"])})
+        for e in events
+    ]
     assert_agrees(codec, payloads)
     assert fallbacks(codec, payloads) == 0
     out = EventDecoder(codec).decode(payloads)
@@ -170,12 +202,16 @@ def corruptions(rng: np.random.Generator, header: bytes, event: dict) -> list[by
     cut = int(rng.integers(0, len(good)))
     flip = bytearray(good)
     flip[int(rng.integers(0, len(good)))] ^= 1 << int(rng.integers(8))
-    bad_utf8 = header + body({**event, "event_id": "x"}).replace(avro_string("x"), avro_string(b"\xff\xfe"), 1)
+    bad_utf8 = header + body({**event, "event_id": "x"}).replace(
+        avro_string("x"), avro_string(b"\xff\xfe"), 1
+    )
     bad_attribute = header + body({**event, "attributes": {}}, [([("k", "v")], False)]).replace(
         avro_string("k") + avro_string("v"), avro_string("k") + avro_string(b"\xc3"))
     return [
-        None, b"", good[:cut], good + b"\x00", bytes(flip), bytes(rng.integers(0, 256, cut, dtype=np.uint8)),
-        good[:2] + b"\x99" * (len(header) - 2) + good[len(header):],  # unknown fingerprint / schema id
+        None, b"", good[:cut], good + b"\x00", bytes(flip),
+        bytes(rng.integers(0, 256, cut, dtype=np.uint8)),
+        # an unknown fingerprint / schema id
+        good[:2] + b"\x99" * (len(header) - 2) + good[len(header):],
         bad_utf8, bad_attribute,
         header + zigzag(-3) + good[len(header):],  # a negative string length
         header + good[len(header):].replace(b"\x00", b"\x06"),  # union branch 3 of 2
@@ -184,7 +220,9 @@ def corruptions(rng: np.random.Generator, header: bytes, event: dict) -> list[by
 
 
 @pytest.mark.usefixtures("map_walk")
-def test_corrupt_inputs_are_rejected_with_the_codecs_reason(codec: AvroCodec, events: list[dict]) -> None:
+def test_corrupt_inputs_are_rejected_with_the_codecs_reason(
+    codec: AvroCodec, events: list[dict]
+) -> None:
     rng = np.random.default_rng(3)
     header = codec.framing.header()
     payloads: list[bytes | None] = []
@@ -208,13 +246,18 @@ def test_other_writer_schema_falls_back_to_the_codec() -> None:
     codec through the registry, decoded per record between fast-path records."""
     registry = "mock://event-columns-evolution"
     codec = AvroCodec("behavior_event", "beat.events", registry)
-    newer = {**codec.schema, "fields": [*codec.schema["fields"], {"name": "device", "type": "string", "default": ""}]}
+    newer = {
+        **codec.schema,
+        "fields": [*codec.schema["fields"], {"name": "device", "type": "string", "default": ""}],
+    }
     newer.pop("__fastavro_parsed", None), newer.pop("__named_schemas", None)
     from confluent_kafka.schema_registry import Schema
 
     from stream.codec import registry_client
 
-    newer_id = registry_client(registry).register_schema("beat.events-value", Schema(json.dumps(newer), "AVRO"))
+    newer_id = registry_client(registry).register_schema(
+        "beat.events-value", Schema(json.dumps(newer), "AVRO")
+    )
     event = {"user_id": "u1", "event_id": "e1", "event_time": 1_700_000_000_000, "action": "login",
              "property": None, "value": 2.5, "attributes": {}, "device": "ios"}  # fmt: skip
     buf = io.BytesIO()

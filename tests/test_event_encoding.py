@@ -9,14 +9,14 @@ import pyarrow as pa
 import pytest
 
 from stream.codec import AvroCodec
-from stream.event_encoding import EventEncoder
 from stream.event_contract import EVENT_SCHEMA
+from stream.event_encoding import EventEncoder
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 ALPHABET = ["a", "Z", "0", "_", " ", "é", "ß", "中", "😀", "\x00", "\u200b"]
 # Varint lengths change at 2**(7k): times and strings around those edges, and the extremes.
-TIMES_MS = [0, -1, 1, 63, 64, -64, -65, 8191, 8192, 2**20, -(2**35), 1_700_000_000_000, 1_700_000_000_001,
-            -62_135_596_800_000, 253_402_300_799_999]  # fmt: skip
+TIMES_MS = [0, -1, 1, 63, 64, -64, -65, 8191, 8192, 2**20, -(2**35), 1_700_000_000_000,
+            1_700_000_000_001, -62_135_596_800_000, 253_402_300_799_999]  # fmt: skip
 VALUES = [None, 0.0, -0.0, 1.5, -1e300, float("inf"), float("-inf"), float("nan"), 5e-324]
 
 
@@ -33,7 +33,10 @@ def random_events(rng: np.random.Generator, n: int) -> list[dict]:
             "action": random_text(rng, 8),
             "property": None if rng.random() < 0.3 else random_text(rng, 10),
             "value": VALUES[rng.integers(len(VALUES))],
-            "attributes": {f"k{j}{random_text(rng, 3)}": random_text(rng, 40) for j in range(rng.integers(0, 4))},
+            "attributes": {
+                f"k{j}{random_text(rng, 3)}": random_text(rng, 40)
+                for j in range(rng.integers(0, 4))
+            },
         }
         for _ in range(n)
     ]
@@ -58,8 +61,10 @@ def test_a_sliced_batch_and_null_or_empty_maps() -> None:
     codec = AvroCodec("behavior_event", "beat.events")
     events = random_events(np.random.default_rng(8), 50)
     batch = as_batch(events)
-    attributes = pa.array([None if i % 3 == 0 else list(e["attributes"].items()) for i, e in enumerate(events)],
-                          EVENT_SCHEMA.field("attributes").type)  # fmt: skip
+    attributes = pa.array(
+        [None if i % 3 == 0 else list(e["attributes"].items()) for i, e in enumerate(events)],
+        EVENT_SCHEMA.field("attributes").type,
+    )
     batch = batch.set_column(6, EVENT_SCHEMA.field("attributes"), attributes).slice(5, 30)
 
     values = EventEncoder(codec).encode(batch).to_pylist()

@@ -58,7 +58,9 @@ def test_history_conforms_to_the_schema(population: SyntheticEvents, history: pa
         check_batch(batch)
     times = history.column("event_time").cast(pa.int64()).to_numpy()
     assert np.all(np.diff(times) >= 0), "history is in event-time order"
-    assert times[0] >= 1704067200000 and times[-1] < 1704067200000 + HORIZON // timedelta(milliseconds=1)
+    assert times[0] >= 1704067200000 and times[-1] < 1704067200000 + HORIZON // timedelta(
+        milliseconds=1
+    )
     assert pc.count_distinct(history.column("event_id")).as_py() == history.num_rows
     assert history.num_rows > 100_000
     assert len(set(history.column("property").drop_null().to_pylist())) > 200
@@ -68,24 +70,36 @@ def test_the_same_seed_gives_the_same_events() -> None:
     def sample(seed: int) -> tuple[pa.Table, pa.Table]:
         g = SyntheticEvents(n_users=300, seed=seed)
         live = itertools.islice(g.live(500, start=ORIGIN), 20)
-        return pa.Table.from_batches(g.history(ORIGIN, ORIGIN + timedelta(days=2))), pa.Table.from_batches(live)
+        return pa.Table.from_batches(
+            g.history(ORIGIN, ORIGIN + timedelta(days=2))
+        ), pa.Table.from_batches(live)
 
     first, again, other = sample(1), sample(1), sample(2)
     assert first[0].equals(again[0]) and first[1].equals(again[1])
     assert not first[0].equals(other[0]) and not first[1].equals(other[1])
 
 
-def test_personas_have_different_action_mixes(frame: pd.DataFrame, population: SyntheticEvents) -> None:
+def test_personas_have_different_action_mixes(
+    frame: pd.DataFrame, population: SyntheticEvents
+) -> None:
     personas = population.personas()
-    assert personas.num_rows == 1_000 and set(personas.column("persona").to_pylist()) == set(population.persona_names)
+    assert personas.num_rows == 1_000 and set(personas.column("persona").to_pylist()) == set(
+        population.persona_names
+    )
     mix = pd.crosstab(frame.persona, frame.action, normalize="index")
     for a, b in itertools.combinations(mix.index, 2):
         total_variation = 0.5 * np.abs(mix.loc[a] - mix.loc[b]).sum()
         assert total_variation > 0.3, (a, b, total_variation)
-    top = frame[frame.persona.isin(["gamer", "fraudster", "traveller"])].groupby("persona").action.agg(
-        lambda a: a.value_counts().index[0]
+    top = (
+        frame[frame.persona.isin(["gamer", "fraudster", "traveller"])]
+        .groupby("persona")
+        .action.agg(lambda a: a.value_counts().index[0])
     )
-    assert top.to_dict() == {"gamer": "game_start", "fraudster": "card_payment", "traveller": "search"}
+    assert top.to_dict() == {
+        "gamer": "game_start",
+        "fraudster": "card_payment",
+        "traveller": "search",
+    }
 
 
 def test_personas_have_their_own_rhythm(frame: pd.DataFrame) -> None:
@@ -137,8 +151,12 @@ def channel(batch: pa.RecordBatch) -> pa.Array:
     return pa.array([dict(a)["channel"] for a in batch.column("attributes").to_pylist()])
 
 
-def test_reads_csv_with_a_mapping_and_epoch_seconds(sample_batch: pa.RecordBatch, tmp_path: Path) -> None:
-    seconds = pc.divide(sample_batch.column("event_time").cast(pa.int64()).cast(pa.float64()), 1000.0)
+def test_reads_csv_with_a_mapping_and_epoch_seconds(
+    sample_batch: pa.RecordBatch, tmp_path: Path
+) -> None:
+    seconds = pc.divide(
+        sample_batch.column("event_time").cast(pa.int64()).cast(pa.float64()), 1000.0
+    )
     theirs = pa.table(
         {
             "customer": sample_batch.column("user_id"),
@@ -158,7 +176,9 @@ def test_reads_csv_with_a_mapping_and_epoch_seconds(sample_batch: pa.RecordBatch
         assert read.column(name).combine_chunks().equals(sample_batch.column(name)), name
     assert pc.count_distinct(read.column("event_id")).as_py() == read.num_rows
     again = pa.Table.from_batches(read_event_file(path, mapping, batch_size=700))
-    assert read.column("event_id").equals(again.column("event_id")), "ids depend on content, not batching"
+    assert read.column("event_id").equals(again.column("event_id")), (
+        "ids depend on content, not batching"
+    )
 
 
 def test_reads_parquet_with_epoch_ms(sample_batch: pa.RecordBatch, tmp_path: Path) -> None:
@@ -175,7 +195,9 @@ def test_reads_jsonl_with_iso_times(sample_batch: pa.RecordBatch, tmp_path: Path
     path = tmp_path / "events.jsonl"
     with path.open("w") as out:
         for row in sample_batch.to_pylist():
-            row["event_time"] = row["event_time"].isoformat(timespec="milliseconds").replace("+00:00", "Z")
+            row["event_time"] = (
+                row["event_time"].isoformat(timespec="milliseconds").replace("+00:00", "Z")
+            )
             row["attributes"] = dict(row["attributes"])
             out.write(json.dumps(row) + "\n")
     read = pa.Table.from_batches(read_event_file(path))
@@ -196,14 +218,20 @@ def test_event_time_formats(tmp_path: Path) -> None:
     assert batch.column("event_time").cast(pa.int64()).to_pylist() == [
         1704067200000, 1704103200500, 1704103200000, 1704067200000, 1704067200250,
     ]  # fmt: skip
-    assert batch.column("property").null_count == 5 and batch.column("attributes").to_pylist() == [[]] * 5
+    assert (
+        batch.column("property").null_count == 5
+        and batch.column("attributes").to_pylist() == [[]] * 5
+    )
 
 
 def test_missing_user_column_says_how_to_map_it(tmp_path: Path) -> None:
     path = tmp_path / "data.csv"
     path.write_text("a,b,c\n1,2,3\n")
-    with pytest.raises(ValueError, match=r"no column for 'user_id' in data.csv \(columns: a, b, c\); "
-                       r"map it with --column user_id=YOUR_COLUMN"):
+    with pytest.raises(
+        ValueError,
+        match=r"no column for 'user_id' in data.csv \(columns: a, b, c\); "
+        r"map it with --column user_id=YOUR_COLUMN",
+    ):
         read_event_file(path, {"event_time": "b", "action": "c"})
     with pytest.raises(ValueError, match=r"no column 'nope' \(mapped to 'user_id'\)"):
         read_event_file(path, {"user_id": "nope"})
@@ -216,7 +244,12 @@ def test_reads_cdnow_text_as_purchases() -> None:
     # Identical rows (same customer, day, quantity and amount) stay distinct events.
     assert len(pc.unique(events["event_id"])) == events.num_rows
     first = events.slice(0, 1).to_pylist()[0]
-    assert (first["user_id"], first["action"], first["property"], first["value"]) == ("00001", "purchase", "cds_1", 11.77)
+    assert (first["user_id"], first["action"], first["property"], first["value"]) == (
+        "00001",
+        "purchase",
+        "cds_1",
+        11.77,
+    )
     assert first["event_time"] == datetime(1997, 1, 1, tzinfo=UTC)
     assert set(pc.unique(events["property"]).to_pylist()) == {"cds_1", "cds_2", "cds_3-4", "cds_5+"}
 
@@ -224,6 +257,11 @@ def test_reads_cdnow_text_as_purchases() -> None:
 def test_whitespace_text_with_yyyymmdd_dates(tmp_path: Path) -> None:
     path = tmp_path / "log.txt"
     path.write_text(" who  day   kind\r\n a1  20240229  login\r\n b2\t20231231 logout\r\n")
-    events = pa.Table.from_batches(list(read_event_file(path, {"user_id": "who", "event_time": "day", "action": "kind"})))
-    assert events["event_time"].to_pylist() == [datetime(2024, 2, 29, tzinfo=UTC), datetime(2023, 12, 31, tzinfo=UTC)]
+    events = pa.Table.from_batches(
+        list(read_event_file(path, {"user_id": "who", "event_time": "day", "action": "kind"}))
+    )
+    assert events["event_time"].to_pylist() == [
+        datetime(2024, 2, 29, tzinfo=UTC),
+        datetime(2023, 12, 31, tzinfo=UTC),
+    ]
     assert events["user_id"].to_pylist() == ["a1", "b2"]

@@ -14,13 +14,14 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from conftest import REPO, read_topic, stream_worker, wait_for
 from test_pipeline import T0, event
 
 from stream.broker import EmbeddedBroker, _free_port, ensure_topics
 from stream.config import Settings
 from stream.producer import EventProducer, produce
 from stream.synthetic import SyntheticEvents
+
+from conftest import REPO, read_topic, stream_worker, wait_for
 
 pytestmark = pytest.mark.skipif(
     bool(os.environ.get("KAFKA_BOOTSTRAP_SERVERS")), reason="freezes and kills a broker of its own"

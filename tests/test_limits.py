@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from confluent_kafka import Producer
-from conftest import read_topic, stream_worker
 
 from stream import event_columns
 from stream.broker import dead_letter, producer_config
@@ -19,6 +18,8 @@ from stream.codec import AvroCodec
 from stream.config import ConfigError, Settings, load_settings
 from stream.event_columns import EventDecoder
 from stream.window import ROW, SYMBOLS, Window, encode_window_body
+
+from conftest import read_topic, stream_worker
 
 NOW = datetime.now(UTC).replace(microsecond=0)
 CODEC = AvroCodec("behavior_event", "beat.events")

@@ -25,6 +25,7 @@ from stream.window import Window
 from conftest import read_topic, running, stream_worker
 from reference_windows import ACTIONS, PROPERTIES, T0, event, expected_windows, ms, window_columns
 
+
 def history() -> list[dict]:
     """A handful of users whose windows exercise ordering, duplicates, age and length."""
     rng = random.Random(7)
@@ -45,7 +46,14 @@ def history() -> list[dict]:
 def latest_windows(settings: Settings) -> dict[str, Window]:
     """The newest window message of each user in beat.windows (seals skipped)."""
     codec = AvroCodec("user_window", settings.windows_topic)
-    return {w.user_id: w for w in (Window.from_record(codec.decode(m.value())) for m in read_topic(settings, settings.windows_topic) if m.value() is not None)}
+    return {
+        w.user_id: w
+        for w in (
+            Window.from_record(codec.decode(m.value()))
+            for m in read_topic(settings, settings.windows_topic)
+            if m.value() is not None
+        )
+    }
 
 
 @pytest.fixture(scope="module")
@@ -78,17 +86,25 @@ def test_events_become_windows_and_embeddings_in_feast(
         codec = AvroCodec("user_embedding", settings.embeddings_topic)
 
         def newest_records(messages: list) -> dict[str, dict]:
-            return {record["user_id"]: record for record in (codec.decode(m.value()) for m in messages)}
+            return {
+                record["user_id"]: record for record in (codec.decode(m.value()) for m in messages)
+            }
 
         def all_users_final(messages: list) -> bool:
-            assert windows_process.poll() is None, f"stream worker died: {(tmp_path / 'stream.log').read_text()[-3000:]}"
+            assert windows_process.poll() is None, (
+                f"stream worker died: {(tmp_path / 'stream.log').read_text()[-3000:]}"
+            )
             latest = newest_records(messages)
             return all(
-                u in latest and latest[u]["event_count"] == len(w) and latest[u]["last_event_time"] == w[-1]["event_time"]
+                u in latest
+                and latest[u]["event_count"] == len(w)
+                and latest[u]["last_event_time"] == w[-1]["event_time"]
                 for u, w in expected.items()
             )
 
-        messages = read_topic(settings, settings.embeddings_topic, until=all_users_final, timeout_s=90)
+        messages = read_topic(
+            settings, settings.embeddings_topic, until=all_users_final, timeout_s=90
+        )
         published = newest_records(messages)
         partition_of = {codec.decode(m.value())["user_id"]: m.partition() for m in messages}
 
@@ -123,7 +139,9 @@ def test_events_become_windows_and_embeddings_in_feast(
     for i, user in enumerate(users):
         assert stored["model_version"][i] == encoder.model_version
         assert stored["event_count"][i] == len(expected[user])
-        np.testing.assert_allclose(np.array(stored["embedding"][i], np.float32), direct[i], rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(
+            np.array(stored["embedding"][i], np.float32), direct[i], rtol=1e-4, atol=1e-5
+        )
         newest_on_partition = clock[partition_of[user]]
         assert newest_on_partition <= ms(published[user]["updated_at"]) < newest_on_partition + 1000
     # Different users have different embeddings: the store did not keep one row for all.

@@ -11,14 +11,16 @@ import pytest
 from model import BeatEncoder
 from stream.cli import main
 from stream.config import Settings
-from stream.synthetic import SyntheticEvents
 from stream.producer import produce
+from stream.synthetic import SyntheticEvents
 
 
 def test_pretrain_from_the_topic_writes_model_and_report(settings: Settings, tmp_path: Path,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     start = datetime(2026, 1, 1, tzinfo=UTC)
-    history = SyntheticEvents(n_users=120, seed=3, origin=start, churn_horizon_days=100).history(start, start + timedelta(days=100))
+    history = SyntheticEvents(n_users=120, seed=3, origin=start, churn_horizon_days=100).history(
+        start, start + timedelta(days=100)
+    )
     sent = produce(settings, history)
     for name, value in settings.to_env().items():
         monkeypatch.setenv(name, value)
@@ -31,17 +33,24 @@ def test_pretrain_from_the_topic_writes_model_and_report(settings: Settings, tmp
     report = json.loads((out / "report.json").read_text())
     assert report["load"]["events"] + report["load"]["duplicates"] == sent
     assert report["training_run"]["steps"] == 6
-    assert 0 <= report["churn"]["auc"]["rfm_logistic"]["value"] <= 1 and report["churn"]["auc"]["beat_logistic"]["value"] >= 0
+    assert (
+        0 <= report["churn"]["auc"]["rfm_logistic"]["value"] <= 1
+        and report["churn"]["auc"]["beat_logistic"]["value"] >= 0
+    )
     assert (out / "loss.png").stat().st_size > 0 and (out / "segments.png").stat().st_size > 0
     encoder = BeatEncoder.from_pretrained(out / "model")
     assert encoder.model_version == report["training_run"]["model_version"]
     # The same command again resumes: nothing left to train, same model.
     assert main(args) == 0
-    assert json.loads((out / "report.json").read_text())["training_run"]["model_version"] == encoder.model_version
+    assert (
+        json.loads((out / "report.json").read_text())["training_run"]["model_version"]
+        == encoder.model_version
+    )
 
 
-def test_pretrain_without_broker_or_file_says_what_to_set(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
-                                                          capsys: pytest.CaptureFixture) -> None:
+def test_pretrain_without_broker_or_file_says_what_to_set(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     monkeypatch.delenv("KAFKA_BOOTSTRAP_SERVERS", raising=False)
     assert main(["pretrain", "--out", str(tmp_path)]) == 2
     assert "--sequences" in capsys.readouterr().err

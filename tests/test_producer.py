@@ -8,14 +8,15 @@ from datetime import UTC, datetime
 
 import pyarrow as pa
 import pytest
-from conftest import read_topic
 
 import stream.producer
 from stream.broker import producer_config
 from stream.codec import AvroCodec
 from stream.config import Settings, load_settings
-from stream.synthetic import SyntheticEvents
 from stream.producer import EventProducer
+from stream.synthetic import SyntheticEvents
+
+from conftest import read_topic
 
 
 def batch(n: int) -> pa.RecordBatch:
@@ -32,8 +33,10 @@ def test_a_batch_arrives_as_the_codec_encodes_it_keyed_by_user(settings: Setting
     del producer  # its connection would hold up the broker's shutdown
 
     codec = AvroCodec("behavior_event", settings.events_topic)
-    expected = {(row["user_id"].encode(), codec.encode({**row, "attributes": dict(row["attributes"])}))
-                for row in events.to_pylist()}  # fmt: skip
+    expected = {
+        (row["user_id"].encode(), codec.encode({**row, "attributes": dict(row["attributes"])}))
+        for row in events.to_pylist()
+    }
     received = [(m.key(), m.value()) for m in read_topic(settings, settings.events_topic)]
     assert len(received) == 300 and set(received) == expected
 

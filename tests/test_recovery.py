@@ -28,7 +28,9 @@ KILLS = 4
 COMMITTED_S = 1.0  # a worker commits every batch (flush interval)
 
 
-def assert_final_windows_exact(settings: Settings, events: list[dict], timeout_s: float = 60) -> int:
+def assert_final_windows_exact(
+    settings: Settings, events: list[dict], timeout_s: float = 60
+) -> int:
     """Wait until the latest window per user equals the expected one; on timeout,
     fail listing the users that differ. Returns the number of window messages."""
     expected = {user: window_columns(w) for user, w in expected_windows(events).items()}
@@ -51,10 +53,14 @@ def assert_final_windows_exact(settings: Settings, events: list[dict], timeout_s
     except AssertionError:
         pass
     mismatched = sorted(u for u in expected if latest.get(u) != expected[u])
-    missing_events = sum(len(set(expected[u]["id_hash"]) - set(latest.get(u, {"id_hash": []})["id_hash"])) for u in mismatched)
+    missing_events = sum(
+        len(set(expected[u]["id_hash"]) - set(latest.get(u, {"id_hash": []})["id_hash"]))
+        for u in mismatched
+    )
     assert not mismatched and set(latest) == set(expected), (
-        f"{len(mismatched)} of {len(expected)} users' final windows differ ({missing_events} expected "
-        f"events missing), e.g. {mismatched[:5]}; unexpected users: {sorted(set(latest) - set(expected))}"
+        f"{len(mismatched)} of {len(expected)} users' final windows differ "
+        f"({missing_events} expected events missing), e.g. {mismatched[:5]}; "
+        f"unexpected users: {sorted(set(latest) - set(expected))}"
     )
     return windows
 
@@ -92,10 +98,15 @@ def test_sigkilled_worker_restarts_with_exact_windows(settings: Settings, tmp_pa
         send_chunk()
     with stream_worker(settings, log, ready_file=tmp_path / "ready-last"):
         windows = assert_final_windows_exact(settings, events)
-    print(f"\nSIGKILL recovery: kills={kills} events={len(events)} window messages={windows} mismatches=0")
+    print(
+        f"\nSIGKILL recovery: kills={kills} events={len(events)} "
+        f"window messages={windows} mismatches=0"
+    )
 
 
-def test_second_worker_takes_over_stopped_workers_partitions(settings: Settings, tmp_path: Path) -> None:
+def test_second_worker_takes_over_stopped_workers_partitions(
+    settings: Settings, tmp_path: Path
+) -> None:
     events = traffic(3000, seed=23)
     first_half, second_half = events[: len(events) // 2], events[len(events) // 2 :]
     producer = EventProducer(settings)
@@ -103,14 +114,23 @@ def test_second_worker_takes_over_stopped_workers_partitions(settings: Settings,
 
     with stream_worker(settings, tmp_path / "a.log", ready_file=ready[0]) as a, \
             stream_worker(settings, tmp_path / "b.log", ready_file=ready[1]):
-        wait_for(lambda: all(r.exists() for r in ready), 60, "both stream workers joining the group")
+        wait_for(
+            lambda: all(r.exists() for r in ready), 60, "both stream workers joining the group"
+        )
         producer.send(first_half)
         producer.flush()
         expected_first = expected_windows(first_half)
         codec = AvroCodec("user_window", settings.windows_topic)
         # Both workers have processed their share: every user of the first half has a window.
-        read_topic(settings, settings.windows_topic, timeout_s=60,
-                   until=lambda messages: {codec.decode(m.value())["user_id"] for m in messages if m.value()} >= set(expected_first))
+        read_topic(
+            settings,
+            settings.windows_topic,
+            timeout_s=60,
+            until=lambda messages: (
+                {codec.decode(m.value())["user_id"] for m in messages if m.value()}
+                >= set(expected_first)
+            ),
+        )
         # Stop one worker while the second half flows; the other takes over its partitions.
         producer.send(second_half[: len(second_half) // 2])
         a.terminate()

@@ -40,7 +40,12 @@ def test_refresh_re_encodes_only_idle_users_as_of_now(settings: Settings, tmp_pa
     codec = AvroCodec("user_window", settings.windows_topic)
     producer = Producer(producer_config(settings))
     for w in (quiet, active):
-        producer.produce(settings.windows_topic, codec.encode(w.to_record(now_ms)), w.user_id.encode(), partition=0)
+        producer.produce(
+            settings.windows_topic,
+            codec.encode(w.to_record(now_ms)),
+            w.user_id.encode(),
+            partition=0,
+        )
     producer.produce(settings.windows_topic, None, SEAL_KEY, partition=0)
     producer.flush(10)
 
@@ -48,7 +53,9 @@ def test_refresh_re_encodes_only_idle_users_as_of_now(settings: Settings, tmp_pa
 
     assert (summary.users, summary.refreshed) == (2, 1)
     published = read_topic(settings, settings.embeddings_topic)
-    records = [AvroCodec("user_embedding", settings.embeddings_topic).decode(m.value()) for m in published]
+    records = [
+        AvroCodec("user_embedding", settings.embeddings_topic).decode(m.value()) for m in published
+    ]
     assert [r["user_id"] for r in records] == ["quiet"]
     as_of_ms = int(records[0]["updated_at"].timestamp() * 1000)
     assert as_of_ms >= now_ms

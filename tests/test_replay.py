@@ -14,16 +14,17 @@ from model.sequences import SEQUENCE_SCHEMA, read_sequences
 from stream.broker import client_config, producer_config
 from stream.cli import main
 from stream.config import Settings
-from stream.synthetic import SyntheticEvents
 from stream.producer import EventProducer, produce
 from stream.replay import ReplayConfig, replay
+from stream.synthetic import SyntheticEvents
 
 QUIET = ReplayConfig(progress=False, idle_s=0.3)
 
 
 def history(users: int, day: int, limit: int) -> pa.Table:
-    batches = SyntheticEvents(n_users=users, seed=day).history(datetime(2024, 3, day, tzinfo=UTC),
-                                                               datetime(2024, 3, day + 2, tzinfo=UTC))
+    batches = SyntheticEvents(n_users=users, seed=day).history(
+        datetime(2024, 3, day, tzinfo=UTC), datetime(2024, 3, day + 2, tzinfo=UTC)
+    )
     return pa.Table.from_batches(list(batches)).slice(0, limit)
 
 
@@ -42,18 +43,24 @@ def expected_sequences(events: pa.Table) -> list[dict]:
     out = []
     for user in sorted(users):
         events_ = sorted(users[user], key=lambda e: (e["event_time"], e["event_id"]))
-        out.append({"user_id": user, "event_time": [int(e["event_time"].timestamp() * 1000) for e in events_],
-                    "action": [e["action"] for e in events_], "property": [e["property"] for e in events_],
-                    "value": [e["value"] for e in events_]})  # fmt: skip
+        out.append({
+            "user_id": user,
+            "event_time": [int(e["event_time"].timestamp() * 1000) for e in events_],
+            "action": [e["action"] for e in events_],
+            "property": [e["property"] for e in events_],
+            "value": [e["value"] for e in events_],
+        })  # fmt: skip
     return out
 
 
 def test_replays_every_partition_with_duplicates_ties_and_dead_letters(settings: Settings) -> None:
     events = history(300, 1, 3_000)
     repeats = events.slice(100, 50)
-    # One user, one instant: order by event_id; a repeated id sent later with another time is ignored.
+    # One user, one instant: order by event_id; a repeated id sent later with another time is
+    # ignored.
     ties = pa.Table.from_pylist(
-        [{**events.slice(0, 1).to_pylist()[0], "user_id": "u-ties", "event_id": eid, "event_time": when}
+        [{**events.slice(0, 1).to_pylist()[0], "user_id": "u-ties", "event_id": eid,
+          "event_time": when}
          for eid, when in [("c", 5_000), ("a", 5_000), ("b", 5_000), ("a", 1_000)]],
         schema=events.schema,
     )  # fmt: skip
@@ -86,8 +93,13 @@ def test_time_range_selects_by_log_time(settings: Settings) -> None:
     send(settings, after)
 
     early, early_summary = replay(settings, ReplayConfig(end_ms=middle_ms, progress=False))
-    late, late_summary = replay(settings, ReplayConfig(start_ms=middle_ms, progress=False, idle_s=0.3))
-    nothing, _ = replay(settings, ReplayConfig(start_ms=middle_ms - 300_000, end_ms=middle_ms - 200_000, progress=False))
+    late, late_summary = replay(
+        settings, ReplayConfig(start_ms=middle_ms, progress=False, idle_s=0.3)
+    )
+    nothing, _ = replay(
+        settings,
+        ReplayConfig(start_ms=middle_ms - 300_000, end_ms=middle_ms - 200_000, progress=False),
+    )
 
     assert early.to_pylist() == expected_sequences(before) and early_summary.messages == len(before)
     assert late.to_pylist() == expected_sequences(after) and late_summary.messages == len(after)
@@ -98,7 +110,9 @@ def test_the_last_batch_of_a_partition_is_not_lost(settings: Settings) -> None:
     """Sent in one go, a user's events form one record batch at the end of its partition;
     Tansu's watermark stops at that batch's first record."""
     events = history(50, 1, 400)
-    one_user = pa.Table.from_pylist([{**e, "user_id": "u-last"} for e in events.to_pylist()], schema=events.schema)
+    one_user = pa.Table.from_pylist(
+        [{**e, "user_id": "u-last"} for e in events.to_pylist()], schema=events.schema
+    )
     producer = EventProducer(settings)
     producer.send_batch(one_user.combine_chunks().to_batches()[0])
     producer.flush()
@@ -127,7 +141,9 @@ def test_ends_at_the_reported_partition_ends_without_an_idle_wait(settings: Sett
     assert summary.messages == len(events) and table.to_pylist() == expected_sequences(events)
 
 
-def test_export_round_trip(settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_export_round_trip(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     events = history(200, 2, 1_000)
     send(settings, events)
     for name, value in settings.to_env().items():
@@ -139,7 +155,9 @@ def test_export_round_trip(settings: Settings, tmp_path: Path, monkeypatch: pyte
     assert read_sequences(out).to_pylist() == expected_sequences(events)
 
 
-def test_cdnow_arrives_whole_and_replays_to_its_customers(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cdnow_arrives_whole_and_replays_to_its_customers(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
     for name, value in settings.to_env().items():
         monkeypatch.setenv(name, value)
 
@@ -149,4 +167,8 @@ def test_cdnow_arrives_whole_and_replays_to_its_customers(settings: Settings, mo
     assert summary.messages == 69_659 and summary.duplicates == 0 and summary.dead_letters == 0
     assert table.num_rows == 23_570
     first = table.slice(0, 1).to_pylist()[0]
-    assert first["user_id"] == "00001" and first["action"][0] == "purchase" and first["value"][0] == 11.77
+    assert (
+        first["user_id"] == "00001"
+        and first["action"][0] == "purchase"
+        and first["value"][0] == 11.77
+    )

@@ -9,6 +9,7 @@ import numpy as np
 from stream.state import open_store
 from stream.window import ROW, Window
 
+
 def window(user: str, n: int) -> Window:
     rows = np.zeros(n, ROW)
     rows["time_lo"] = np.arange(n)

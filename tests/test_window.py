@@ -34,25 +34,63 @@ def test_batches_in_any_order_with_replays_give_the_window_of_all_events(seed: i
         replay = rng.randrange(max(0, start - 200), start + 1) if rng.random() < 0.3 else start
         batch = records[replay:end]
         users = sorted({r["user_id"] for r in batch})
-        merged, _ = merge_batch([windows.get(u) for u in users], users, NewEvents.from_records(batch, users), MAX_EVENTS, WINDOW_MS)
+        merged, _ = merge_batch(
+            [windows.get(u) for u in users],
+            users,
+            NewEvents.from_records(batch, users),
+            MAX_EVENTS,
+            WINDOW_MS,
+        )
         windows.update((w.user_id, w) for w in merged)
         start = end
     expected = expected_windows(events, MAX_EVENTS, WINDOW_MS // 86_400_000)
     assert set(windows) == set(expected)
     for user, wanted in expected.items():
         assert windows[user].columns() == window_columns(wanted), user
-        assert len(windows[user].actions) == len(set(zip(windows[user].actions, windows[user].properties)))
+        assert len(windows[user].actions) == len(
+            set(zip(windows[user].actions, windows[user].properties))
+        )
 
 
 def test_counts_duplicates_and_too_old_events_of_the_batch() -> None:
     day = 86_400_000
     records = [
-        {"user_id": "a", "event_id": "1", "event_time": 100 * day, "action": "x", "property": None, "value": None},
-        {"user_id": "a", "event_id": "1", "event_time": 100 * day, "action": "x", "property": None, "value": None},
-        {"user_id": "a", "event_id": "2", "event_time": 5 * day, "action": "y", "property": "p", "value": 2.5},
-        {"user_id": "b", "event_id": "3", "event_time": 7 * day, "action": "x", "property": "p", "value": None},
+        {
+            "user_id": "a",
+            "event_id": "1",
+            "event_time": 100 * day,
+            "action": "x",
+            "property": None,
+            "value": None,
+        },
+        {
+            "user_id": "a",
+            "event_id": "1",
+            "event_time": 100 * day,
+            "action": "x",
+            "property": None,
+            "value": None,
+        },
+        {
+            "user_id": "a",
+            "event_id": "2",
+            "event_time": 5 * day,
+            "action": "y",
+            "property": "p",
+            "value": 2.5,
+        },
+        {
+            "user_id": "b",
+            "event_id": "3",
+            "event_time": 7 * day,
+            "action": "x",
+            "property": "p",
+            "value": None,
+        },
     ]
-    merged, counts = merge_batch([None, None], ["a", "b"], NewEvents.from_records(records, ["a", "b"]), MAX_EVENTS, WINDOW_MS)
+    merged, counts = merge_batch(
+        [None, None], ["a", "b"], NewEvents.from_records(records, ["a", "b"]), MAX_EVENTS, WINDOW_MS
+    )
     assert (counts.duplicates, counts.too_old) == (1, 1)
     assert [len(w) for w in merged] == [1, 1]
     assert merged[1].columns()["property"] == ["p"]
@@ -60,7 +98,9 @@ def test_counts_duplicates_and_too_old_events_of_the_batch() -> None:
 
 def test_window_message_round_trip_and_size() -> None:
     events = as_records([e for e in traffic(3000, 4) if e["user_id"] == "u00"])
-    (window,), _ = merge_batch([None], ["u00"], NewEvents.from_records(events, ["u00"]), MAX_EVENTS, WINDOW_MS)
+    (window,), _ = merge_batch(
+        [None], ["u00"], NewEvents.from_records(events, ["u00"]), MAX_EVENTS, WINDOW_MS
+    )
     codec = AvroCodec("user_window", "beat.windows")
     payload = codec.encode(window.to_record(0))
     back = Window.from_record(codec.decode(payload))
@@ -69,9 +109,13 @@ def test_window_message_round_trip_and_size() -> None:
     # (low 32, high 16), symbol (uint16), event-id hash (uint32), value (float32).
     first = expected_windows(traffic(3000, 4))["u00"][0]
     time_ms = ms(first["event_time"])
-    symbol = list(zip(window.actions, window.properties)).index((first["action"], first["property"]))
+    symbol = list(zip(window.actions, window.properties)).index(
+        (first["action"], first["property"])
+    )
     value = np.nan if first["value"] is None else first["value"]
-    packed = struct.pack("<IHHIf", time_ms & 0xFFFFFFFF, time_ms >> 32, symbol, id_hash(first), value)
+    packed = struct.pack(
+        "<IHHIf", time_ms & 0xFFFFFFFF, time_ms >> 32, symbol, id_hash(first), value
+    )
     assert window.rows[:1].tobytes() == packed
     # 16 bytes per event plus the header: framing, user_id, time and the symbol table.
     symbols = sum(len(a) + len(p or "") + 3 for a, p in zip(window.actions, window.properties))
@@ -81,15 +125,21 @@ def test_window_message_round_trip_and_size() -> None:
     rows = window.rows[:3].copy()
     rows["symbol"] = [2, 0, 1]
     odd = Window.from_strings("ü" * 70, rows, ["a", "ß" * 200, ""], [None, "p", ""])
-    assert codec.encode(odd.to_record(-(2**40))) == codec.framing.header() + encode_window_body(odd, -(2**40))
-    assert codec.encode(Window.empty("x").to_record(1)) == codec.framing.header() + encode_window_body(Window.empty("x"), 1)
+    assert codec.encode(odd.to_record(-(2**40))) == codec.framing.header() + encode_window_body(
+        odd, -(2**40)
+    )
+    assert codec.encode(
+        Window.empty("x").to_record(1)
+    ) == codec.framing.header() + encode_window_body(Window.empty("x"), 1)
     with pytest.raises(ValueError, match="multiple of 16"):
         Window.from_record({**window.to_record(0), "events": b"\x00" * 17})
 
 
 def test_event_window_gives_the_model_strings_and_amounts_in_order() -> None:
     events = as_records([e for e in traffic(500, 5) if e["user_id"] == "u01"])
-    (window,), _ = merge_batch([None], ["u01"], NewEvents.from_records(events, ["u01"]), MAX_EVENTS, WINDOW_MS)
+    (window,), _ = merge_batch(
+        [None], ["u01"], NewEvents.from_records(events, ["u01"]), MAX_EVENTS, WINDOW_MS
+    )
     model_input = window.event_window()
     expected = expected_windows(traffic(500, 5))["u01"]  # computed without stream.window
     assert len(expected) > 10
