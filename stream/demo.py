@@ -188,7 +188,7 @@ class DemoModel:
 
     model_dir: Path
     preset: str = "small"
-    users: int = 2_000
+    users: int = 3_000  # the live producer's population (cli.DEMO_USERS)
     seed: int = 0
     history_days: float = 28.0
     steps: int = 150  # about two minutes of training on two CPU cores
