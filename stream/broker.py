@@ -38,7 +38,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, Producer, Topic
 from confluent_kafka.admin import AdminClient, NewTopic
 from confluent_kafka.error import KafkaError, KafkaException
 
-from stream.config import Settings
+from stream.config import Settings, masked
 
 log = logging.getLogger(__name__)
 
@@ -168,6 +168,9 @@ class BrokerError(RuntimeError):
 
 def check_reachable(settings: Settings, timeout_s: float = 10.0) -> None:
     """Raise BrokerError unless the broker answers a metadata request within timeout_s."""
+    # Debug: a command that cannot reach the broker fails in one line at the default level.
+    properties = masked(settings.kafka_properties)
+    log.debug("Kafka at %s, client properties %s", settings.bootstrap_servers, properties)
     admin = AdminClient(client_config(settings, log_level=2))  # no log line per refused connect
     try:
         admin.list_topics(timeout=timeout_s)
@@ -175,6 +178,7 @@ def check_reachable(settings: Settings, timeout_s: float = 10.0) -> None:
         raise BrokerError(
             f"cannot reach the Kafka broker at {settings.bootstrap_servers} within {timeout_s:g}s "
             f"({err.args[0].str()}): check KAFKA_BOOTSTRAP_SERVERS and that the broker runs"
+            + (f", and the client properties {properties}" if properties else "")
         ) from None
 
 
@@ -227,8 +231,15 @@ def client_config(settings: Settings, **extra: Any) -> dict[str, Any]:
     """librdkafka settings shared by every confluent-kafka client of beatstream."""
     if not settings.bootstrap_servers:
         raise RuntimeError("no broker: set KAFKA_BOOTSTRAP_SERVERS or start an EmbeddedBroker")
-    # Disconnects of idle connections are routine; librdkafka would log each one.
-    return {"bootstrap.servers": settings.bootstrap_servers, "log.connection.close": False, **extra}
+    # Disconnects of idle connections are routine; librdkafka would log each one. The
+    # deployment's properties (security, client.id) come next, and what beatstream sets
+    # for a kind of client (extra: group.id, idempotence) last, since its logic needs them.
+    return {
+        "bootstrap.servers": settings.bootstrap_servers,
+        "log.connection.close": False,
+        **settings.kafka_properties,
+        **extra,
+    }
 
 
 def producer_config(settings: Settings, **extra: Any) -> dict[str, Any]:
@@ -310,22 +321,36 @@ def consumer_config(settings: Settings, group_id: str, **extra: Any) -> dict[str
     )
 
 
+def wanted_topics(settings: Settings) -> list[NewTopic]:
+    """The topics beatstream needs, as it creates them: BEAT_REPLICATION_FACTOR replicas,
+    BEAT_RETENTION_MS on beat.events, the windows and embeddings compacted."""
+    compacted = {"cleanup.policy": "compact"}
+    retained = {} if settings.retention_ms is None else {"retention.ms": str(settings.retention_ms)}
+    replicas = settings.replication_factor
+    return [
+        NewTopic(settings.events_topic, settings.partitions, replicas, config=retained),
+        NewTopic(settings.repartition_topic, settings.partitions, replicas),
+        NewTopic(settings.windows_topic, settings.partitions, replicas, config=compacted),
+        NewTopic(settings.embeddings_topic, settings.partitions, replicas, config=compacted),
+        NewTopic(settings.dead_letter_topic, 1, replicas),
+    ]
+
+
 def ensure_topics(settings: Settings, timeout_s: float = 15.0) -> None:
     """Create beatstream's topics if they are missing (existing ones are left as they are)."""
-    compacted = {"cleanup.policy": "compact"}
-    wanted = [
-        NewTopic(settings.events_topic, settings.partitions, 1),
-        NewTopic(settings.repartition_topic, settings.partitions, 1),
-        NewTopic(settings.windows_topic, settings.partitions, 1, config=compacted),
-        NewTopic(settings.embeddings_topic, settings.partitions, 1, config=compacted),
-        NewTopic(settings.dead_letter_topic, 1, 1),
-    ]
+    wanted = wanted_topics(settings)
     admin = AdminClient(client_config(settings))
     for topic, future in admin.create_topics(wanted, request_timeout=timeout_s).items():
         try:
             future.result(timeout_s)
         except KafkaException as err:
-            if err.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+            code = err.args[0].code()
+            if code == KafkaError.INVALID_REPLICATION_FACTOR:
+                raise RuntimeError(
+                    f"cannot create topic {topic}: {err.args[0].str()}; set "
+                    "BEAT_REPLICATION_FACTOR to at most the cluster's number of brokers"
+                ) from None
+            if code != KafkaError.TOPIC_ALREADY_EXISTS:
                 raise RuntimeError(f"cannot create topic {topic}: {err.args[0].str()}") from None
 
 

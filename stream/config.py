@@ -3,12 +3,20 @@
 Each field can be set as ``BEAT_<FIELD>`` (for example ``BEAT_FLUSH_INTERVAL_MS=250``);
 the two settings shared with the rest of a Kafka shop keep their usual names:
 ``KAFKA_BOOTSTRAP_SERVERS`` and ``SCHEMA_REGISTRY_URL``.
+
+Any other librdkafka property reaches every Kafka client as ``KAFKA_<PROPERTY>`` (dots as
+underscores: ``KAFKA_SECURITY_PROTOCOL=SASL_SSL`` is ``security.protocol``) or from a Java
+``.properties`` file named by ``BEAT_KAFKA_PROPERTIES_FILE``; a variable wins over the file.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import re
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, NamedTuple
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 from pydantic import AliasChoices, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -21,6 +29,73 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 class ConfigError(ValueError):
     """A setting is missing or wrong; the message names the setting and the fix."""
+
+
+_SECRET_WORDS = ("password", "secret", "key", "sasl.jaas.config")
+
+
+def is_secret(name: str) -> bool:
+    """Whether a librdkafka property holds a secret, never to be logged or printed."""
+    return any(word in name.lower() for word in _SECRET_WORDS)
+
+
+def masked(properties: Mapping[str, str]) -> dict[str, str]:
+    """Properties fit to log: every secret's value replaced by ***."""
+    return {name: "***" if is_secret(name) else value for name, value in properties.items()}
+
+
+def read_properties_file(path: Path) -> dict[str, str]:
+    """A Java .properties file: key=value or key: value lines, # and ! comments, and a
+    line ending in a backslash goes on in the next (as sasl.jaas.config often does)."""
+    properties, pending = {}, ""
+    for line in path.read_text().splitlines():
+        line = pending + line.strip()
+        if line.endswith("\\"):
+            pending = line[:-1]
+            continue
+        pending = ""
+        if line and line[0] not in "#!":
+            key, value = (re.split(r"\s*[=:]\s*|\s+", line, maxsplit=1) + [""])[:2]
+            properties[key] = value
+    return properties
+
+
+def kafka_environment_properties(environ: Mapping[str, str]) -> dict[str, str]:
+    """librdkafka properties from KAFKA_<PROPERTY> variables (KAFKA_SASL_USERNAME:
+    sasl.username), but for KAFKA_BOOTSTRAP_SERVERS, a setting of its own."""
+    return {
+        name[len("KAFKA_"):].lower().replace("_", "."): value
+        for name, value in environ.items()
+        if name.startswith("KAFKA_") and name != "KAFKA_BOOTSTRAP_SERVERS"
+    }
+
+
+def check_kafka_properties(properties: Mapping[str, str]) -> None:
+    """Raise ValueError naming the property librdkafka refuses (unknown, or a bad value),
+    checked by building a client of them that connects nowhere."""
+    from confluent_kafka import KafkaException, Producer  # here: model/ never loads Kafka
+
+    if "bootstrap.servers" in properties:
+        raise ValueError(
+            "bootstrap.servers is among the Kafka client properties: set "
+            "KAFKA_BOOTSTRAP_SERVERS instead, and remove it from BEAT_KAFKA_PROPERTIES_FILE"
+        )
+    try:
+        Producer({**properties, "log_level": 0})
+    except KafkaException as err:
+        reason = err.args[0].str()
+        for name, value in properties.items():  # librdkafka quotes a refused value
+            if is_secret(name) and value:
+                reason = reason.replace(value, "***")
+        # 'No such configuration property: "x"', 'Invalid value ... property "x"', or
+        # 'ssl.key.location failed: ...' (a file it cannot read)
+        named = re.search(r'property:? "([^"]+)"|([a-z][a-z0-9.]*) failed', reason)
+        name = named and (named[1] or named[2])
+        variable = "KAFKA_" + name.upper().replace(".", "_") if name else "KAFKA_*"
+        raise ValueError(
+            f"{reason}: fix or unset {variable} (or the line in BEAT_KAFKA_PROPERTIES_FILE); "
+            "the properties are librdkafka's, listed in its CONFIGURATION.md"
+        ) from None
 
 
 class EventLimits(NamedTuple):
@@ -75,6 +150,15 @@ class Settings(BaseSettings):
     # A new consumer-group member waits about half the session timeout before it gets
     # partitions, and a dead member's partitions move after a whole one.
     session_timeout_ms: int = Field(6000, ge=1000)
+    # librdkafka properties of every client (security.protocol, sasl.*, ssl.*, client.id):
+    # the file's, then KAFKA_<PROPERTY> variables', then these (see the module docstring).
+    kafka_properties_file: Path | None = None
+    kafka_properties: dict[str, str] = Field(default_factory=dict)
+    # Topics beatstream creates: replicas of each partition (1 suits the embedded broker,
+    # 3 a production cluster), and how long beat.events keeps events (None: the broker's
+    # log.retention, -1: forever). beat.windows and beat.embeddings are compacted.
+    replication_factor: int = Field(1, ge=1)
+    retention_ms: int | None = Field(None, ge=-1)
 
     # Stream workers: the rolling window
     max_events: int = Field(256, ge=1, le=65_536)  # a window's symbols are uint16
@@ -130,6 +214,32 @@ class Settings(BaseSettings):
         None, description="registry and sqlite store; unset: feature_repo/data"
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _gather_kafka_properties(cls, data: dict[str, Any]) -> dict[str, Any]:
+        file = data.get("kafka_properties_file")
+        if file and not Path(file).is_file():
+            raise ValueError(
+                f"BEAT_KAFKA_PROPERTIES_FILE={file} is not a file: point it at a Java "
+                ".properties file of librdkafka properties, or unset it"
+            )
+        data["kafka_properties"] = {
+            **(read_properties_file(Path(file)) if file else {}),
+            **kafka_environment_properties(os.environ),
+            **data.get("kafka_properties", {}),
+        }
+        return data
+
+    @model_validator(mode="after")
+    def _check_kafka_properties(self) -> Settings:
+        if self.kafka_properties:
+            check_kafka_properties(self.kafka_properties)
+        return self
+
+    def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
+        for name, value in super().__repr_args__():
+            yield name, masked(value) if name == "kafka_properties" else value
+
     @model_validator(mode="after")
     def _check_paths(self) -> "Settings":
         if not (self.feature_repo / "feature_store.yaml").is_file():
@@ -165,11 +275,16 @@ class Settings(BaseSettings):
 
     def to_env(self) -> dict[str, str]:
         """These settings as environment variables, for child processes."""
+        # The properties go merged, as JSON: a child reads no file and they win over its
+        # KAFKA_<PROPERTY> variables.
+        fields = self.model_dump(exclude={"kafka_properties", "kafka_properties_file"})
         env = {
             f"BEAT_{name.upper()}": str(value)
-            for name, value in self.model_dump().items()
+            for name, value in fields.items()
             if value is not None
         }
+        if self.kafka_properties:
+            env["BEAT_KAFKA_PROPERTIES"] = json.dumps(self.kafka_properties)
         if self.bootstrap_servers:
             env["KAFKA_BOOTSTRAP_SERVERS"] = self.bootstrap_servers
         if self.schema_registry_url:

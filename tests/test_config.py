@@ -37,6 +37,10 @@ def root_level() -> Iterator[None]:
         ("BEAT_STATE_STORE", "disk", "'memory' or 'rocksdb'"),
         ("BEAT_MAX_EVENTS", "many", "valid integer"),
         ("BEAT_FEATURE_REPO", "/nowhere", "point BEAT_FEATURE_REPO at the beatstream"),
+        ("BEAT_REPLICATION_FACTOR", "0", "greater than or equal to 1"),
+        ("KAFKA_BOGUS_PROPERTY", "1", 'No such configuration property: "bogus.property"'),
+        ("KAFKA_SECURITY_PROTOCOL", "SASL", 'Invalid value "SASL"'),
+        ("BEAT_KAFKA_PROPERTIES_FILE", "/nowhere.properties", "Java .properties file"),
     ],
 )
 def test_a_bad_setting_is_named_with_what_is_wrong(
