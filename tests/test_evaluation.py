@@ -84,6 +84,7 @@ def in_unit_interval(metric: dict) -> bool:
     return 0 <= low <= metric["value"] <= high <= 1
 
 
+@pytest.mark.training
 def test_evaluation_of_a_trained_model_and_its_report(sequences, trained, tmp_path):
     results = evaluate_model(trained, sequences, CUTOFF_MS, QUICK)
 

@@ -315,6 +315,7 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x, test_y) -
     return (probe(test_x).argmax(1) == test_y).float().mean().item()
 
 
+@pytest.mark.training
 def test_pretraining_lowers_every_loss_and_separates_personas():
     torch.manual_seed(0)
     events = SyntheticEvents(800, seed=3)

@@ -157,6 +157,7 @@ def test_config_errors_name_the_setting(sequences, tmp_path):
 # --- a run -----------------------------------------------------------------------------------
 
 
+@pytest.mark.training
 def test_train_writes_a_servable_model_heads_log_and_two_checkpoints(sequences, tmp_path):
     result = train(sequences, tmp_path, tiny(), PRETRAIN, quick())
     assert result.steps == 12 and result.resumed_from == 0
@@ -200,6 +201,7 @@ def test_train_writes_a_servable_model_heads_log_and_two_checkpoints(sequences, 
         train(sequences, tmp_path, tiny(), PRETRAIN, quick(lr=1e-3))
 
 
+@pytest.mark.training
 def test_pretraining_lowers_the_loss(sequences, tmp_path):
     result = train(
         sequences,
