@@ -24,15 +24,20 @@ MAX_VARINT = 10  # bytes of a 64-bit varint
 # ---------------------------------------------------------------------------------------
 
 
-@lru_cache(maxsize=64)  # a batch's emit time repeats in every window message of the batch
-def _zigzag_varint(n: int) -> bytes:
-    n = (n << 1) ^ (n >> 63)
+def unsigned_varint(n: int) -> bytes:
+    """A non-negative int as a base-128 varint, low groups first: Avro's longs after zig-zag,
+    and protobuf's varints as they are."""
     out = bytearray()
     while n > 0x7F:
         out.append((n & 0x7F) | 0x80)
         n >>= 7
     out.append(n)
     return bytes(out)
+
+
+@lru_cache(maxsize=64)  # a batch's emit time repeats in every window message of the batch
+def _zigzag_varint(n: int) -> bytes:
+    return unsigned_varint((n << 1) ^ (n >> 63))
 
 
 # Lengths and counts are mostly small: looked up.

@@ -39,7 +39,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import redis
 
-from stream.avro_binary import binary_array, varints
+from stream.avro_binary import binary_array, unsigned_varint, varints
 
 if TYPE_CHECKING:
     from stream.feast_sink import EmbeddingRows
@@ -50,15 +50,6 @@ _STRING_VAL_TAG = b"\x12"  # Value.string_val: field 2
 _INT64_VAL_TAG = 0x20  # Value.int64_val: field 4, varint
 _TIMESTAMP_VAL_TAG = 0x40  # Value.unix_timestamp_val: field 8, varint
 _STRING_TYPE = 2  # feast ValueType.STRING, in serialized entity keys
-
-
-def _proto_varint(n: int) -> bytes:
-    out = bytearray()
-    while n > 0x7F:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
 
 
 @dataclass
@@ -111,8 +102,8 @@ def entity_keys(join_key: str, user_ids: Sequence[str]) -> pa.BinaryArray:
 def float_list_values(matrix: np.ndarray) -> pa.BinaryArray:
     """A serialized Value(float_list_val=row) per row of a float32 [n, d] matrix."""
     n, d = matrix.shape
-    packed = _FLOAT_LIST_VAL_TAG + _proto_varint(4 * d)
-    prefix = _FLOAT_LIST_TAG + _proto_varint(len(packed) + 4 * d) + packed
+    packed = _FLOAT_LIST_VAL_TAG + unsigned_varint(4 * d)
+    prefix = _FLOAT_LIST_TAG + unsigned_varint(len(packed) + 4 * d) + packed
     out = np.empty((n, len(prefix) + 4 * d), np.uint8)
     out[:, : len(prefix)] = np.frombuffer(prefix, np.uint8)
     out[:, len(prefix) :] = np.ascontiguousarray(matrix, "<f4").view(np.uint8)
@@ -131,7 +122,7 @@ def varint_values(tag: int, numbers: np.ndarray) -> pa.BinaryArray:
 
 def string_value(text: str) -> bytes:
     data = text.encode()
-    return _STRING_VAL_TAG + _proto_varint(len(data)) + data
+    return _STRING_VAL_TAG + unsigned_varint(len(data)) + data
 
 
 def timestamp_protos(unix_ms: np.ndarray) -> pa.BinaryArray:
