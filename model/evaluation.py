@@ -52,8 +52,8 @@ from model.beat import MS_PER_DAY, Beat
 from model.checkpoint import load_model_dir
 from model.inference import BeatEncoder, length_batches
 from model.pretraining import BeatPretrainer, mask_events
+from model.run_dir import HEADS_FILE, LOG_FILE, MODEL_DIR, load_pretrainer
 from model.sequences import keep_events, lengths, split_at, starts, to_windows
-from model.train import HEADS_FILE, LOG_FILE, MODEL_DIR, load_pretrainer
 from model.vocab import OOV_ID, Vocabulary
 
 FIELDS = ("action", "property")

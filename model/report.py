@@ -29,12 +29,12 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from model.evaluation import EvalConfig, evaluate_model  # noqa: E402
+from model.run_dir import LOSSES  # noqa: E402
 from model.sequences import read_sequences  # noqa: E402
-from model.train import LOSSES  # noqa: E402
 
 
 def read_train_log(path: str | Path) -> dict[str, np.ndarray]:
-    """train_log.jsonl as columns: "step" and each objective of model.train.LOSSES [lines]."""
+    """train_log.jsonl as columns: "step" and each objective of model.run_dir.LOSSES [lines]."""
     lines = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
     names = ["step", *(name for name in LOSSES if lines and name in lines[0])]
     return {name: np.array([line[name] for line in lines], dtype=float) for name in names}

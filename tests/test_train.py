@@ -21,16 +21,11 @@ from safetensors.torch import load_file
 from model import BeatConfig, BeatEncoder, EventWindow, PretrainConfig
 from model.checkpoint import WEIGHTS_FILE
 from model.pretraining import OBJECTIVES
+from model.run_dir import load_pretrainer
 from model.sequences import write_sequences
-from model.train import (
-    TrainConfig,
-    TrainingData,
-    latest_checkpoint,
-    load_pretrainer,
-    lr_factor,
-    make_optimizer,
-    train,
-)
+from model.train import TrainConfig, lr_factor, make_optimizer, train
+from model.train_checkpoints import latest_checkpoint
+from model.training_data import TrainingData
 from model.vocab import Vocabulary
 from stream.synthetic import SyntheticEvents
 
@@ -109,7 +104,7 @@ def test_weight_decay_applies_to_linear_weights_only():
 
 
 def test_training_data_draws_views_of_every_user_each_epoch(sequences):
-    data = TrainingData.build(sequences, tiny(), quick(), min_events=8)
+    data = TrainingData.build(sequences, quick().vocabulary_sizes(tiny()), min_events=8)
     assert data.num_users == int(
         (pc.list_value_length(sequences["event_time"]).to_numpy() >= 8).sum()
     )
