@@ -54,6 +54,7 @@ VARIANTS = {
     "no_contrastive": ["--no-contrastive"],
     "no_value": ["--no-use-value-encoding"],
     "no_statistics": ["--no-use-window-statistics"],
+    "no_lifetime": ["--no-use-lifetime-statistics"],
     "no_temporal": ["--no-temporal"],
 }
 

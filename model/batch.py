@@ -24,6 +24,12 @@ class EventWindow:
     event_id_hash: uint32 [n], optional: the stream's 32-bit hash of each event_id
                    (stream.window.event_id_hashes). With it, BeatEncoder orders the events
                    of one millisecond by it, as the stream does, whatever the caller's order.
+
+    and the user's history before these events, which the window no longer holds (it keeps
+    the newest events of a span; a user's tenure and lifetime activity lie before it):
+    earlier_events: how many events came before the window
+    earlier_value:  the sum of their amounts
+    first_event_ms: when the first of them happened (unix ms); None when there are none
     """
 
     event_time_ms: np.ndarray
@@ -31,6 +37,9 @@ class EventWindow:
     property: np.ndarray
     value: np.ndarray | None = None
     event_id_hash: np.ndarray | None = None
+    earlier_events: int = 0
+    earlier_value: float = 0.0
+    first_event_ms: int | None = None
 
     def __post_init__(self) -> None:
         self.event_time_ms = np.asarray(self.event_time_ms, dtype=np.int64)
@@ -54,17 +63,45 @@ class EventWindow:
                 f"{self.event_time_ms.shape}, action {self.action.shape}, "
                 f"property {self.property.shape}, value {self.value.shape}"
             )
+        has_first = self.first_event_ms is not None
+        if self.earlier_events < 0 or (self.earlier_events > 0) != has_first:
+            raise ValueError(
+                f"earlier_events {self.earlier_events} and first_event_ms {self.first_event_ms}: "
+                "a window with earlier events needs the first one's time, and only then"
+            )
 
     def take(self, index: np.ndarray | slice) -> EventWindow:
-        """The events at index (an index array or a slice), in that order."""
+        """The events at index (an index array or a slice), in that order; the earlier
+        history stays as it is."""
         hashes = None if self.event_id_hash is None else self.event_id_hash[index]
-        return EventWindow(
-            self.event_time_ms[index],
-            self.action[index],
-            self.property[index],
-            self.value[index],
-            hashes,
+        return replace(
+            self,
+            event_time_ms=self.event_time_ms[index],
+            action=self.action[index],
+            property=self.property[index],
+            value=self.value[index],
+            event_id_hash=hashes,
         )
+
+    def since(self, start: int) -> EventWindow:
+        """The events from index `start` on; those before it join the earlier history."""
+        if start <= 0:
+            return self
+        left = slice(None, start)
+        return replace(
+            self.take(slice(start, None)),
+            earlier_events=self.earlier_events + start,
+            earlier_value=self.earlier_value + float(np.nansum(self.value[left])),
+            first_event_ms=int(
+                self.event_time_ms[0] if self.first_event_ms is None else self.first_event_ms
+            ),
+        )
+
+    def first_event_time(self) -> int | None:
+        """The user's first event (unix ms): the first earlier one, else the window's oldest."""
+        if self.first_event_ms is not None:
+            return self.first_event_ms
+        return int(self.event_time_ms[0]) if len(self) else None
 
     def __len__(self) -> int:
         return len(self.event_time_ms)
@@ -81,6 +118,12 @@ class EventBatch:
     padding_mask  [B, L] bool     True for a real event
     event_times   [B, L] int64    unix ms (UTC), for the hour-of-day / day-of-week signals
     values        [B, L] float32  the event's amount; NaN where it has none (and at padding)
+
+    and per row, the user's history before the window (EventWindow's earlier_*):
+    earlier_events   [B] float64  events before the window
+    earlier_value    [B] float64  the sum of their amounts
+    first_event_age  [B] float64  days from the user's first event (earlier or in the window)
+                                  to the reference time; 0 for an empty window
     """
 
     action_ids: Tensor
@@ -89,6 +132,9 @@ class EventBatch:
     padding_mask: Tensor
     event_times: Tensor
     values: Tensor
+    earlier_events: Tensor
+    earlier_value: Tensor
+    first_event_age: Tensor
 
     @classmethod
     def from_windows(
@@ -125,7 +171,14 @@ class EventBatch:
         action_ids[real] = actions.lookup(np.concatenate([w.action for w in windows]))
         property_ids[real] = properties.lookup(np.concatenate([w.property for w in windows]))
         values[real] = np.concatenate([w.value for w in windows])
-        columns = (action_ids, property_ids, ages, real, times, values)
+        first = np.array([w.first_event_time() or 0 for w in windows], np.int64)
+        first_age = np.where(lengths > 0, (reference - first) / MS_PER_DAY, 0.0)
+        earlier_events = np.array([w.earlier_events for w in windows], np.float64)
+        earlier_value = np.array([w.earlier_value for w in windows], np.float64)
+        columns = (
+            action_ids, property_ids, ages, real, times, values,
+            earlier_events, earlier_value, first_age,
+        )
         return cls(*(torch.from_numpy(column) for column in columns))
 
     def __len__(self) -> int:
@@ -134,6 +187,12 @@ class EventBatch:
     @property
     def lengths(self) -> Tensor:
         return self.padding_mask.sum(dim=1)  # [B]
+
+    def rows(self, index: Tensor, width: int) -> EventBatch:
+        """Rows `index`, cut to their first `width` events."""
+        return EventBatch(
+            *(t[index, :width] if t.dim() == 2 else t[index] for t in self.inputs().values())
+        )
 
     def to(self, device: str | torch.device) -> EventBatch:
         moved = {f.name: getattr(self, f.name).to(device, non_blocking=True) for f in fields(self)}

@@ -13,6 +13,9 @@ Inputs, one row per user, events oldest → newest:
                                  hour-of-day and day-of-week signals (UTC)
     values        [B, L] float   the event's amount, optional; NaN where an event has none
                                  (a page view), which the model tells apart from an amount of 0
+    earlier_events, earlier_value, first_event_age   [B] float, optional: the user's history
+                                 before the window (events, their amounts' sum, and days since
+                                 the first event); absent means the window is all there was
 
 Padding may sit anywhere (the encoder pads on the right); what a padded slot holds never
 matters. The gap to the previous event is derived here from time_gaps. There is no position
@@ -160,6 +163,11 @@ class WindowStatistics(nn.Module):
     newest and the oldest event and of the span between them (unclipped: no saturation at
     window_days); signed log1p of the amounts within 30 days; and the count sketches again
     over the last 7 days. All are zero for an empty window.
+    With the lifetime statistics on, the same for the user's whole history, the window and the
+    events before it: log1p of the number of events, signed log1p of the sum of amounts, and
+    (with the age encoding) log1p of the days since the first event, the user's tenure. A
+    window keeps a span of recent events; tenure and lifetime frequency lie outside it and
+    are among the strongest signals of churn and of value.
     """
 
     RECENT_DAYS = (1.0, 7.0, 30.0)
@@ -169,14 +177,23 @@ class WindowStatistics(nn.Module):
         super().__init__()
         self.vocab_sizes = (config.action_vocab_size, config.property_vocab_size)
         self.temporal = config.use_age_encoding
+        self.lifetime = config.use_lifetime_statistics
         scalars = 3 + (len(self.RECENT_DAYS) + 4 if self.temporal else 0)
+        scalars += (2 + self.temporal) if self.lifetime else 0
         sketches = (2 if self.temporal else 1) * sum(self.vocab_sizes)
         self.num_features = scalars + sketches
 
     def forward(
-        self, action_ids: Tensor, property_ids: Tensor, age: Tensor, mask: Tensor, values: Tensor
+        self,
+        action_ids: Tensor,
+        property_ids: Tensor,
+        age: Tensor,
+        mask: Tensor,
+        values: Tensor,
+        earlier: tuple[Tensor, Tensor, Tensor],
     ) -> Tensor:
         # ids: [B, L]; age: [B, L] float64 days (0 at padding); mask: [B, L] bool; values: [B, L]
+        # earlier: events before the window, their amounts' sum, days since the first event [B]
         real = mask.double()
         has_amount = mask & values.isfinite()
         amount = torch.where(has_amount, values.double(), 0.0)  # [B, L]
@@ -198,6 +215,14 @@ class WindowStatistics(nn.Module):
                 _signed_log1p((amount * (age < 30.0)).sum(1)),
             ]
             weights.append(real * (age < self.SKETCH_DAYS))
+        if self.lifetime:
+            earlier_events, earlier_value, first_event_age = (t.double() for t in earlier)
+            scalars += [
+                (real.sum(1) + earlier_events).log1p(),
+                _signed_log1p(amount.sum(1) + earlier_value),
+            ]
+            if self.temporal:
+                scalars.append(first_event_age.clamp_min(0).log1p())
         sketches = []
         for ids, size in zip((action_ids, property_ids), self.vocab_sizes):
             index = ids.masked_fill(~mask, 0)  # padded slots may hold anything
@@ -354,6 +379,9 @@ class Beat(nn.Module):
         padding_mask: Tensor | None = None,
         event_times: Tensor | None = None,
         values: Tensor | None = None,
+        earlier_events: Tensor | None = None,
+        earlier_value: Tensor | None = None,
+        first_event_age: Tensor | None = None,
     ) -> dict[str, Tensor]:
         B, L = action_ids.shape
         if L > self.config.max_events:
@@ -368,7 +396,13 @@ class Beat(nn.Module):
         if self.statistics is not None:
             age = torch.where(padding_mask, time_gaps.double(), 0.0).clamp_min(0)
             amounts = torch.full_like(age, math.nan) if values is None else values
-            stats = self.statistics(action_ids, property_ids, age, padding_mask, amounts)
+            none = torch.zeros(B, dtype=torch.float64, device=age.device)
+            earlier = (
+                none if earlier_events is None else earlier_events,
+                none if earlier_value is None else earlier_value,
+                age.amax(1) if first_event_age is None else first_event_age,  # the oldest event
+            )
+            stats = self.statistics(action_ids, property_ids, age, padding_mask, amounts, earlier)
             stats = self.statistics_in(stats.to(self.statistics_in.weight.dtype))  # [B, H]
             summary = summary + stats[:, None]
         x = torch.cat([summary, x], dim=1)  # [B, 1+L, H]

@@ -21,7 +21,11 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 # What a config written before a key existed means by its absence: models saved before the
 # value encoding and the window statistics had neither, and their weights have no tables for them.
-LEGACY_DEFAULTS: dict[str, Any] = {"use_value_encoding": False, "use_window_statistics": False}
+LEGACY_DEFAULTS: dict[str, Any] = {
+    "use_value_encoding": False,
+    "use_window_statistics": False,
+    "use_lifetime_statistics": False,
+}
 
 
 @dataclass
@@ -46,6 +50,9 @@ class BeatConfig:
     use_periodic_encoding: bool = True
     use_value_encoding: bool = True
     use_window_statistics: bool = True  # counts, recency, amounts and count sketches (beat.py)
+    # The user's whole history too: lifetime events and amounts, tenure. Part of the window
+    # statistics: without use_window_statistics it has no effect.
+    use_lifetime_statistics: bool = True
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_heads:
@@ -60,6 +67,7 @@ class BeatConfig:
             raise ValueError(f"value_buckets must be at least 4, got {self.value_buckets}")
         if self.window_days <= 0:
             raise ValueError(f"window_days must be positive, got {self.window_days}")
+
 
     @classmethod
     def preset(cls, name: str) -> BeatConfig:

@@ -92,7 +92,9 @@ class BeatEncoder:
         window; serving passes "now"): the model then sees how long each user has been silent.
         None: as of each window's newest event. Each window is first cut to what the model
         reads: events within window_days of its newest event, then the newest max_events of
-        those. Windows are then encoded in length-aware batches (see length_batches), each padded
+        those; the events cut off count in the user's earlier history (lifetime statistics), so
+        a whole history and the stream's window of it give the same embedding. Windows are then
+        encoded in length-aware batches (see length_batches), each padded
         only to its own longest window.
         """
         clipped = [self._clip(window) for window in windows]
@@ -131,7 +133,7 @@ class BeatEncoder:
         oldest_kept = times[-1] - config.window_days * MS_PER_DAY
         first_in_window = int(np.searchsorted(times, oldest_kept, side="left"))
         start = max(first_in_window, len(times) - config.max_events)
-        return window.take(slice(start, None))
+        return window.since(start)  # what is cut off joins the user's earlier history
 
     @torch.inference_mode()
     def embed(self, batch: EventBatch) -> torch.Tensor:

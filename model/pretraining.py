@@ -118,7 +118,7 @@ def _forward_in_buckets(
     embedding_parts, state_parts = [], []
     for rows in order.tensor_split(min(buckets, len(order))):  # [n] each, consecutive in order
         width = int(lengths[rows[-1]])  # the chunk's longest row
-        chunk = EventBatch(*(t[rows, :width] for t in batch.inputs().values()))  # [n, width]
+        chunk = batch.rows(rows, width)  # [n, width]
         out = model(**chunk.inputs())
         embedding_parts.append(out["embedding"])  # [n, E]
         state_parts.append(out["hidden_states"][selected[rows, :width]])  # [s, H], row-major

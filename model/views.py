@@ -23,7 +23,7 @@ Every draw comes from the caller's numpy Generator, so a step's seed fixes its v
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
 import torch
@@ -45,6 +45,11 @@ class UserEvents:
     property_ids: np.ndarray  # int32 [E]
     values: np.ndarray  # float32 [E], NaN: no amount
     data_end_ms: int  # the end of the observed data: no event after it is known
+    value_before: np.ndarray = field(init=False)  # float64 [E + 1]: amounts before event e
+
+    def __post_init__(self) -> None:
+        amounts = np.nan_to_num(self.values).astype(np.float64)
+        self.value_before = np.concatenate([[0.0], np.cumsum(amounts)])
 
 
 @dataclass
@@ -119,14 +124,19 @@ def sample_views(
     as_of = np.concatenate([as_of_a, as_of_b])
     after = np.concatenate([first + cut, first + end_b])  # [2B] absolute index of the next event
     user_end = np.concatenate([first + n, first + n])  # [2B] one past the user's last event
-    inputs = _view_inputs(events, starts, view_lengths, as_of)
+    inputs = _view_inputs(events, np.concatenate([first, first]), starts, view_lengths, as_of)
     return _with_targets(events, inputs, as_of, after, user_end, horizons_days, vocab_sizes)
 
 
 def _view_inputs(
-    events: UserEvents, starts: np.ndarray, lengths: np.ndarray, as_of: np.ndarray
+    events: UserEvents,
+    user_first: np.ndarray,
+    starts: np.ndarray,
+    lengths: np.ndarray,
+    as_of: np.ndarray,
 ) -> EventBatch:
-    """Events [starts, starts + lengths) of each row, right-padded; ages as of `as_of`."""
+    """Events [starts, starts + lengths) of each row, right-padded; ages as of `as_of`; the
+    user's events from user_first up to starts are the row's earlier history."""
     width = int(lengths.max())
     real = np.arange(width) < lengths[:, None]  # [R, W]
     index = np.where(real, starts[:, None] + np.arange(width), 0)  # [R, W]
@@ -135,7 +145,13 @@ def _view_inputs(
     action_ids = np.where(real, events.action_ids[index], 0).astype(np.int64)
     property_ids = np.where(real, events.property_ids[index], 0).astype(np.int64)
     values = np.where(real, events.values[index], np.nan).astype(np.float32)
-    columns = (action_ids, property_ids, ages, real, times, values)
+    earlier_events = (starts - user_first).astype(np.float64)
+    earlier_value = events.value_before[starts] - events.value_before[user_first]
+    first_event_age = (as_of - events.event_time[user_first]) / MS_PER_DAY
+    columns = (
+        action_ids, property_ids, ages, real, times, values,
+        earlier_events, earlier_value, first_event_age,
+    )
     return EventBatch(*(torch.from_numpy(column) for column in columns))
 
 

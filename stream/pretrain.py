@@ -93,6 +93,7 @@ def run_pretrain(settings: Settings, job: PretrainJob) -> dict[str, Any]:
         or job.beat.use_periodic_encoding,
         "value_encoding": job.beat.use_value_encoding,
         "window_statistics": job.beat.use_window_statistics,
+        "lifetime_statistics": job.beat.use_window_statistics and job.beat.use_lifetime_statistics,
     }
     write_report(job.out_dir, results)
     print_summary(results)

@@ -71,7 +71,7 @@ def test_default_config_matches_model_card_size():
     statistics = sum(p.numel() for n, p in model.named_parameters() if n.startswith("statistics"))
     card = model.num_parameters() - statistics
     assert abs(card - 86.4e6) / 86.4e6 < 0.01, card
-    assert statistics == 768 * (10 + 2 * (512 + 1024)) + 768 * 768
+    assert statistics == 768 * (10 + 3 + 2 * (512 + 1024)) + 768 * 768  # 3: lifetime
 
 
 def test_presets_are_configs_with_the_feast_embedding_size():
@@ -217,20 +217,26 @@ def test_window_statistics_count_recency_and_amounts():
     mask = torch.tensor([[True, True, True, True, False]])
     actions = torch.tensor([[3, 3, 4, 3, 9]])
     values = torch.tensor([[10.0, torch.nan, -4.0, 2.0, 99.0]])
-    features = statistics(actions, actions + 1, ages, mask, values)[0]
+    earlier = tuple(torch.tensor([v], dtype=torch.float64) for v in (6.0, 100.0, 365.0))
+    features = statistics(actions, actions + 1, ages, mask, values, earlier)[0]
     count, with_amount, total, last_day, last_week, last_month, newest, oldest, span, month = (
         features[:10].tolist()
     )
+    lifetime_count, lifetime_total, tenure = features[10:13].tolist()
+    assert lifetime_count == pytest.approx(np.log1p(4 + 6))
+    assert lifetime_total == pytest.approx(np.log1p(8.0 + 100.0))
+    assert tenure == pytest.approx(np.log1p(365.0))
     assert count == pytest.approx(np.log1p(4)) and with_amount == pytest.approx(np.log1p(3))
     assert total == pytest.approx(np.log1p(8.0))  # 10 - 4 + 2; the padded 99 is not counted
     assert [last_day, last_week, last_month] == pytest.approx(np.log1p([1, 2, 3]).tolist())
     assert newest == pytest.approx(np.log1p(0.5)) and oldest == pytest.approx(np.log1p(40))
     assert span == pytest.approx(np.log1p(39.5)) and month == pytest.approx(-np.log1p(2.0))
-    sketch = features[10 : 10 + config.action_vocab_size]
+    sketch = features[13 : 13 + config.action_vocab_size]
     assert sketch[3] == pytest.approx(np.log1p(3)) and sketch[4] == pytest.approx(np.log1p(1))
     assert sketch[9] == 0  # padding is never counted
     assert statistics.num_features == len(features)
-    empty = statistics(actions, actions, ages, torch.zeros_like(mask), values)
+    nothing_earlier = tuple(torch.zeros(1, dtype=torch.float64) for _ in range(3))
+    empty = statistics(actions, actions, ages, torch.zeros_like(mask), values, nothing_earlier)
     assert torch.equal(empty, torch.zeros_like(empty))
 
 
@@ -240,7 +246,8 @@ def test_a_model_directory_from_before_amounts_still_loads(tmp_path):
     model = Beat(old).eval()
     model.save_pretrained(tmp_path, Vocabulary.build(ACTIONS, 64), Vocabulary.build(PROPERTIES, 64))
     document = json.loads((tmp_path / "config.json").read_text())
-    for key in ("use_value_encoding", "use_window_statistics", "value_buckets"):
+    for key in ("use_value_encoding", "use_window_statistics", "use_lifetime_statistics",
+                "value_buckets"):
         del document["config"][key]  # written before these keys existed
     (tmp_path / "config.json").write_text(json.dumps(document))
     encoder = BeatEncoder.from_pretrained(tmp_path)
@@ -355,16 +362,32 @@ def test_encoder_reads_the_newest_max_events_within_the_window(encoder):
     newest = EventWindow(
         long.event_time_ms[-max_events:], long.action[-max_events:], long.property[-max_events:]
     )
-    np.testing.assert_allclose(encoder.encode([long]), encoder.encode([newest]), atol=1e-5, rtol=0)
+    # the 30 events cut off still count in the user's lifetime statistics
+    kept_history = EventWindow(
+        newest.event_time_ms, newest.action, newest.property,
+        earlier_events=30, first_event_ms=int(long.event_time_ms[0]),
+    )
+    np.testing.assert_allclose(
+        encoder.encode([long]), encoder.encode([kept_history]), atol=1e-5, rtol=0
+    )
+    assert not np.allclose(encoder.encode([long]), encoder.encode([newest]), atol=1e-4)
 
-    # an event older than window_days before the newest one is dropped
+    # an event older than window_days before the newest one leaves the window for the history
     recent = make_window(rng, 5)
+    stale_time = recent.event_time_ms[-1] - 91 * DAY
     stale = EventWindow(
-        np.concatenate([[recent.event_time_ms[-1] - 91 * DAY], recent.event_time_ms]),
+        np.concatenate([[stale_time], recent.event_time_ms]),
         np.concatenate([np.array(["purchase"], dtype=object), recent.action]),
         np.concatenate([np.array(["web"], dtype=object), recent.property]),
+        np.concatenate([[12.5], recent.value]),
     )
-    np.testing.assert_allclose(encoder.encode([stale]), encoder.encode([recent]), atol=1e-5, rtol=0)
+    recent_with_history = EventWindow(
+        recent.event_time_ms, recent.action, recent.property,
+        earlier_events=1, earlier_value=12.5, first_event_ms=int(stale_time),
+    )
+    np.testing.assert_allclose(
+        encoder.encode([stale]), encoder.encode([recent_with_history]), atol=1e-5, rtol=0
+    )
 
 
 def test_encoder_uses_relative_ages_and_unordered_input(encoder):

@@ -60,7 +60,9 @@ def histories(n: int, seed: int = 0) -> EventBatch:
     ids = torch.where(mask, torch.arange(3, 43).expand(n, 40), 0)
     times = torch.where(mask, T0 + torch.arange(40) * HOUR, 0)
     values = torch.where(mask & (ids % 3 == 0), ids.float(), torch.nan)
-    return EventBatch(ids, ids + 100, torch.zeros(n, 40, dtype=torch.float64), mask, times, values)
+    ages = torch.zeros(n, 40, dtype=torch.float64)
+    earlier = torch.arange(n, dtype=torch.float64)  # a different history per row
+    return EventBatch(ids, ids + 100, ages, mask, times, values, earlier, 3 * earlier, earlier + 9)
 
 
 def hourly_users(lengths: list[int], data_end_ms: int | None = None) -> UserEvents:
@@ -98,6 +100,12 @@ def test_views_are_adjacent_windows_as_of_a_moment_with_what_follows_them():
         torch.testing.assert_close(ages * 24, as_of_hours - (ids - 3).double())
         newest = int(ids[-1]) - 3  # hours since T0
         assert newest <= as_of_hours < newest + 1 or (newest == 39 and as_of_hours <= 60)
+        # the user's events before the view are its earlier history: events 0 .. first - 1,
+        # whose amounts are their indices where even; the first of them was at T0
+        first = int(ids[0]) - 3
+        assert inputs.earlier_events[row] == first
+        assert inputs.earlier_value[row] == sum(range(0, first, 2))
+        assert float(inputs.first_event_age[row]) * 24 == pytest.approx(as_of_hours, abs=1e-6)
         has_next = newest < 39
         assert bool(views.has_next[row]) == has_next
         if has_next:
