@@ -11,6 +11,7 @@ fastavro writes (tests/test_window.py, tests/test_event_encoding.py).
 
 from __future__ import annotations
 
+import struct
 from functools import lru_cache
 
 import numpy as np
@@ -18,6 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 MAX_VARINT = 10  # bytes of a 64-bit varint
+_DOUBLE = struct.Struct("<d")  # Avro doubles are little-endian IEEE 754
 
 # ---------------------------------------------------------------------------------------
 # Scalar: one value's bytes.
@@ -56,6 +58,15 @@ def write_string(text: str) -> bytes:
 def write_optional_string(text: str | None) -> bytes:
     """A ["null", "string"] union."""
     return b"\x00" if text is None else b"\x02" + write_string(text)
+
+
+def write_double(x: float) -> bytes:
+    return _DOUBLE.pack(x)
+
+
+def write_optional_long(n: int | None) -> bytes:
+    """A ["null", "long"] union."""
+    return b"\x00" if n is None else b"\x02" + write_long(n)
 
 
 def write_array(items: list[bytes]) -> bytes:

@@ -6,7 +6,9 @@ Two framings, chosen by whether a schema registry is configured:
   from the registry (subject ``<topic>-value``) and readers resolve unknown ids there.
 * Avro single-object encoding: ``C3 01`` + 8-byte little-endian CRC-64-AVRO fingerprint
   of the writer schema's canonical form + Avro body. Readers accept the fingerprints
-  of the schema versions this package ships.
+  of the schema versions this package ships: ``schemas/<name>.avsc`` and the earlier
+  versions kept as ``schemas/previous/<name>.<n>.avsc`` (so a changelog written before an
+  upgrade still restores).
 
 A payload that cannot be decoded raises ``DecodeError`` whose message is the reason
 that goes into the dead-letter header.
@@ -17,7 +19,7 @@ from __future__ import annotations
 import io
 import json
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 from typing import Any, Protocol
@@ -78,16 +80,27 @@ def _read_frame(
     return number.unpack_from(payload, len(magic))[0], body_start
 
 
+def previous_schemas(name: str) -> list[dict[str, Any]]:
+    """The earlier versions of schemas/<name>.avsc that this package still reads."""
+    paths = sorted((SCHEMA_DIR / "previous").glob(f"{name}.*.avsc"))
+    return [fastavro.parse_schema(json.loads(path.read_text())) for path in paths]
+
+
+def _fingerprint(schema: dict) -> int:
+    return int(fingerprint(to_parsing_canonical_form(schema), "CRC-64-AVRO"), 16)
+
+
 @dataclass
 class SingleObjectFraming:
     """Avro single-object encoding; the known writer schemas are those shipped here."""
 
     schema: dict
+    previous: list[dict] = field(default_factory=list)  # older writer schemas still read
 
     def __post_init__(self) -> None:
-        canonical = to_parsing_canonical_form(self.schema)
-        self._fingerprint = int(fingerprint(canonical, "CRC-64-AVRO"), 16)
-        self._known = {self._fingerprint: self.schema}
+        self._fingerprint = _fingerprint(self.schema)
+        self._known = {_fingerprint(old): old for old in self.previous}
+        self._known[self._fingerprint] = self.schema
 
     def header(self) -> bytes:
         return SINGLE_OBJECT_MAGIC + SINGLE_OBJECT_FINGERPRINT.pack(self._fingerprint)
@@ -160,7 +173,7 @@ class AvroCodec:
         self.framing: Framing = (
             ConfluentFraming(self.schema, registry_url, f"{topic}-value")
             if registry_url
-            else SingleObjectFraming(self.schema)
+            else SingleObjectFraming(self.schema, previous_schemas(schema_name))
         )
         self._header = self.framing.header()
         # With fields, decode() returns only those and skips the rest of each body.

@@ -50,7 +50,9 @@ class MemoryStore:
         self._data.clear()
 
 
-_COUNTS = struct.Struct("<II")  # rows, symbols
+# rows, symbols, and the earlier history: events, their amounts' sum, the first one's time
+# (-1: none; an event time is never negative)
+_HEADER = struct.Struct("<IIqdq")
 
 
 class RocksStore:
@@ -88,16 +90,19 @@ class RocksStore:
 
 def _pack(window: Window) -> bytes:
     symbols = window.symbols.astype(np.int32, copy=False)
-    return b"".join(
-        [_COUNTS.pack(len(window.rows), len(symbols)), window.rows.tobytes(), symbols.tobytes()]
+    first = -1 if window.first_event_ms is None else window.first_event_ms
+    header = _HEADER.pack(
+        len(window.rows), len(symbols), window.earlier_events, window.earlier_value, first
     )
+    return b"".join([header, window.rows.tobytes(), symbols.tobytes()])
 
 
 def _unpack(key: bytes, value: bytes) -> Window:
-    n_rows, n_symbols = _COUNTS.unpack_from(value)
-    rows = np.frombuffer(value, ROW, n_rows, _COUNTS.size)
-    symbols = np.frombuffer(value, np.int32, n_symbols, _COUNTS.size + ROW.itemsize * n_rows)
-    return Window(key.decode(), rows, symbols)
+    n_rows, n_symbols, earlier_events, earlier_value, first = _HEADER.unpack_from(value)
+    rows = np.frombuffer(value, ROW, n_rows, _HEADER.size)
+    symbols = np.frombuffer(value, np.int32, n_symbols, _HEADER.size + ROW.itemsize * n_rows)
+    first_event_ms = None if first < 0 else first
+    return Window(key.decode(), rows, symbols, earlier_events, earlier_value, first_event_ms)
 
 
 def open_store(kind: str, data_dir: Path, group: str, partition: int) -> PartitionStore:

@@ -6,8 +6,12 @@ newest event, ascending by (event_time, event-id hash). It is stored and sent as
     rows        16 bytes per event (ROW): event_time (48-bit unix ms), symbol (uint16),
                 event-id hash (uint32), value (float32, NaN when the event has none)
     symbols     the distinct (action, property) pairs of the window; ``symbol`` indexes them
+    earlier     how many of the user's events came before the window, the sum of their
+                amounts and the first one's time: what lifetime statistics need of the
+                history the window no longer holds
 
-which is the ``events``/``actions``/``properties`` of schemas/user_window.avsc, and also the
+which is the ``events``/``actions``/``properties``/``earlier_*`` of schemas/user_window.avsc,
+and also the
 stream worker's state (stream/state.py). In memory a window names its symbols by ids in a
 process-wide table (SYMBOLS), so merging works on integers only.
 
@@ -15,6 +19,12 @@ Merging is idempotent, so replaying events after a crash cannot change a window:
 whose event-id hash and event_time equal those of an event already in the window (or
 earlier in the batch) is a duplicate and ignored; a new event older than the window is
 dropped and counted; events pushed out by ``max_events`` are the window moving on.
+
+An event joins the earlier history when it leaves the window (too old, or pushed out by
+``max_events``), and also when it is new but never stays: it passes through within one batch
+(a backlog replayed in large batches). A new event that never stays counts only if it is
+newer than the stored window's oldest event, or if nothing has left the window yet: an older
+one may be a re-sent copy of an event that already left and was counted, so it is dropped.
 merge_batch() does this for every user of a batch at once, on flat numpy columns. (Replay
 tells duplicates apart by event_id instead, having the strings: README, "Duplicates have
 two rules, on purpose", says where the two differ.)
@@ -30,7 +40,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from model.batch import EventWindow
-from stream.avro_binary import write_array, write_long, write_optional_string, write_string
+from stream.avro_binary import (
+    write_array,
+    write_double,
+    write_long,
+    write_optional_long,
+    write_optional_string,
+    write_string,
+)
 from stream.event_contract import hash_strings
 
 ROW = np.dtype(
@@ -131,12 +148,15 @@ SYMBOLS = Symbols()
 
 @dataclass
 class Window:
-    """One user's window: ROW rows ascending by (event_time, id_hash), and its symbol table
-    as SYMBOLS ids (row["symbol"] indexes ``symbols``)."""
+    """One user's window: ROW rows ascending by (event_time, id_hash), its symbol table as
+    SYMBOLS ids (row["symbol"] indexes ``symbols``), and the history before it."""
 
     user_id: str
     rows: np.ndarray  # ROW [n]
     symbols: np.ndarray  # int32 [symbols], ids in SYMBOLS
+    earlier_events: int = 0  # events before the window (see the module doc)
+    earlier_value: float = 0.0  # the sum of their amounts
+    first_event_ms: int | None = None  # the first of them, unix ms; None when there are none
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -152,8 +172,13 @@ class Window:
         rows: np.ndarray,
         actions: Sequence[str],
         properties: Sequence[str | None],
+        earlier: tuple[int, float, int | None] = (0, 0.0, None),
     ) -> Window:
-        return cls(user_id, rows, SYMBOLS.ids(actions, properties))
+        return cls(user_id, rows, SYMBOLS.ids(actions, properties), *earlier)
+
+    @property
+    def earlier(self) -> tuple[int, float, int | None]:
+        return self.earlier_events, self.earlier_value, self.first_event_ms
 
     @property
     def event_time(self) -> np.ndarray:
@@ -175,6 +200,9 @@ class Window:
             "events": self.rows.tobytes(),
             "actions": self.actions,
             "properties": self.properties,
+            "earlier_events": self.earlier_events,
+            "earlier_value": self.earlier_value,
+            "first_event_time": self.first_event_ms,
         }
 
     @classmethod
@@ -191,14 +219,24 @@ class Window:
                 f"window of {record['user_id']!r} "
                 f"names a symbol beyond its {len(record['actions'])}"
             )
-        return cls.from_strings(record["user_id"], rows, record["actions"], record["properties"])
+        earlier = record["earlier_events"], record["earlier_value"], record["first_event_time"]
+        if (earlier[0] > 0) != (earlier[2] is not None) or earlier[0] < 0:
+            raise ValueError(
+                f"window of {record['user_id']!r}: {earlier[0]} earlier events "
+                f"and first_event_time {earlier[2]}"
+            )
+        return cls.from_strings(
+            record["user_id"], rows, record["actions"], record["properties"], earlier
+        )
 
     def event_window(self) -> EventWindow:
         """The model's input: times, the action/property strings and the amount of every event."""
         actions, properties = SYMBOLS.strings(self.symbols)
         symbol = self.rows["symbol"]
         times, hashes, amounts = self.event_time, self.rows["id_hash"], self.rows["value"]
-        return EventWindow(times, actions[symbol], properties[symbol], amounts, hashes)
+        return EventWindow(
+            times, actions[symbol], properties[symbol], amounts, hashes, *self.earlier
+        )
 
     def columns(self) -> dict[str, list]:
         """Plain per-event lists (value None where absent): for tests and debugging."""
@@ -224,6 +262,9 @@ def encode_window_body(window: Window, emitted_at_ms: int) -> bytes:
         write_long(len(events)), events,
         write_array([SYMBOLS.avro_actions[i] for i in ids]),
         write_array([SYMBOLS.avro_properties[i] for i in ids]),
+        write_long(window.earlier_events),
+        write_double(window.earlier_value),
+        write_optional_long(window.first_event_ms),
     ])
 
 
@@ -309,11 +350,14 @@ def merge_batch(
         int(np.count_nonzero(too_old & ~duplicate & is_new)),
     )
 
-    keep = ~duplicate & ~too_old
-    user, time, id_hash, value, pair = (a[keep] for a in (user, time, id_hash, value, pair))
-    ends = np.cumsum(np.bincount(user, minlength=len(users)))
-    keep = ends[user] - np.arange(len(user)) <= max_events  # the newest max_events of each user
-    user, time, id_hash, value, pair = (a[keep] for a in (user, time, id_hash, value, pair))
+    admitted = ~duplicate & ~too_old
+    admitted_user = user[admitted]
+    ends = np.cumsum(np.bincount(admitted_user, minlength=len(users)))
+    stays = admitted.copy()  # and of those, the newest max_events of each user
+    stays[admitted] = ends[admitted_user] - np.arange(len(admitted_user)) <= max_events
+    earlier = _earlier_history(windows, old_rows, user, time, id_hash, value, is_new,
+                               ~duplicate & ~stays)
+    user, time, id_hash, value, pair = (a[stays] for a in (user, time, id_hash, value, pair))
 
     # Each user's symbol table: the distinct pairs the kept events use, in id order.
     n_pairs = len(SYMBOLS)
@@ -331,10 +375,57 @@ def merge_batch(
             users[u],
             rows[row_bounds[u] : row_bounds[u + 1]],
             symbols[symbol_bounds[u] : symbol_bounds[u + 1]],
+            *earlier[u],
         )
         for u in range(len(users))
     ]
     return merged, counts
+
+
+def _earlier_history(
+    windows: Sequence[Window],
+    old_rows: np.ndarray,
+    user: np.ndarray,
+    time: np.ndarray,
+    id_hash: np.ndarray,
+    value: np.ndarray,
+    is_new: np.ndarray,
+    leaving: np.ndarray,
+) -> list[tuple[int, float, int | None]]:
+    """Each user's earlier history once the `leaving` events (sorted rows of merge_batch, no
+    duplicates among them) have joined it. A stored event that leaves joins it; a new one
+    only if it cannot be a re-sent copy of an event that joined before (see the module doc)."""
+    n = len(windows)
+    stored_events = np.array([w.earlier_events for w in windows], np.int64)
+    sizes = np.array([len(w) for w in windows], np.int64)
+    oldest_time = np.full(n, -1, np.int64)  # the stored window's oldest event, (time, hash)
+    oldest_hash = np.zeros(n, np.uint32)
+    has_rows = sizes > 0
+    first_row = (np.cumsum(sizes) - sizes)[has_rows]
+    oldest_time[has_rows] = row_times(old_rows[first_row])
+    oldest_hash[has_rows] = old_rows["id_hash"][first_row]
+    newer = (time > oldest_time[user]) | (
+        (time == oldest_time[user]) & (id_hash > oldest_hash[user])
+    )
+    joins = leaving & (~is_new | newer | (stored_events[user] == 0))
+
+    joining_user = user[joins]
+    events = stored_events + np.bincount(joining_user, minlength=n)
+    amounts = np.bincount(
+        joining_user, weights=np.nan_to_num(value[joins]).astype(np.float64), minlength=n
+    )
+    first_new = np.full(n, np.iinfo(np.int64).max)
+    np.minimum.at(first_new, joining_user, time[joins])
+    earlier = []
+    for u, window in enumerate(windows):
+        if events[u] == 0:
+            earlier.append((0, 0.0, None))
+            continue
+        first = int(first_new[u])
+        if window.first_event_ms is not None:
+            first = min(first, window.first_event_ms)
+        earlier.append((int(events[u]), window.earlier_value + float(amounts[u]), first))
+    return earlier
 
 
 def _pair_codes(actions: pa.Array, properties: pa.Array) -> tuple[np.ndarray, np.ndarray]:

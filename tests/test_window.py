@@ -9,7 +9,7 @@ import struct
 import numpy as np
 import pytest
 
-from stream.codec import AvroCodec
+from stream.codec import AvroCodec, SingleObjectFraming, previous_schemas
 from stream.window import NewEvents, Window, encode_window_body, merge_batch
 
 from reference_windows import expected_windows, id_hash, ms, traffic, window_columns
@@ -105,6 +105,7 @@ def test_window_message_round_trip_and_size() -> None:
     payload = codec.encode(window.to_record(0))
     back = Window.from_record(codec.decode(payload))
     assert back.rows.tobytes() == window.rows.tobytes() and back.columns() == window.columns()
+    assert back.earlier == window.earlier and window.earlier_events > 0  # passed through
     # The row layout of schemas/user_window.avsc, packed here independently: 48-bit time
     # (low 32, high 16), symbol (uint16), event-id hash (uint32), value (float32).
     first = expected_windows(traffic(3000, 4))["u00"][0]
@@ -117,14 +118,17 @@ def test_window_message_round_trip_and_size() -> None:
         "<IHHIf", time_ms & 0xFFFFFFFF, time_ms >> 32, symbol, id_hash(first), value
     )
     assert window.rows[:1].tobytes() == packed
-    # 16 bytes per event plus the header: framing, user_id, time and the symbol table.
+    # 16 bytes per event plus the header: framing, user_id, time, the symbol table and the
+    # earlier history (two longs and a double).
     symbols = sum(len(a) + len(p or "") + 3 for a, p in zip(window.actions, window.properties))
-    assert len(payload) <= 16 * len(window) + symbols + 32
+    assert len(payload) <= 16 * len(window) + symbols + 32 + 20
     # The stream worker's direct encoder writes exactly what fastavro writes.
     assert payload == codec.framing.header() + encode_window_body(window, 0)
     rows = window.rows[:3].copy()
     rows["symbol"] = [2, 0, 1]
-    odd = Window.from_strings("ü" * 70, rows, ["a", "ß" * 200, ""], [None, "p", ""])
+    odd = Window.from_strings(
+        "ü" * 70, rows, ["a", "ß" * 200, ""], [None, "p", ""], (2**40, -0.5, -(2**45))
+    )
     assert codec.encode(odd.to_record(-(2**40))) == codec.framing.header() + encode_window_body(
         odd, -(2**40)
     )
@@ -133,6 +137,66 @@ def test_window_message_round_trip_and_size() -> None:
     ) == codec.framing.header() + encode_window_body(Window.empty("x"), 1)
     with pytest.raises(ValueError, match="multiple of 16"):
         Window.from_record({**window.to_record(0), "events": b"\x00" * 17})
+    with pytest.raises(ValueError, match="earlier events"):
+        Window.from_record({**window.to_record(0), "first_event_time": None})
+
+
+def test_a_window_message_from_before_the_earlier_history_still_decodes() -> None:
+    """A changelog written by the previous release restores: its windows have no history."""
+    events = as_records([e for e in traffic(300, 6) if e["user_id"] == "u00"])
+    (window,), _ = merge_batch(
+        [None], ["u00"], NewEvents.from_records(events, ["u00"]), MAX_EVENTS, WINDOW_MS
+    )
+    old_schema = previous_schemas("user_window")[0]
+    old_codec = AvroCodec("user_window", "beat.windows")
+    old_codec.schema, old_codec._header = old_schema, SingleObjectFraming(old_schema).header()
+    record = window.to_record(0)
+    old_fields = {f["name"] for f in old_schema["fields"]}
+    payload = old_codec.encode({k: v for k, v in record.items() if k in old_fields})
+    back = Window.from_record(AvroCodec("user_window", "beat.windows").decode(payload))
+    assert back.columns() == window.columns() and back.earlier == (0, 0.0, None)
+
+
+@pytest.mark.parametrize("seed", [4, 5])
+def test_the_earlier_history_counts_every_event_once(seed: int) -> None:
+    """Events in time order, in batches of any size, replayed after crashes: every distinct
+    event is in the window or in its earlier history, exactly once. In any order, none is
+    counted twice (a late event older than what has left may be dropped)."""
+    rng = random.Random(seed)
+    events = traffic(3000, seed)
+    distinct: dict[str, dict] = {}
+    for e in as_records(events):
+        distinct.setdefault(e["user_id"], {})[(e["event_time"], e["event_id"])] = e
+    in_order = sorted(as_records(events), key=lambda e: e["event_time"])
+    for records, exact in ((in_order, True), (as_records(events), False)):
+        windows: dict[str, Window] = {}
+        start = 0
+        while start < len(records):
+            end = start + rng.randint(1, 300)
+            replay = rng.randrange(max(0, start - 200), start + 1) if rng.random() < 0.3 else start
+            batch = records[replay:end]
+            users = sorted({r["user_id"] for r in batch})
+            merged, _ = merge_batch(
+                [windows.get(u) for u in users],
+                users,
+                NewEvents.from_records(batch, users),
+                MAX_EVENTS,
+                WINDOW_MS,
+            )
+            windows.update(zip(users, merged))
+            start = end
+        for user, window in windows.items():
+            seen = distinct[user].values()
+            counted = window.earlier_events + len(window)
+            if not exact:
+                assert counted <= len(seen)
+                continue
+            assert counted == len(seen), user
+            amounts = [e["value"] for e in seen if e["value"] is not None]
+            in_window = np.nansum(window.rows["value"].astype(np.float64))
+            assert window.earlier_value + in_window == pytest.approx(sum(amounts), rel=1e-6)
+            if window.earlier_events:
+                assert window.first_event_ms == min(e["event_time"] for e in seen)
 
 
 def test_event_window_gives_the_model_strings_and_amounts_in_order() -> None:
