@@ -113,17 +113,25 @@ def test_events_become_windows_and_embeddings_in_feast(
         assert latest[user].columns() == window_columns(window), user
     assert len(latest["long"]) == 256
     assert len(latest["old_and_new"]) == 5
+    # what left the window (or never stayed) is the user's earlier history, each event once
+    assert latest["long"].earlier_events == 300 - 256
+    assert latest["old_and_new"].earlier_events == 6
+    assert latest["old_and_new"].first_event_ms == ms(T0 - timedelta(days=130))
+    assert latest["duplicates"].earlier == (0, 0.0, None)
 
     users = sorted(expected)
     stored = FeatureSink(settings).read(users)
+    # Each user's whole history: the encoder cuts it to the window, and what it cuts off
+    # counts as earlier history, as what left the stream's window does.
+    histories = expected_windows(events, max_events=len(events), window_days=36_500)
     windows = [
         EventWindow(
-            np.array([ms(e["event_time"]) for e in expected[u]]),
-            np.array([e["action"] for e in expected[u]], dtype=object),
-            np.array([e["property"] for e in expected[u]], dtype=object),
+            np.array([ms(e["event_time"]) for e in histories[u]]),
+            np.array([e["action"] for e in histories[u]], dtype=object),
+            np.array([e["property"] for e in histories[u]], dtype=object),
             # the amounts as the window stores them: float32, NaN where an event has none
             np.array([np.nan if e["value"] is None else np.float32(e["value"])
-                      for e in expected[u]]),
+                      for e in histories[u]]),
         )
         for u in users
     ]
