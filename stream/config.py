@@ -173,6 +173,11 @@ class Settings(BaseSettings):
     # deployments) or "rocksdb" (data_dir/state/..., for states larger than memory).
     state_store: Literal["memory", "rocksdb"] = "memory"
     data_dir: Path = REPO_ROOT / "data"
+    # A stream worker's table of distinct (action, property) pairs: once it holds more than
+    # this many (or twice what its windows used at the last reclaim), the pairs no stored
+    # window uses are freed (a scan of the state), so ever-new properties cannot grow it
+    # without end. Each pair costs about 300 bytes plus its strings twice (text and Avro).
+    symbol_table_pairs: int = Field(100_000, ge=1_000)
 
     # Limits of one event (dead-lettered beyond them, with the setting to raise). They bound
     # the CPU one message can cost and, with max_events, the size of a window message.

@@ -6,18 +6,22 @@ store never needs to survive a crash. The memory store keeps Window objects, rea
 RocksDB (rocksdict) keeps states larger than memory, each window as its rows and its symbol
 ids (valid for the process that wrote them, which is the store's whole life: it is emptied
 when opened), so reading one back is two numpy views, not an Avro decode.
+
+Symbol ids stay valid because SymbolBound frees only the pairs no stored window names:
+between batches every window of the stream worker is in a store.
 """
 
 from __future__ import annotations
 
 import shutil
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
+import stream.window
 from stream.window import ROW, Window
 
 
@@ -25,6 +29,7 @@ class PartitionStore(Protocol):
     def get_many(self, keys: Sequence[bytes]) -> list[Window | None]: ...
     def put_many(self, keys: Sequence[bytes], windows: Sequence[Window]) -> None: ...
     def delete(self, key: bytes) -> None: ...
+    def symbol_ids(self) -> np.ndarray: ...
     def __len__(self) -> int: ...
     def close(self) -> None: ...
 
@@ -42,6 +47,10 @@ class MemoryStore:
 
     def delete(self, key: bytes) -> None:
         self._data.pop(key, None)
+
+    def symbol_ids(self) -> np.ndarray:
+        """The SYMBOLS ids the stored windows name (with repeats), int32."""
+        return _joined(w.symbols for w in self._data.values())
 
     def __len__(self) -> int:
         return len(self._data)
@@ -80,6 +89,11 @@ class RocksStore:
     def delete(self, key: bytes) -> None:
         self._db.delete(key)
 
+    def symbol_ids(self) -> np.ndarray:
+        """The SYMBOLS ids the stored windows name (with repeats), int32: a scan of the
+        whole store, which SymbolBound makes rare."""
+        return _joined(_unpack_symbols(value) for value in self._db.values())
+
     def __len__(self) -> int:
         return sum(1 for _ in self._db.keys())
 
@@ -98,11 +112,46 @@ def _pack(window: Window) -> bytes:
 
 
 def _unpack(key: bytes, value: bytes) -> Window:
-    n_rows, n_symbols, earlier_events, earlier_value, first = _HEADER.unpack_from(value)
+    n_rows, _, earlier_events, earlier_value, first = _HEADER.unpack_from(value)
     rows = np.frombuffer(value, ROW, n_rows, _HEADER.size)
-    symbols = np.frombuffer(value, np.int32, n_symbols, _HEADER.size + ROW.itemsize * n_rows)
     first_event_ms = None if first < 0 else first
-    return Window(key.decode(), rows, symbols, earlier_events, earlier_value, first_event_ms)
+    return Window(
+        key.decode(), rows, _unpack_symbols(value), earlier_events, earlier_value, first_event_ms
+    )
+
+
+def _unpack_symbols(value: bytes) -> np.ndarray:
+    n_rows, n_symbols = _HEADER.unpack_from(value)[:2]
+    return np.frombuffer(value, np.int32, n_symbols, _HEADER.size + ROW.itemsize * n_rows)
+
+
+def _joined(ids: Iterable[np.ndarray]) -> np.ndarray:
+    """Arrays of symbol ids as one, int32 (empty when there are none)."""
+    return np.concatenate([np.empty(0, np.int32), *ids])
+
+
+class SymbolBound:
+    """When to free the SYMBOLS pairs no stored window names any more: once the table holds
+    more than `pairs` (BEAT_SYMBOL_TABLE_PAIRS), or twice what the windows named at the last
+    reclaim when that is more. So the table stays within max(pairs, 2 x live pairs) plus one
+    batch's new pairs, whatever producers send, and a reclaim (a scan of every store) comes
+    only after at least as many new pairs as it keeps: its cost per new pair stays bounded
+    even when the live pairs alone exceed `pairs`.
+    """
+
+    def __init__(self, pairs: int) -> None:
+        self.pairs = pairs
+        self.bound = pairs
+
+    def enforce(self, stores: Iterable[PartitionStore]) -> int | None:
+        """Reclaim if the table is over its bound; the pairs freed, or None if it was not.
+        Call it only when every window in use is in `stores`."""
+        symbols = stream.window.SYMBOLS  # looked up here: benches and tests swap in their own
+        if len(symbols) <= self.bound:
+            return None
+        freed = symbols.reclaim(_joined(store.symbol_ids() for store in stores))
+        self.bound = max(self.pairs, 2 * len(symbols))
+        return freed
 
 
 def open_store(kind: str, data_dir: Path, group: str, partition: int) -> PartitionStore:

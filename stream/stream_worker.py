@@ -46,9 +46,10 @@ from stream.codec import AvroCodec
 from stream.config import ConfigError, Settings
 from stream.event_columns import EventColumns, EventDecoder
 from stream.partitioner import key_partitions
-from stream.state import PartitionStore, open_store
+from stream.state import PartitionStore, SymbolBound, open_store
 from stream.window import (
     MAX_TIME_MS,
+    SYMBOLS,
     NewEvents,
     Window,
     encode_window_body,
@@ -180,6 +181,7 @@ class StreamWorker:
             **{"linger.ms": 5, "batch.size": 1 << 20, "delivery.report.only.error": True},
         ))
         self.stores: dict[int, PartitionStore] = {}
+        self.symbol_bound = SymbolBound(settings.symbol_table_pairs)
         self.pending: list[Message] = []
         self.stats = WindowStats()
         self.partitions = 0  # of the input topics, known once run() starts
@@ -267,6 +269,7 @@ class StreamWorker:
             self._dead_letter(messages, rejected)
             self._repartition(messages, elsewhere, home)
             self._emit(windows, now_ms)
+        self._free_symbols()
         with self._stage("commit"):
             self._commit(messages, partitions, moved_here)
         self.stats.counts["events"] += len(messages)
@@ -373,6 +376,18 @@ class StreamWorker:
             self.stores[partition].put_many(keys, merged)
         self.stats.counts["windows"] += len(windows)
         self.seal(set(by_partition))
+
+    def _free_symbols(self) -> None:
+        """Free the symbol pairs no window uses once the table passes its bound. Here every
+        window is in a store: the batch's merged ones have just been put there."""
+        started = time.perf_counter()
+        freed = self.symbol_bound.enforce(self.stores.values())
+        if freed is not None:
+            log.info(
+                "stream worker: freed %d symbol pairs no window uses in %.0f ms; %d kept, "
+                "next reclaim above %d", freed, (time.perf_counter() - started) * 1000,
+                len(SYMBOLS), self.symbol_bound.bound,
+            )
 
     def seal(self, partitions: set[int]) -> None:
         """Put the batch's windows below the partitions' high watermark, on Tansu too, before

@@ -13,7 +13,8 @@ newest event, ascending by (event_time, event-id hash). It is stored and sent as
 which is the ``events``/``actions``/``properties``/``earlier_*`` of schemas/user_window.avsc,
 and also the
 stream worker's state (stream/state.py). In memory a window names its symbols by ids in a
-process-wide table (SYMBOLS), so merging works on integers only.
+process-wide table (SYMBOLS), so merging works on integers only; the stream worker frees
+the pairs no stored window uses once the table passes BEAT_SYMBOL_TABLE_PAIRS.
 
 Merging is idempotent, so replaying events after a crash cannot change a window: an event
 whose event-id hash and event_time equal those of an event already in the window (or
@@ -87,24 +88,35 @@ def row_times(rows: np.ndarray) -> np.ndarray:
 
 
 class Symbols:
-    """The (action, property) pairs this process has seen, each with a small int id.
+    """The (action, property) pairs that windows in this process use, each with a small int id.
 
     Windows in memory name their symbols by these ids, so a merge never touches the strings
-    of stored windows, and each pair's Avro encoding is made once. The table grows with the
-    catalogue of distinct pairs, not with users or events.
+    of stored windows, and each pair's Avro encoding is made once. Ids are slots of numpy
+    object columns that grow by doubling, so looking up a window's strings costs the same
+    whatever the table's size. A pair stays until reclaim() frees it, given every id the
+    live windows still use: the stream worker does so at a batch boundary once the table
+    passes its bound (stream/state.py, SymbolBound), and new pairs reuse the freed slots, so
+    a producer sending ever new properties cannot grow the table without end (issue 12).
     """
 
     def __init__(self) -> None:
         self._ids: dict[tuple[str, str | None], int] = {}
-        self.actions: list[str] = []
-        self.properties: list[str | None] = []
-        self.avro_actions: list[bytes] = []  # each action as an Avro string
-        self.avro_properties: list[bytes] = []  # each property as an Avro ["null", "string"]
-        self._arrays = (np.empty(0, object), np.empty(0, object))  # the first _filled pairs
-        self._filled = 0
+        self._slots = 0  # ids handed out so far, held or freed: every id is below it
+        self._free: list[int] = []  # freed slots, reused before new ones
+        self._held = np.zeros(0, bool)  # by id: whether the slot holds a pair
+        self.actions = np.empty(0, object)  # by id: each action
+        self.properties = np.empty(0, object)  # each property (None: absent)
+        self.avro_actions = np.empty(0, object)  # each action as an Avro string
+        self.avro_properties = np.empty(0, object)  # each property as an Avro ["null", "string"]
 
     def __len__(self) -> int:
-        return len(self.actions)
+        """Pairs held."""
+        return len(self._ids)
+
+    @property
+    def slots(self) -> int:
+        """A bound on ids: every id is below it."""
+        return self._slots
 
     def ids(self, actions: Sequence[str], properties: Sequence[str | None]) -> np.ndarray:
         """The id of each (action, property) pair, int32 [n]; new pairs are added."""
@@ -118,29 +130,48 @@ class Symbols:
         known = self._ids.get((action, property))  # the same new pair twice in one call
         if known is not None:
             return known
-        self._ids[(action, property)] = len(self.actions)
-        self.actions.append(action)
-        self.properties.append(property)
-        self.avro_actions.append(write_string(action))
-        self.avro_properties.append(write_optional_string(property))
-        return len(self.actions) - 1
+        slot = self._free.pop() if self._free else self._new_slot()
+        self._ids[(action, property)] = slot
+        self._held[slot] = True
+        self.actions[slot] = action
+        self.properties[slot] = property
+        self.avro_actions[slot] = write_string(action)
+        self.avro_properties[slot] = write_optional_string(property)
+        return slot
+
+    def _new_slot(self) -> int:
+        """The next unused slot, the columns doubled when full: amortized O(1) a pair, not
+        a copy of the whole table (200k distinct properties made that 16.8 s a batch)."""
+        if self._slots == len(self._held):
+            size = max(2 * self._slots, 1_024)
+            self._held = np.resize(self._held, size)
+            self._held[self._slots :] = False
+            for name in ("actions", "properties", "avro_actions", "avro_properties"):
+                grown = np.empty(size, object)
+                grown[: self._slots] = getattr(self, name)[: self._slots]
+                setattr(self, name, grown)
+        self._slots += 1
+        return self._slots - 1
 
     def strings(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(actions, properties) of ids, object arrays. The arrays behind them grow by
-        doubling: new pairs cost amortized O(1) each, not a copy of the whole table per
-        batch (200k distinct properties made that 16.8 s a batch)."""
-        n = len(self.actions)
-        if self._filled < n:
-            if len(self._arrays[0]) < n:
-                grown = (np.empty(max(2 * len(self._arrays[0]), n), object) for _ in range(2))
-                old = self._arrays
-                self._arrays = tuple(grown)
-                for new, kept in zip(self._arrays, old):
-                    new[: self._filled] = kept[: self._filled]
-            self._arrays[0][self._filled : n] = self.actions[self._filled : n]
-            self._arrays[1][self._filled : n] = self.properties[self._filled : n]
-            self._filled = n
-        return self._arrays[0][ids], self._arrays[1][ids]
+        """(actions, properties) of ids, object arrays."""
+        return self.actions[ids], self.properties[ids]
+
+    def reclaim(self, live: np.ndarray) -> int:
+        """Free every pair whose id is not in live; returns how many were freed.
+
+        live must hold every id that a window still in use names: a freed id is given to
+        the next new pair, so a window that kept it would read that pair's strings."""
+        kept = np.zeros(self._slots, bool)
+        kept[live] = True
+        dead = np.flatnonzero(self._held[: self._slots] & ~kept)
+        for pair in zip(self.actions[dead].tolist(), self.properties[dead].tolist()):
+            del self._ids[pair]
+        self._held[dead] = False
+        for column in (self.actions, self.properties, self.avro_actions, self.avro_properties):
+            column[dead] = None  # the strings go now; the slots wait for new pairs
+        self._free += dead[::-1].tolist()  # pop() reuses the lowest first
+        return len(dead)
 
 
 SYMBOLS = Symbols()
@@ -186,11 +217,11 @@ class Window:
 
     @property
     def actions(self) -> list[str]:
-        return [SYMBOLS.actions[i] for i in self.symbols.tolist()]
+        return SYMBOLS.actions[self.symbols].tolist()
 
     @property
     def properties(self) -> list[str | None]:
-        return [SYMBOLS.properties[i] for i in self.symbols.tolist()]
+        return SYMBOLS.properties[self.symbols].tolist()
 
     def to_record(self, emitted_at_ms: int) -> dict:
         """The beat.windows message value (schemas/user_window.avsc)."""
@@ -255,13 +286,12 @@ def encode_window_body(window: Window, emitted_at_ms: int) -> bytes:
     directly: fastavro's per-record overhead (15-20 us on this schema) was the stream
     worker's largest cost per window. tests/test_window.py checks it byte for byte."""
     events = window.rows.tobytes()
-    ids = window.symbols.tolist()
     return b"".join([
         write_string(window.user_id),
         write_long(emitted_at_ms),
         write_long(len(events)), events,
-        write_array([SYMBOLS.avro_actions[i] for i in ids]),
-        write_array([SYMBOLS.avro_properties[i] for i in ids]),
+        write_array(SYMBOLS.avro_actions[window.symbols].tolist()),
+        write_array(SYMBOLS.avro_properties[window.symbols].tolist()),
         write_long(window.earlier_events),
         write_double(window.earlier_value),
         write_optional_long(window.first_event_ms),
@@ -360,7 +390,7 @@ def merge_batch(
     user, time, id_hash, value, pair = (a[stays] for a in (user, time, id_hash, value, pair))
 
     # Each user's symbol table: the distinct pairs the kept events use, in id order.
-    n_pairs = len(SYMBOLS)
+    n_pairs = SYMBOLS.slots
     user_pairs, symbol_of_row = np.unique(user * n_pairs + pair, return_inverse=True)
     pair_user = user_pairs // n_pairs
     pair_start = np.searchsorted(pair_user, np.arange(len(users) + 1))

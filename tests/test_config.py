@@ -38,6 +38,7 @@ def root_level() -> Iterator[None]:
         ("BEAT_MAX_EVENTS", "many", "valid integer"),
         ("BEAT_FEATURE_REPO", "/nowhere", "point BEAT_FEATURE_REPO at the beatstream"),
         ("BEAT_REPLICATION_FACTOR", "0", "greater than or equal to 1"),
+        ("BEAT_SYMBOL_TABLE_PAIRS", "10", "greater than or equal to 1000"),
         ("KAFKA_BOGUS_PROPERTY", "1", 'No such configuration property: "bogus.property"'),
         ("KAFKA_SECURITY_PROTOCOL", "SASL", 'Invalid value "SASL"'),
         ("BEAT_KAFKA_PROPERTIES_FILE", "/nowhere.properties", "Java .properties file"),
