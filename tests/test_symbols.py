@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -14,8 +15,13 @@ import pytest
 
 from stream import window
 from stream.codec import AvroCodec
+from stream.config import Settings
+from stream.producer import EventProducer
 from stream.state import MemoryStore, SymbolBound, open_store
 from stream.window import ROW, NewEvents, Symbols, Window, encode_window_body, merge_batch
+
+from conftest import read_topic, stream_worker
+from reference_windows import T0, event, expected_windows, window_columns
 
 WINDOW_MS = 90 * 86_400_000
 T0_MS = 1_780_000_000_000
@@ -102,3 +108,37 @@ def test_a_reclaim_frees_only_unnamed_pairs_and_reuses_their_ids(
     reused = symbols.ids(["login", "view"], ["x", "books"])  # a new pair, a kept one
     assert reused.tolist() == [gone.symbols.min(), kept.symbols[0]] and symbols.slots == 4
     assert symbols.strings(reused)[0].tolist() == ["login", "view"]
+
+
+def test_a_worker_frees_pairs_between_batches_and_its_windows_stay_exact(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """Through a worker process with the RocksDB store: two waves of events, each with a
+    property of its own, past a small table bound; the second wave reuses freed ids."""
+    settings = settings.model_copy(
+        update={"symbol_table_pairs": 1_000, "max_events": 4, "state_store": "rocksdb"}
+    )
+    waves = [
+        [{**event(f"u{u}", n, T0 + timedelta(minutes=n)), "property": f"p{u}-{n}"}
+         for u in range(200) for n in range(wave * 15, wave * 15 + 15)]
+        for wave in range(2)
+    ]  # fmt: skip
+    producer, codec = EventProducer(settings), AvroCodec("user_window", settings.windows_topic)
+    log = tmp_path / "stream.log"
+    with stream_worker(settings, log):
+        for sent, wave in enumerate(waves, 1):
+            producer.send(wave)
+            producer.flush()
+            expected = expected_windows([e for w in waves[:sent] for e in w], max_events=4)
+            want = {user: window_columns(events) for user, events in expected.items()}
+
+            def done(messages: list) -> bool:
+                latest = {}
+                for message in messages:
+                    if message.value() is not None:
+                        got = Window.from_record(codec.decode(message.value()))
+                        latest[got.user_id] = got.columns()
+                return latest == want
+
+            read_topic(settings, settings.windows_topic, until=done, timeout_s=60)
+    assert "symbol pairs no window uses" in log.read_text()
