@@ -210,9 +210,7 @@ class ClientErrors:
         """Raise BrokerError for a fatal error, or a broker down for over timeout_s; while
         it is down, ask it for metadata to see whether it is back."""
         if self.fatal is not None:
-            raise BrokerError(
-                f"fatal Kafka client error: {self.fatal.str()}; exiting for a clean restart"
-            )
+            raise _fatal(self.fatal)
         if self.down_since is None:
             return
         try:
@@ -225,6 +223,22 @@ class ClientErrors:
                     f"Kafka broker {self.servers} unreachable for over {self.timeout_s:g}s "
                     "(BEAT_BROKER_TIMEOUT_MS); exiting for a clean restart"
                 ) from None
+
+
+    def raise_if_fatal(self, err: KafkaException) -> None:
+        """Raise BrokerError if err, raised by a client call, holds a fatal error: once one
+        has happened, librdkafka raises it from produce(), flush() and the like, often
+        before the error callback has run."""
+        error = err.args[0] if err.args else None
+        if isinstance(error, KafkaError) and error.fatal():
+            self.fatal = self.fatal or error
+            raise _fatal(error) from None
+
+
+def _fatal(error: KafkaError) -> BrokerError:
+    return BrokerError(
+        f"fatal Kafka client error {error.name()}: {error.str()}; exiting for a clean restart"
+    )
 
 
 def client_config(settings: Settings, **extra: Any) -> dict[str, Any]:

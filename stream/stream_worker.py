@@ -30,7 +30,14 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
+from confluent_kafka import (
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+    TopicPartition,
+)
 
 from stream.broker import (
     SEAL_KEY,
@@ -210,6 +217,9 @@ class StreamWorker:
                     log.info("stream worker: %s", self.stats.summary())
                     next_report += 10
             clean = True
+        except KafkaException as err:
+            self.client_errors.raise_if_fatal(err)
+            raise
         finally:
             log.info("stream worker: stopping: %s", self.stats.summary())
             if clean:  # a broker that may not answer is not waited for: the process exits

@@ -14,9 +14,10 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from confluent_kafka import Consumer, TopicPartition
 from test_pipeline import T0, event
 
-from stream.broker import EmbeddedBroker, _free_port, ensure_topics
+from stream.broker import EmbeddedBroker, _free_port, consumer_config, ensure_topics
 from stream.config import Settings
 from stream.producer import EventProducer, produce
 from stream.synthetic import SyntheticEvents
@@ -127,6 +128,42 @@ def test_after_a_broker_restart_the_worker_exits_and_its_restart_works(
     with stream_worker(settings, log, ready):
         windows = read_topic(settings, settings.windows_topic, until=lambda m: len(m) >= 2)
     assert {m.key() for m in windows if m.value()} == {b"u1", b"u2"}
+
+
+def test_a_fatal_client_error_ends_the_worker_at_once_with_code_3(
+    broker: EmbeddedBroker, settings: Settings, tmp_path: Path
+) -> None:
+    """A real fatal error, provoked on Tansu: a restarted broker has forgotten every
+    producer id and hands them out from 1 again, so a new producer gets the worker's. The
+    worker's idempotent producer then sends its next window with a sequence number the
+    broker does not expect for that id: OUT_OF_ORDER_SEQUENCE_NUMBER, which librdkafka
+    makes fatal (no retry can tell a gap from a duplicate). The worker must not wait for
+    BEAT_BROKER_TIMEOUT_MS nor end in a traceback: code 3 at once, its batch uncommitted."""
+    ready, log = tmp_path / "ready", tmp_path / "stream.log"
+    with stream_worker(settings, log, ready) as worker:
+        wait_for(ready.exists, 30, "partitions assigned")  # its producer id is the first
+        producer = EventProducer(settings)
+        producer.send([event("u1", 1, T0)])
+        producer.flush()
+        read_topic(settings, settings.windows_topic, until=lambda m: len(m) > 0)
+        broker._process.kill()
+        broker._process.wait()
+        broker.start()  # the same port, no state
+        ensure_topics(settings)
+        for n in range(3):  # producer ids 1, 2, 3 of the new broker: one is the worker's
+            producer = EventProducer(settings)
+            producer.send([event("u1", 2 + n, T0)])
+            producer.flush()
+        took = exited_within(worker, 30)
+    text = log.read_text()
+    assert worker.returncode == 3, text[-2000:]
+    assert "fatal Kafka client error" in text and "OUT_OF_ORDER_SEQUENCE_NUMBER" in text, text
+    assert "Traceback" not in text, text[-2000:]
+    assert took < 20, f"{took:.1f}s: it waited for BEAT_BROKER_TIMEOUT_MS (60 s) instead"
+    group = Consumer(consumer_config(settings, settings.stream_group))
+    partitions = [TopicPartition(settings.events_topic, p) for p in range(settings.partitions)]
+    assert all(tp.offset < 0 for tp in group.committed(partitions, timeout=10))
+    group.close()
 
 
 @pytest.mark.parametrize("command", [["topics"], ["stream"]])
