@@ -224,14 +224,12 @@ class ClientErrors:
                     "(BEAT_BROKER_TIMEOUT_MS); exiting for a clean restart"
                 ) from None
 
-
     def raise_if_fatal(self, err: KafkaException) -> None:
         """Raise BrokerError if err, raised by a client call, holds a fatal error: once one
         has happened, librdkafka raises it from produce(), flush() and the like, often
         before the error callback has run."""
         error = err.args[0] if err.args else None
         if isinstance(error, KafkaError) and error.fatal():
-            self.fatal = self.fatal or error
             raise _fatal(error) from None
 
 
