@@ -1,4 +1,11 @@
-"""What other teams query: each user's BEAT embedding, kept fresh by the encoder workers."""
+"""What other teams query: each user's BEAT embedding, kept fresh by the encoder workers.
+
+Readers pin the feature service ``user_embedding_current``: the view of the current model
+version (``beat model publish``), or ``user_embedding`` where none is published (the
+embedded default, whose encoders serve BEAT_MODEL_DIR). Every published version has a view
+of its own, ``user_embedding_<version slug>``, written only by that version's encoders, so
+one version's vector is never stored under another's name.
+"""
 
 from datetime import timedelta
 
@@ -7,6 +14,8 @@ from feast.types import Array, Float32, Int64, String, UnixTimestamp
 from feast.value_type import ValueType
 
 from model.config import EMBEDDING_SIZE  # the one definition of the embedding's size
+from stream.config import load_settings
+from stream.model_versions import CURRENT_SERVICE, ModelVersions, view_name
 
 user = Entity(
     name="user",
@@ -25,28 +34,44 @@ embedding_history = FileSource(
 
 user_embedding_push = PushSource(name="user_embedding_push", batch_source=embedding_history)
 
-user_embedding = FeatureView(
-    name="user_embedding",
-    entities=[user],
-    ttl=timedelta(0),  # never expires: a quiet user's last embedding stays valid
-    schema=[
-        Field(
-            name="embedding", dtype=Array(Float32),
-            description=f"BEAT embedding, {EMBEDDING_SIZE} floats",
-        ),
-        Field(
-            name="model_version", dtype=String,
-            description="model that computed it; compare only equal versions",
-        ),
-        Field(name="event_count", dtype=Int64, description="events in the encoded window"),
-        Field(
-            name="last_event_time", dtype=UnixTimestamp,
-            description="newest event in the encoded window",
-        ),
-    ],
-    source=user_embedding_push,
-    online=True,
-    tags={"embedding_size": str(EMBEDDING_SIZE), "producer": "beatstream encoder worker"},
-)
 
+def embedding_view(name: str, **tags: str) -> FeatureView:
+    return FeatureView(
+        name=name,
+        entities=[user],
+        ttl=timedelta(0),  # never expires: a quiet user's last embedding stays valid
+        schema=[
+            Field(
+                name="embedding", dtype=Array(Float32),
+                description=f"BEAT embedding, {EMBEDDING_SIZE} floats",
+            ),
+            Field(
+                name="model_version", dtype=String,
+                description="model that computed it; compare only equal versions",
+            ),
+            Field(name="event_count", dtype=Int64, description="events in the encoded window"),
+            Field(
+                name="last_event_time", dtype=UnixTimestamp,
+                description="newest event in the encoded window",
+            ),
+        ],
+        source=user_embedding_push,
+        online=True,
+        tags={"embedding_size": str(EMBEDDING_SIZE), "producer": "beatstream encoder worker",
+              **tags},
+    )
+
+
+user_embedding = embedding_view("user_embedding")
 beat_user_embedding = FeatureService(name="beat_user_embedding", features=[user_embedding])
+
+# The published versions are read from the versions folder, so `feast apply` here keeps
+# their views (it deletes what the repo does not define). beatstream passes its own
+# settings as BEAT_SETTINGS (stream/feast_sink.py); `feast apply` reads the environment's.
+_versions = ModelVersions(globals().get("BEAT_SETTINGS") or load_settings())
+_views = {v: embedding_view(view_name(v), model_version=v) for v in _versions.published()}
+globals().update({view.name: view for view in _views.values()})  # where Feast looks for them
+user_embedding_current = FeatureService(
+    name=CURRENT_SERVICE, features=[_views.get(_versions.current(), user_embedding)],
+    description="the current model version's embeddings: pin this service",
+)

@@ -30,6 +30,7 @@ import signal
 import socket
 import subprocess
 import time
+from bisect import bisect_left
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -400,14 +401,15 @@ def records_in(
     return messages
 
 
-def read_compacted(
-    settings: Settings, topic: str, partition: int, batch: int = 10_000
-) -> Iterator[dict[bytes, bytes | None]]:
-    """A compacted partition from its start to its end, as the newest value per key of each
-    consumed batch (None: a tombstone; a later batch overrides an earlier one).
-
-    The end is the consumer's end-of-partition report (see the module docstring).
+def read_partition(
+    settings: Settings, topic: str, partition: int, end: int | None = None, batch: int = 10_000
+) -> Iterator[list[Message]]:
+    """The records of a partition (tombstones and seals included) from its start, a consumed
+    batch at a time, up to the consumer's end-of-partition report, or to offset end
+    (exclusive) when given: the end of an earlier read, so a second pass reads the same.
     """
+    if end is not None and end <= 0:
+        return
     # assign() only: the group never joins nor commits
     group = f"{settings.group_prefix}-reader"
     reader = Consumer(consumer_config(settings, group, **{"enable.partition.eof": True}))
@@ -416,6 +418,22 @@ def read_compacted(
         ends: dict[int, int] = {}
         while partition not in ends:
             consumed = records_in(reader.consume(batch, 1.0), ends, raise_errors=True)
-            yield {message.key(): message.value() for message in consumed}
+            if end is not None and consumed and consumed[-1].offset() >= end - 1:
+                yield consumed[: bisect_left(consumed, end, key=Message.offset)]
+                return
+            if consumed:
+                yield consumed
     finally:
         reader.close()
+
+
+def read_compacted(
+    settings: Settings, topic: str, partition: int, batch: int = 10_000
+) -> Iterator[dict[bytes, bytes | None]]:
+    """A compacted partition from its start to its end, as the newest value per key of each
+    consumed batch (None: a tombstone; a later batch overrides an earlier one).
+
+    The end is the consumer's end-of-partition report (see the module docstring).
+    """
+    for consumed in read_partition(settings, topic, partition, batch=batch):
+        yield {message.key(): message.value() for message in consumed}

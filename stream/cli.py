@@ -167,7 +167,10 @@ def cmd_refresh(args: argparse.Namespace, settings: Settings) -> int:
 
     worker = load_worker(settings)  # a bad model is said before the broker is tried
     check_reachable(settings)
-    summary = refresh_idle(settings, worker, int(args.idle_hours * 3_600_000))
+    try:
+        summary = refresh_idle(settings, worker, int(args.idle_hours * 3_600_000))
+    finally:
+        worker.close()
     print(
         f"re-encoded {summary.refreshed:,} of {summary.users:,} users "
         f"(idle over {args.idle_hours:g} h) "
@@ -225,6 +228,51 @@ def _sequences(args: argparse.Namespace, settings: Settings):  # noqa: ANN202 (p
     from stream.replay import ReplayConfig, replay
 
     return replay(settings, ReplayConfig())[0]
+
+
+def cmd_model_publish(args: argparse.Namespace, settings: Settings) -> int:
+    from stream.model_versions import CURRENT_SERVICE, view_name
+    from stream.publish import publish
+
+    check_reachable(settings)
+    try:
+        done = publish(settings, args.dir, shadow=args.shadow)
+    except ValueError as err:  # a version that cannot name a folder, or shares a slug
+        print(err, file=sys.stderr)
+        return 2
+    if done.backfill is None:
+        print(f"{done.version} is the current version already; nothing to do")
+        return 0
+    b = done.backfill
+    print(f"published {done.version}: feature view {view_name(done.version)}, backfilled "
+          f"{b.refreshed:,} of {b.users:,} users in {b.seconds:.1f} s ({b.users_per_s:,.0f}/s)")
+    print(f"{CURRENT_SERVICE} now serves it" if done.current else
+          f"shadow: run `beat encode --model-version {done.version}` beside the current "
+          f"encoders, then `beat model switch {done.version}`")
+    return 0
+
+
+def cmd_model_switch(args: argparse.Namespace, settings: Settings) -> int:
+    from stream.model_versions import CURRENT_SERVICE, view_name
+    from stream.publish import switch
+
+    try:
+        version = switch(settings, args.version)
+    except ValueError as err:  # not published: said with the published ones
+        print(err, file=sys.stderr)
+        return 2
+    print(f"{version} is current: {CURRENT_SERVICE} serves {view_name(version)}")
+    return 0
+
+
+def cmd_model_list(args: argparse.Namespace, settings: Settings) -> int:
+    from stream.model_versions import ModelVersions, view_name
+
+    versions = ModelVersions(settings)
+    current = versions.current()
+    for version in versions.published():
+        print(f"{'*' if version == current else ' '} {version:32} {view_name(version)}")
+    return 0
 
 
 def cmd_model_info(args: argparse.Namespace, settings: Settings) -> int:
@@ -368,6 +416,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     encode = sub.add_parser("encode", help="run an encoder worker (BEAT embeddings to Feast)")
     encode.add_argument("--model-dir", type=Path, help="overrides BEAT_MODEL_DIR")
+    encode.add_argument("--model-version",
+                        help="a published version to serve (a shadow); default: the current one")
     encode.add_argument("--ready-file", type=Path, help="created once the worker holds partitions")
     encode.set_defaults(run=cmd_encode)
 
@@ -378,6 +428,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--idle-hours", type=float, default=24.0, help="re-encode users whose newest event is older"
     )
     refresh.add_argument("--model-dir", type=Path, help="overrides BEAT_MODEL_DIR")
+    refresh.add_argument("--model-version",
+                         help="a published version to refresh; default: the current one")
     refresh.set_defaults(run=cmd_refresh)
 
     topics = sub.add_parser("topics", help="create beatstream's topics")
@@ -401,6 +453,20 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--preset", default="small")
     init.add_argument("--seed", type=int, default=0)
     init.set_defaults(run=cmd_model_init)
+    publish = model_sub.add_parser(
+        "publish", help="make a model directory the current version: copy it to "
+        "BEAT_DATA_DIR/models/, register its feature view, backfill it from beat.windows, "
+        "then switch the encoders and the feature service user_embedding_current to it")
+    publish.add_argument("dir", type=Path)
+    publish.add_argument("--shadow", action="store_true",
+                         help="publish and backfill, but leave the current version serving")
+    publish.set_defaults(run=cmd_model_publish)
+    switch = model_sub.add_parser(
+        "switch", help="make a published version current (encoders and feature service)")
+    switch.add_argument("version", help="a published version, or its slug")
+    switch.set_defaults(run=cmd_model_switch)
+    listing = model_sub.add_parser("list", help="published versions; * marks the current one")
+    listing.set_defaults(run=cmd_model_list)
     info = model_sub.add_parser("info", help="configuration and parameter count")
     info.add_argument("dir", type=Path, nargs="?")
     info.add_argument("--preset", default="default", help="when no dir is given")
@@ -413,7 +479,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 EXIT_BROKER = 3  # the broker is unreachable or failed; a config error is 2
-NEEDS_BROKER = {cmd_produce, cmd_export, cmd_stream, cmd_encode, cmd_refresh, cmd_topics}
+NEEDS_BROKER = {cmd_produce, cmd_export, cmd_stream, cmd_encode, cmd_refresh, cmd_topics,
+                cmd_model_publish}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -422,7 +489,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger().setLevel(LOGLEVELS[args.loglevel])  # also where handlers exist already
     logging.getLogger("feast").setLevel(logging.WARNING)  # it logs every registry refresh
     try:
-        settings = load_settings(model_dir=getattr(args, "model_dir", None))
+        settings = load_settings(model_dir=getattr(args, "model_dir", None),
+                                 model_version=getattr(args, "model_version", None))
     except ConfigError as err:
         print(err, file=sys.stderr)
         return 2

@@ -192,7 +192,12 @@ class Settings(BaseSettings):
     max_message_bytes: int = Field(1_000_000, ge=10_000)
 
     # Encoder workers
+    # A model directory served as it is into the feature view user_embedding (the embedded
+    # default); unset: the published versions of data_dir/models/ (stream/model_versions.py).
     model_dir: Path | None = None
+    # A published version to serve (a shadow beside the current one); unset: the current
+    # version, followed from one to the next without a restart.
+    model_version: str | None = None
     # Window messages per consume call, and users per encode-and-write step.
     max_batch: int = Field(1024, ge=1)
     # Window messages an encoder takes into one batch at most while it is behind: of the
@@ -325,14 +330,15 @@ def load_settings(**overrides: object) -> Settings:
         raise ConfigError("invalid beatstream settings:\n" + "\n".join(problems)) from None
 
 
-def check_model_fits(settings: Settings, model: BeatConfig) -> None:
+def check_model_fits(settings: Settings, model: BeatConfig, directory: Path | None = None) -> None:
     """The model an encoder serves must read the windows the stream workers keep
     (BEAT_MAX_EVENTS, BEAT_WINDOW_DAYS) and write the embedding the Feast feature view
-    stores (model.config.EMBEDDING_SIZE). Raises ConfigError naming each setting and the fix.
+    stores (model.config.EMBEDDING_SIZE). directory: where the model was loaded from, when not
+    BEAT_MODEL_DIR. Raises ConfigError naming each setting and the fix.
     """
     from model.config import EMBEDDING_SIZE
 
-    where = f"the model in {settings.model_dir}"
+    where = f"the model in {directory or settings.model_dir}"
     problems = []
     if model.max_events != settings.max_events:
         problems.append(

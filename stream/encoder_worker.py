@@ -6,6 +6,14 @@ messages: only each user's newest window is kept, so a backlog costs work per us
 per message. The users are encoded, written to the Feast online store and published to
 ``beat.embeddings`` in steps of ``max_batch``, each as of the time stream/as_of.py gives.
 
+Model versions (stream/model_versions.py): a worker serves BEAT_MODEL_DIR into the view
+``user_embedding``, or a published version into that version's own view with that
+version's consumer group. One that follows the current version checks, after each batch is
+committed (or given up), whether another version has become current; if so it loads it,
+leaves the old version's group and joins the new one's, which carries on from the offsets
+the new version's backfill committed. A batch is thus encoded, written and committed by
+one version only, and a view only ever holds rows of its own version.
+
 Nothing is lost (at-least-once): the batch's offsets are committed only after every row is
 in the online store and every message (embeddings and dead letters) is delivered. A
 failing online store is retried with backoff, the batch in hand, nothing committed, and
@@ -47,6 +55,7 @@ from stream.broker import (
 from stream.codec import AvroCodec, DecodeError
 from stream.config import ConfigError, Settings, check_model_fits
 from stream.feast_sink import EmbeddingRows, FeatureSink
+from stream.model_versions import ModelVersions, version_group, view_name
 from stream.window import Window
 
 log = logging.getLogger(__name__)
@@ -110,32 +119,69 @@ class Encoded:
     window: list[EventWindow] = field(default_factory=list)
     partition: list[int] = field(default_factory=list)
 
+    def select(self, keep: list[bool]) -> Encoded:
+        columns = (self.user_id, self.window, self.partition)
+        return Encoded(*([x for x, k in zip(column, keep) if k] for column in columns))
+
 
 class EncoderWorker:
-    def __init__(self, settings: Settings, encoder: BeatEncoder, sink: FeatureSink) -> None:
+    """Encodes with one model into one feature view, reading beat.windows as group (default:
+    BEAT_GROUP_PREFIX-encoders); with follow, moves to each version made current there."""
+
+    def __init__(
+        self, settings: Settings, encoder: BeatEncoder, sink: FeatureSink,
+        group: str | None = None, follow: ModelVersions | None = None,
+    ) -> None:
         self.settings = settings
         self.encoder = encoder
         self.sink = sink
+        self.group = group or settings.encoder_group
+        self.follow = follow
         registry = settings.schema_registry_url
         self.window_codec = AvroCodec("user_window", settings.windows_topic, registry)
         embedding_codec = AvroCodec("user_embedding", settings.embeddings_topic, registry)
         self.embedding_header = embedding_codec.framing.header()
-        self.consumer = Consumer(consumer_config(settings, settings.encoder_group))
+        self.consumer = Consumer(consumer_config(settings, self.group))
         self.producer = CheckedProducer(settings, **{"batch.size": 1 << 20})
         self.clock = AsOfClock(settings.replay_lag_ms)
         self.stats = EncoderStats()
         self.stopping = threading.Event()
         self.revoked = False  # by a rebalance since the batch in hand was taken
         self.in_hand = Batch()  # the batch being processed, for the logs
+        self.ready_file: Path | None = None
 
     def run(self, report_every_s: float = 10.0, ready_file: Path | None = None) -> None:
         """Encode until stop() (or SIGINT/SIGTERM when run from the CLI).
 
         ready_file is created once the worker has joined its group and holds partitions.
         """
+        self.ready_file = ready_file
+        self._subscribe()
+        next_report = time.monotonic() + report_every_s
+        try:
+            while not self.stopping.is_set():
+                batch = self._take_batch()
+                if batch.messages:
+                    self.process(batch)
+                if self.follow:
+                    self._follow_current()
+                if time.monotonic() >= next_report:
+                    log.info("encoder worker: %s", self.stats.summary())
+                    next_report += report_every_s
+        finally:
+            self.close()
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    def close(self) -> None:
+        self.consumer.close()
+        self.producer.flush(10)
+
+    def _subscribe(self) -> None:
         def on_assign(consumer: Consumer, partitions: list[TopicPartition]) -> None:
-            if ready_file:
-                ready_file.touch()
+            if self.ready_file:
+                self.ready_file.touch()
 
         def on_revoke(consumer: Consumer, partitions: list[TopicPartition]) -> None:
             # Their uncommitted windows are read again by whoever gets them next.
@@ -146,21 +192,23 @@ class EncoderWorker:
             [self.settings.windows_topic], on_assign=on_assign, on_revoke=on_revoke,
             on_lost=on_revoke,
         )
-        next_report = time.monotonic() + report_every_s
-        try:
-            while not self.stopping.is_set():
-                batch = self._take_batch()
-                if batch.messages:
-                    self.process(batch)
-                if time.monotonic() >= next_report:
-                    log.info("encoder worker: %s", self.stats.summary())
-                    next_report += report_every_s
-        finally:
-            self.consumer.close()
-            self.producer.flush(10)
 
-    def stop(self) -> None:
-        self.stopping.set()
+    def _follow_current(self) -> None:
+        """Between batches (the last one committed or given up, none in hand): serve the
+        current version once it is another one. Its consumer group starts where its
+        backfill stopped, so no window is left out of its view."""
+        current = self.follow.current()
+        if current is None or current == self.encoder.model_version:
+            return
+        encoder, sink = load_version(self.settings, self.follow, current)
+        log.info("encoder worker: model %s is current; leaving %s for %s", current,
+                 self.encoder.model_version, version_group(self.settings, current))
+        self.consumer.close()  # leaves the old version's group at once
+        self.encoder, self.sink = encoder, sink
+        self.group = version_group(self.settings, current)
+        self.consumer = Consumer(consumer_config(self.settings, self.group))
+        self.clock = AsOfClock(self.settings.replay_lag_ms)
+        self._subscribe()
 
     def _take_batch(self) -> Batch:
         """What consume() gives within max_wait_ms and, while more is already fetched (the
@@ -180,18 +228,9 @@ class EncoderWorker:
         """Encode, write and publish the batch's users, then commit its offsets."""
         self.in_hand = batch
         with self.stats.stage("decode"):
-            users = self._decode(batch)
-        step = self.settings.max_batch
-        for start in range(0, len(users.user_id), step):
-            part = slice(start, start + step)
-            windows, partitions = users.window[part], np.array(users.partition[part], np.int64)
-            newest = np.array([w.event_time_ms[-1] for w in windows], np.int64)
-            as_of = self.clock.as_of(partitions, newest, int(time.time() * 1000))
-            rows = self.encode(windows, users.user_id[part], as_of)
-            if not self.write_online(rows):
-                return  # stopping, or the partitions moved: nothing is committed
-            with self.stats.stage("publish"):
-                self.publish(rows)
+            users = self.decode(batch)
+        if not self.encode_and_write(users):
+            return  # stopping, or the partitions moved: nothing is committed
         with self.stats.stage("commit"):
             self.producer.flush()  # raises DeliveryError: then nothing is committed
             if not self.revoked:
@@ -199,7 +238,26 @@ class EncoderWorker:
         self.stats.batches += 1
         self.stats.interval_batches += 1
 
-    def _decode(self, batch: Batch) -> Encoded:
+    def encode_and_write(self, users: Encoded, as_of_now: bool = False) -> bool:
+        """Encode the users, write them to the online store and publish them, in steps of
+        max_batch, each as of the time the as-of clock gives (as_of_now: the wall clock).
+        False: given up (stopping, or the partitions moved)."""
+        step = self.settings.max_batch
+        for start in range(0, len(users.user_id), step):
+            part = slice(start, start + step)
+            windows, partitions = users.window[part], np.array(users.partition[part], np.int64)
+            newest = np.array([w.event_time_ms[-1] for w in windows], np.int64)
+            now_ms = int(time.time() * 1000)
+            as_of = (np.full(len(windows), now_ms) if as_of_now
+                     else self.clock.as_of(partitions, newest, now_ms))
+            rows = self.encode(windows, users.user_id[part], as_of)
+            if not self.write_online(rows):
+                return False
+            with self.stats.stage("publish"):
+                self.publish(rows)
+        return True
+
+    def decode(self, batch: Batch) -> Encoded:
         """The batch's newest windows as model inputs; bad ones go to the dead-letter topic."""
         users = Encoded()
         for message in batch.latest.values():
@@ -307,28 +365,58 @@ def embedding_values(header: bytes, rows: EmbeddingRows) -> list[bytes]:
     return pc.binary_join_element_wise(*pieces, b"").to_pylist()
 
 
-def load_worker(settings: Settings) -> EncoderWorker:
-    """An encoder worker with the model of BEAT_MODEL_DIR and the Feast sink."""
-    if settings.model_dir is None:
-        raise ConfigError(
-            "BEAT_MODEL_DIR: no model; set it or pass --model-dir (see `beat model init`)"
-        )
+def load_encoder(settings: Settings, directory: Path) -> BeatEncoder:
+    """The model of a directory, checked against the settings (ConfigError if it does not
+    load or does not fit)."""
     if settings.torch_threads:
         import torch
 
         torch.set_num_threads(settings.torch_threads)
     try:
         encoder = BeatEncoder.from_pretrained(
-            settings.model_dir, device=settings.device, max_batch=settings.encode_batch
+            directory, device=settings.device, max_batch=settings.encode_batch
         )
     except (ValueError, OSError, SafetensorError) as err:  # missing, partial or corrupt files
         raise ConfigError(
-            f"BEAT_MODEL_DIR={settings.model_dir} is not a usable model directory: {err}; point it "
-            "(or --model-dir) at one from `beat pretrain` or `beat model init`"
+            f"{directory} is not a usable model directory: {err}; point BEAT_MODEL_DIR (or "
+            "--model-dir, or `beat model publish`) at one from `beat pretrain` or `beat model init`"
         ) from None
-    check_model_fits(settings, encoder.model.config)
-    log.info("encoder: model %s on %s", encoder.model_version, settings.device)
-    return EncoderWorker(settings, encoder, FeatureSink(settings))
+    check_model_fits(settings, encoder.model.config, directory)
+    return encoder
+
+
+def load_version(
+    settings: Settings, versions: ModelVersions, version: str
+) -> tuple[BeatEncoder, FeatureSink]:
+    """A published version's model and a sink into its feature view (registered by the
+    publish: the worker only reads the registry)."""
+    encoder = load_encoder(settings, versions.path(version))
+    return encoder, FeatureSink(settings, view_name(version), deploy=False)
+
+
+def load_worker(settings: Settings) -> EncoderWorker:
+    """An encoder worker: BEAT_MODEL_DIR into user_embedding when set; else the pinned
+    BEAT_MODEL_VERSION, or the current published version, followed from then on."""
+    if settings.model_dir is not None:
+        encoder = load_encoder(settings, settings.model_dir)
+        log.info("encoder: model %s on %s", encoder.model_version, settings.device)
+        return EncoderWorker(settings, encoder, FeatureSink(settings))
+    versions = ModelVersions(settings)
+    wanted = settings.model_version or versions.current()
+    if wanted is None:
+        raise ConfigError(
+            "BEAT_MODEL_DIR: no model; set it or pass --model-dir (see `beat model init`), "
+            "or publish one with `beat model publish DIR`"
+        )
+    try:
+        version = versions.resolve(wanted)
+    except ValueError as err:
+        raise ConfigError(f"BEAT_MODEL_VERSION: {err}") from None
+    encoder, sink = load_version(settings, versions, version)
+    log.info("encoder: model %s on %s, %s", version, settings.device,
+             "pinned" if settings.model_version else "following the current version")
+    follow = None if settings.model_version else versions
+    return EncoderWorker(settings, encoder, sink, version_group(settings, version), follow)
 
 
 def run_worker(settings: Settings, ready_file: Path | None = None) -> None:

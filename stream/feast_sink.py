@@ -3,6 +3,12 @@
 The store's settings come from ``feature_repo/feature_store.yaml`` with the online store
 chosen by ``BEAT_ONLINE_STORE`` (``sqlite`` or ``redis``), and the project and registry
 from beatstream's settings, so tests and demos can each have their own.
+
+Who writes the registry: ``register`` (``beat model publish`` and ``beat model switch``,
+the deploy step), and an encoder serving BEAT_MODEL_DIR into ``user_embedding`` (the
+embedded default, which has no deploy step). Encoders of published versions only read it:
+a file registry is rewritten whole on every apply, so workers applying beside a publish
+could undo its new view.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import pandas as pd
 import redis
 import yaml
 
-from stream.config import Settings
+from stream.config import ConfigError, Settings
 from stream.online_writer import OnlineRows, RedisRowWriter, SqliteRowWriter
 
 FEATURE_VIEW = "user_embedding"
@@ -69,37 +75,65 @@ def feast_objects(settings: Settings) -> list:
     kinds = (Entity, FeatureView, FeatureService, DataSource)
     found: dict[int, object] = {}
     for path in sorted(settings.feature_repo.glob("*.py")):
-        for value in runpy.run_path(str(path)).values():
+        # definitions.py reads the published model versions of these settings
+        for value in runpy.run_path(str(path), {"BEAT_SETTINGS": settings}).values():
             if isinstance(value, kinds):
                 found[id(value)] = value
     return list(found.values())
 
 
+def register(settings: Settings) -> "feast.FeatureStore":  # noqa: F821
+    """Apply feature_repo/ (with a view per published version) to the registry: the deploy
+    step. Creates the online tables of new views; removes nothing."""
+    from feast import FeatureStore
+
+    store = FeatureStore(config=repo_config(settings))
+    store.apply(feast_objects(settings))
+    return store
+
+
 class FeatureSink:
-    """Writes embeddings to the Feast online store and reads them back."""
+    """Writes embeddings to one feature view of the Feast online store and reads them back.
 
-    def __init__(self, settings: Settings) -> None:
+    With deploy, applies feature_repo/ first (the embedded default's user_embedding);
+    otherwise the view must be registered already (a published version's).
+    """
+
+    def __init__(
+        self, settings: Settings, view: str = FEATURE_VIEW, deploy: bool = True
+    ) -> None:
         from feast import FeatureStore
+        from feast.errors import FeatureViewNotFoundException
 
-        self.store = FeatureStore(config=repo_config(settings))
-        self.store.apply(feast_objects(settings))
-        self.view = self.store.get_feature_view(FEATURE_VIEW)
+        self.store = register(settings) if deploy else FeatureStore(config=repo_config(settings))
+        try:
+            self.view = self.store.get_feature_view(view)
+        except FeatureViewNotFoundException:
+            raise ConfigError(
+                f"feature view {view} is not in the Feast registry {settings.feast_project} "
+                "(BEAT_FEAST_DATA_DIR): `beat model publish` registers a version's view"
+            ) from None
         self.join_key = self.view.entity_columns[0].name
         writer = RedisRowWriter if settings.online_store == "redis" else SqliteRowWriter
         self.writer = writer(self.store, self.view)
         self.where = settings.redis_url if writer is RedisRowWriter else "sqlite"
         # Errors that mean "the store is not answering now": the encoder retries them.
         self.unavailable = (redis.ConnectionError, redis.TimeoutError, sqlite3.OperationalError)
-        self._feature_refs = [f"{FEATURE_VIEW}:{name}" for name in FEATURES]
+        self._feature_refs = [f"{self.view.name}:{name}" for name in FEATURES]
+        # A published version's view (feature_repo/definitions.py) takes its rows only.
+        self.version = self.view.tags.get("model_version")
 
     def write(self, rows: EmbeddingRows) -> int:
         """Rows written (Redis skips a row whose stored timestamp is at least as new)."""
+        if self.version not in (None, rows.model_version):
+            raise ValueError(f"rows of model {rows.model_version} cannot go to the feature view "
+                             f"{self.view.name} of model {self.version}")
         return self.writer.write(OnlineRows.from_embeddings(rows, self.join_key))
 
     def write_via_feast(self, rows: EmbeddingRows) -> None:
         """The same rows through Feast's write_to_online_store (the baseline of
         bench/feast_write.py, and the reference layout of the tests)."""
-        self.store.write_to_online_store(FEATURE_VIEW, embedding_frame(rows))
+        self.store.write_to_online_store(self.view.name, embedding_frame(rows))
 
     def read(self, user_ids: list[str]) -> dict[str, list]:
         """Feature values per name, in the order of user_ids (None where a user has none)."""

@@ -1,28 +1,40 @@
-"""`beat refresh`: re-encode users who have gone quiet, as of now.
+"""`beat refresh` and the backfill of a new model version: re-encode users from beat.windows.
 
-An embedding is computed as of the moment it is written (ages count back from that time,
-so it knows how long its user has been silent). The encoder workers write one when a
-user's window changes, so a user who stops acting keeps an embedding as of their last
-event, which says nothing of the silence since. Run this job on a schedule (daily, say):
-it reads the newest window of every user from the compacted ``beat.windows``, partition by
-partition, and re-encodes and writes, as of now, those whose newest event is older than
-``idle``.
+Both read the newest window of every user from the compacted ``beat.windows``, streaming
+partition by partition, and hold no window longer than a step of ``max_batch`` users:
+
+1. a first pass over a partition keeps only each key's last offset (a compacted topic keeps
+   older windows until compaction runs, and Tansu never compacts), a few dozen bytes a user;
+2. a second pass, to the same end, takes the window messages at those offsets, so every
+   user is decoded and encoded once, whatever the topic's duplicates.
+
+A rich progress bar shows the messages read and the users encoded per second.
+
+``refresh_idle`` (run it on a schedule): an embedding is computed as of the moment it is
+written (ages count back from that time, so it knows how long its user has been silent).
+The encoder workers write one when a user's window changes, so a user who stops acting
+keeps an embedding as of their last event, which says nothing of the silence since. Refresh
+re-encodes and writes, as of now, those whose newest event is older than ``idle``.
+
+``backfill`` (``beat model publish``): every user into the worker's view, as of the time an
+encoder reading the topic from its start would use (stream/as_of.py), committing each step
+for the worker's consumer group after it is written: the encoders of that version then
+carry on from the window messages that came after the backfill's read.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-import numpy as np
-from confluent_kafka.admin import AdminClient
+from confluent_kafka import Message, TopicPartition
 
-from stream.broker import client_config, read_compacted
-from stream.codec import AvroCodec
+from stream.broker import read_partition
 from stream.config import Settings
-from stream.encoder_worker import EncoderWorker
-from stream.window import Window
+from stream.encoder_worker import Batch, EncoderWorker
+from stream.replay import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -30,53 +42,81 @@ log = logging.getLogger(__name__)
 @dataclass
 class RefreshSummary:
     users: int  # with a window in beat.windows
-    refreshed: int  # idle ones, re-encoded as of now
+    refreshed: int  # re-encoded
     seconds: float
 
-
-def partition_windows(settings: Settings, partition: int) -> dict[bytes, bytes]:
-    """The newest window message of every user of one partition of beat.windows (raw)."""
-    latest: dict[bytes, bytes] = {}
-    for chunk in read_compacted(settings, settings.windows_topic, partition):
-        for key, value in chunk.items():
-            if value is None:  # a tombstone, or a stream worker's seal
-                latest.pop(key, None)
-            else:
-                latest[key] = value
-    return latest
+    @property
+    def users_per_s(self) -> float:
+        return self.refreshed / max(self.seconds, 1e-9)
 
 
-def refresh_idle(settings: Settings, worker: EncoderWorker, idle_ms: int) -> RefreshSummary:
-    """Re-encode, as of now, every user whose newest event is more than idle_ms old.
-
-    Streams partition by partition (one partition's window messages in memory at a time)
-    and decodes and encodes in steps of max_batch users, logging progress and the rate."""
-    began = time.monotonic()
-    codec = AvroCodec("user_window", settings.windows_topic, settings.schema_registry_url)
+def latest_windows(settings: Settings, partition: int, step: int) -> Iterator[Batch]:
+    """The newest window message of every user of one partition of beat.windows, in batches
+    of about step users; each batch's ends is where the read has come to."""
     topic = settings.windows_topic
-    admin = AdminClient(client_config(settings))
-    partitions = sorted(admin.list_topics(topic, timeout=10).topics[topic].partitions)
-    cutoff_ms = int(time.time() * 1000) - idle_ms
-    users = refreshed = 0
-    for partition in partitions:
-        values = list(partition_windows(settings, partition).values())
-        users += len(values)
-        step = settings.max_batch
-        for start in range(0, len(values), step):
-            windows = [Window.from_record(codec.decode(v)) for v in values[start : start + step]]
-            idle = [w for w in windows if len(w) and int(w.event_time[-1]) < cutoff_ms]
-            if idle:
-                as_of = np.full(len(idle), int(time.time() * 1000))
-                inputs = [w.event_window() for w in idle]
-                rows = worker.encode(inputs, [w.user_id for w in idle], as_of)
-                worker.write_online(rows)
-                worker.publish(rows)
-                refreshed += len(idle)
-        worker.producer.flush()
-        seconds = time.monotonic() - began
-        log.info("refresh: partition %d done (%d of %d): %d users read, %d re-encoded, "
-                 "%.0f users/s", partition, partitions.index(partition) + 1, len(partitions),
-                 users, refreshed, users / max(seconds, 1e-9))
-    summary = RefreshSummary(users, refreshed, time.monotonic() - began)
-    log.info("refresh: %s", summary)
+    last: dict[bytes, int] = {}  # key -> offset of its newest record (a tombstone, maybe)
+    end = 0
+    for messages in read_partition(settings, topic, partition):
+        last.update(zip(map(Message.key, messages), map(Message.offset, messages)))
+        end = messages[-1].offset() + 1
+    batch = Batch()
+    for messages in read_partition(settings, topic, partition, end):
+        newest = [m for m in messages if last[m.key()] == m.offset()]
+        for start in range(0, len(newest), step):
+            batch.add(newest[start : start + step])  # its ends: past its newest window
+            if len(batch.latest) >= step:
+                yield batch
+                batch = Batch()
+        batch.ends[partition] = messages[-1].offset() + 1  # past the older ones read, too
+    if batch.ends:
+        yield batch
+
+
+def reencode(
+    settings: Settings, worker: EncoderWorker, label: str,
+    handle: Callable[[Batch], None], progress: bool = True,
+) -> RefreshSummary:
+    """handle() every batch of newest windows, partition by partition, with a progress bar;
+    the users re-encoded are those the worker wrote meanwhile."""
+    began, written = time.monotonic(), worker.stats.users
+    topic = settings.windows_topic
+    partitions = sorted(worker.consumer.list_topics(topic, timeout=10).topics[topic].partitions)
+    marks = {p: worker.consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+             for p in partitions}  # fmt: skip
+    users, done = 0, 0  # done: messages of the partitions finished
+    with progress_bar(progress, sum(h - lo for lo, h in marks.values()), label, "users") as bar:
+        for partition in partitions:
+            read = 0
+            for batch in latest_windows(settings, partition, settings.max_batch):
+                users += len(batch.latest)
+                handle(batch)
+                read = batch.ends[partition] - marks[partition][0]
+                bar(done + read, worker.stats.users - written)
+            done += read
+            worker.producer.flush()  # raises DeliveryError: then the run failed
+            log.info("%s: partition %d done (%d of %d): %d users read, %d re-encoded, %.0f users/s",
+                     label, partition, partitions.index(partition) + 1, len(partitions), users,
+                     worker.stats.users - written, users / max(time.monotonic() - began, 1e-9))
+    summary = RefreshSummary(users, worker.stats.users - written, time.monotonic() - began)
+    log.info("%s: %s", label, summary)
     return summary
+
+
+def refresh_idle(
+    settings: Settings, worker: EncoderWorker, idle_ms: int, progress: bool = True
+) -> RefreshSummary:
+    """Re-encode, as of now, every user whose newest event is more than idle_ms old."""
+    cutoff_ms = int(time.time() * 1000) - idle_ms
+
+    def refresh(batch: Batch) -> None:
+        users = worker.decode(batch)
+        worker.encode_and_write(
+            users.select([w.event_time_ms[-1] < cutoff_ms for w in users.window]), as_of_now=True
+        )
+
+    return reencode(settings, worker, "refresh", refresh, progress)
+
+
+def backfill(settings: Settings, worker: EncoderWorker, progress: bool = True) -> RefreshSummary:
+    """Every user's newest window into the worker's view, committed for its group."""
+    return reencode(settings, worker, "backfill", worker.process, progress)

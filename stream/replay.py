@@ -140,7 +140,7 @@ def replay(
             [TopicPartition(partitions.topic, p, int(o)) for p, o in enumerate(partitions.start)]
         )
         parts = []
-        with _progress(config.progress, partitions.total()) as advance:
+        with progress_bar(config.progress, partitions.total(), "replay", "events") as advance:
             for columns in _read(consumer, partitions, decoder, config, summary):
                 parts.append(columns)
                 advance(summary.messages)
@@ -246,10 +246,13 @@ def _read(consumer: Consumer, partitions: _Partitions, decoder: EventDecoder, co
 
 
 @contextmanager
-def _progress(show: bool, total: int) -> Iterator[Callable[[int], None]]:
-    """A function(messages read so far) that moves a rich progress bar on stderr."""
+def progress_bar(
+    show: bool, total: int, label: str, unit: str
+) -> Iterator[Callable[..., None]]:
+    """A function(messages read so far, counted=that) that moves a rich progress bar on
+    stderr, showing `counted` per second as the rate of `unit`."""
     if not show:
-        yield lambda done: None
+        yield lambda done, counted=None: None
         return
     from rich.progress import (
         BarColumn,
@@ -261,14 +264,15 @@ def _progress(show: bool, total: int) -> Iterator[Callable[[int], None]]:
 
     began = time.monotonic()
     with Progress(
-        TextColumn("replay"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]} events/s  ETA"),
+        TextColumn(label), BarColumn(), MofNCompleteColumn(),
+        TextColumn(f"{{task.fields[rate]}} {unit}/s  ETA"),
         TimeRemainingColumn(),
     ) as bar:  # fmt: skip
-        task = bar.add_task("replay", total=total, rate="-")
+        task = bar.add_task(label, total=total, rate="-")
 
-        def advance(done: int) -> None:
-            rate = done / max(time.monotonic() - began, 1e-9)
+        def advance(done: int, counted: int | None = None) -> None:
+            counted = done if counted is None else counted
+            rate = counted / max(time.monotonic() - began, 1e-9)
             bar.update(task, completed=done, total=max(total, done), rate=f"{rate:,.0f}")
 
         yield advance

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -14,15 +15,19 @@ from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
-from confluent_kafka import Consumer, Message, TopicPartition
+from confluent_kafka import Consumer, Message, Producer, TopicPartition
 
 from model.sequences import EVENT_COLUMNS, SEQUENCE_SCHEMA
-from stream.broker import EmbeddedBroker, client_config, ensure_topics
+from stream.broker import EmbeddedBroker, client_config, ensure_topics, producer_config
+from stream.codec import AvroCodec
 from stream.config import Settings, load_settings
+from stream.feast_sink import FeatureSink
 from stream.synthetic import SyntheticEvents
+from stream.window import ROW, Window
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -223,3 +228,71 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if _BROKER_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.broker)
+
+
+ACTIONS = ["login", "page_view", "purchase"]
+
+
+class WindowFeed:
+    """Grows random users' windows by one to three events every interval, on a thread,
+    and remembers each user's last window sent."""
+
+    def __init__(self, settings: Settings, users: int, interval_s: float = 0.05) -> None:
+        self.settings, self.interval_s = settings, interval_s
+        self.codec = AvroCodec("user_window", settings.windows_topic)
+        self.producer = Producer(producer_config(settings))
+        self.times: dict[str, list[int]] = {f"user-{i:03d}": [] for i in range(users)}
+        self.rng = random.Random(5)
+        self.sent = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def window(self, user: str) -> Window:
+        times = np.array(self.times[user], np.int64)
+        rows = np.zeros(len(times), ROW)
+        rows["time_lo"], rows["time_hi"] = times & 0xFFFFFFFF, times >> 32
+        rows["symbol"] = np.arange(len(times)) % len(ACTIONS)
+        rows["value"] = np.nan
+        return Window.from_strings(user, rows, ACTIONS, [None] * len(ACTIONS))
+
+    def send_round(self) -> None:
+        now_ms = int(time.time() * 1000)
+        for user in self.rng.sample(sorted(self.times), k=max(1, len(self.times) // 3)):
+            new = [now_ms - k for k in range(self.rng.randint(1, 3), 0, -1)]
+            self.times[user] = (self.times[user] + new)[-64:]  # a stream worker's max_events
+            window = self.window(user)
+            self.producer.produce(self.settings.windows_topic,
+                                  self.codec.encode(window.to_record(now_ms)), user.encode())
+            self.sent += 1
+        self.producer.flush(10)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.send_round()
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> WindowFeed:
+        self.send_round()  # every user has a window from the start
+        while any(not t for t in self.times.values()):
+            self.send_round()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def final(self) -> dict[str, tuple[int, int]]:
+        """Each user's final window: (event_count, newest event ms)."""
+        return {u: (len(t), t[-1]) for u, t in self.times.items()}
+
+
+def all_final_in_feast(sink: FeatureSink, final: dict[str, tuple[int, int]]) -> bool:
+    users = sorted(final)
+    stored = sink.read(users)
+    return all(
+        stored["event_count"][i] == final[u][0]
+        and stored["last_event_time"][i] is not None
+        and int(stored["last_event_time"][i].timestamp()) == final[u][1] // 1000  # Feast: seconds
+        for i, u in enumerate(users)
+    )

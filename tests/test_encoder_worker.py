@@ -32,11 +32,16 @@ from stream.codec import AvroCodec
 from stream.config import Settings
 from stream.encoder_worker import embedding_values, load_worker
 from stream.feast_sink import EmbeddingRows, FeatureSink
-from stream.window import ROW, Window
 
-from conftest import REPO, read_topic, running, wait_for
-
-ACTIONS = ["login", "page_view", "purchase"]
+from conftest import (
+    ACTIONS,
+    REPO,
+    WindowFeed,
+    all_final_in_feast,
+    read_topic,
+    running,
+    wait_for,
+)
 
 
 def test_published_values_are_what_the_avro_codec_writes() -> None:
@@ -54,71 +59,6 @@ def test_published_values_are_what_the_avro_codec_writes() -> None:
         "updated_at": int(rows.as_of_ms[i]),
     }) for i in range(3)]
     assert embedding_values(codec.framing.header(), rows) == expected
-
-
-class WindowFeed:
-    """Grows random users' windows by one to three events every interval, on a thread,
-    and remembers each user's last window sent."""
-
-    def __init__(self, settings: Settings, users: int, interval_s: float = 0.05) -> None:
-        self.settings, self.interval_s = settings, interval_s
-        self.codec = AvroCodec("user_window", settings.windows_topic)
-        self.producer = Producer(producer_config(settings))
-        self.times: dict[str, list[int]] = {f"user-{i:03d}": [] for i in range(users)}
-        self.rng = random.Random(5)
-        self.sent = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def window(self, user: str) -> Window:
-        times = np.array(self.times[user], np.int64)
-        rows = np.zeros(len(times), ROW)
-        rows["time_lo"], rows["time_hi"] = times & 0xFFFFFFFF, times >> 32
-        rows["symbol"] = np.arange(len(times)) % len(ACTIONS)
-        rows["value"] = np.nan
-        return Window.from_strings(user, rows, ACTIONS, [None] * len(ACTIONS))
-
-    def send_round(self) -> None:
-        now_ms = int(time.time() * 1000)
-        for user in self.rng.sample(sorted(self.times), k=max(1, len(self.times) // 3)):
-            new = [now_ms - k for k in range(self.rng.randint(1, 3), 0, -1)]
-            self.times[user] = (self.times[user] + new)[-64:]  # a stream worker's max_events
-            window = self.window(user)
-            self.producer.produce(self.settings.windows_topic,
-                                  self.codec.encode(window.to_record(now_ms)), user.encode())
-            self.sent += 1
-        self.producer.flush(10)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.send_round()
-            self._stop.wait(self.interval_s)
-
-    def __enter__(self) -> WindowFeed:
-        self.send_round()  # every user has a window from the start
-        while any(not t for t in self.times.values()):
-            self.send_round()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(10)
-
-    def final(self) -> dict[str, tuple[int, int]]:
-        """Each user's final window: (event_count, newest event ms)."""
-        return {u: (len(t), t[-1]) for u, t in self.times.items()}
-
-
-def all_final_in_feast(sink: FeatureSink, final: dict[str, tuple[int, int]]) -> bool:
-    users = sorted(final)
-    stored = sink.read(users)
-    return all(
-        stored["event_count"][i] == final[u][0]
-        and stored["last_event_time"][i] is not None
-        and int(stored["last_event_time"][i].timestamp()) == final[u][1] // 1000  # Feast: seconds
-        for i, u in enumerate(users)
-    )
 
 
 def assert_published_final(settings: Settings, final: dict[str, tuple[int, int]]) -> None:
