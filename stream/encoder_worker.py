@@ -365,9 +365,9 @@ def embedding_values(header: bytes, rows: EmbeddingRows) -> list[bytes]:
     return pc.binary_join_element_wise(*pieces, b"").to_pylist()
 
 
-def load_encoder(settings: Settings, directory: Path) -> BeatEncoder:
+def load_encoder(settings: Settings, directory: Path, named: str = "") -> BeatEncoder:
     """The model of a directory, checked against the settings (ConfigError if it does not
-    load or does not fit)."""
+    load or does not fit); named: the setting or option that gave the directory."""
     if settings.torch_threads:
         import torch
 
@@ -378,8 +378,8 @@ def load_encoder(settings: Settings, directory: Path) -> BeatEncoder:
         )
     except (ValueError, OSError, SafetensorError) as err:  # missing, partial or corrupt files
         raise ConfigError(
-            f"{directory} is not a usable model directory: {err}; point BEAT_MODEL_DIR (or "
-            "--model-dir, or `beat model publish`) at one from `beat pretrain` or `beat model init`"
+            f"{named}{directory} is not a usable model directory: {err}; point it at one from "
+            "`beat pretrain` or `beat model init`"
         ) from None
     check_model_fits(settings, encoder.model.config, directory)
     return encoder
@@ -398,7 +398,7 @@ def load_worker(settings: Settings) -> EncoderWorker:
     """An encoder worker: BEAT_MODEL_DIR into user_embedding when set; else the pinned
     BEAT_MODEL_VERSION, or the current published version, followed from then on."""
     if settings.model_dir is not None:
-        encoder = load_encoder(settings, settings.model_dir)
+        encoder = load_encoder(settings, settings.model_dir, "BEAT_MODEL_DIR=")
         log.info("encoder: model %s on %s", encoder.model_version, settings.device)
         return EncoderWorker(settings, encoder, FeatureSink(settings))
     versions = ModelVersions(settings)

@@ -42,7 +42,7 @@ def publish(
     settings: Settings, model_dir: Path, shadow: bool = False, progress: bool = True
 ) -> Published:
     versions = ModelVersions(settings)
-    encoder = load_encoder(settings, model_dir)
+    encoder = load_encoder(settings, model_dir, "beat model publish ")
     version = encoder.model_version
     if version == versions.current():
         # A backfill now would race the version's own encoders over the same rows.
