@@ -18,8 +18,9 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 
 from model import init_model_dir
 from stream.broker import SEAL_KEY, client_config, producer_config
+from stream.cli import main
 from stream.codec import AvroCodec
-from stream.config import Settings
+from stream.config import Settings, load_settings
 from stream.encoder_worker import load_worker
 from stream.feast_sink import FeatureSink
 from stream.model_versions import (
@@ -179,3 +180,25 @@ def test_a_versions_view_refuses_rows_of_another_version(versioned) -> None:
     rows = other.encode([feed.window("x").event_window()], ["x"], np.array([3_000]))
     with pytest.raises(ValueError, match="cannot go to the feature view"):
         sink.write(rows)
+
+
+def test_version_names_that_cannot_be_told_apart_are_refused(tmp_path: Path) -> None:
+    versions = ModelVersions(load_settings(data_dir=tmp_path))
+    (tmp_path / "model").mkdir()
+    with pytest.raises(ValueError, match="cannot name a folder"):
+        versions.add(tmp_path / "model", "../v1")
+    versions.add(tmp_path / "model", "Beat-V1")
+    with pytest.raises(ValueError, match="would share the feature view user_embedding_beat_v1"):
+        versions.add(tmp_path / "model", "beat.v1")
+    assert versions.published() == ["Beat-V1"] and versions.current() is None
+
+
+def test_switching_to_a_version_not_published_is_said_in_a_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("BEAT_DATA_DIR", str(tmp_path))
+    assert main(["model", "switch", "beat-tiny-00000000"]) == 2
+    err = capsys.readouterr().err.strip()
+    where = tmp_path / "models"
+    assert err == (f"model version 'beat-tiny-00000000' is not published here ({where}); "
+                   "published: none")
