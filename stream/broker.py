@@ -401,30 +401,47 @@ def records_in(
     return messages
 
 
-def read_partition(
-    settings: Settings, topic: str, partition: int, end: int | None = None, batch: int = 10_000
-) -> Iterator[list[Message]]:
-    """The records of a partition (tombstones and seals included) from its start, a consumed
-    batch at a time, up to the consumer's end-of-partition report, or to offset end
-    (exclusive) when given: the end of an earlier read, so a second pass reads the same.
-    """
-    if end is not None and end <= 0:
-        return
-    # assign() only: the group never joins nor commits
-    group = f"{settings.group_prefix}-reader"
-    reader = Consumer(consumer_config(settings, group, **{"enable.partition.eof": True}))
-    try:
-        reader.assign([TopicPartition(topic, partition, OFFSET_BEGINNING)])
-        ends: dict[int, int] = {}
-        while partition not in ends:
-            consumed = records_in(reader.consume(batch, 1.0), ends, raise_errors=True)
-            if end is not None and consumed and consumed[-1].offset() >= end - 1:
-                yield consumed[: bisect_left(consumed, end, key=Message.offset)]
-                return
-            if consumed:
-                yield consumed
-    finally:
-        reader.close()
+class PartitionReader:
+    """Reads whole partitions, one after another, with one consumer that never joins its
+    group nor commits (assign() only). One consumer for them all: a new one takes about half
+    a second to fetch its first record on Tansu, a new assignment a few milliseconds."""
+
+    def __init__(self, settings: Settings) -> None:
+        group = f"{settings.group_prefix}-reader"
+        self.consumer = Consumer(consumer_config(settings, group, **{"enable.partition.eof": True}))
+
+    def read(
+        self, topic: str, partition: int, end: int | None = None, batch: int = 10_000
+    ) -> Iterator[list[Message]]:
+        """The records of a partition (tombstones and seals included) from its start, a
+        consumed batch at a time, up to the consumer's end-of-partition report, or to
+        offset end (exclusive) when given: the end of an earlier read, so a second pass
+        reads the same."""
+        if end is not None and end <= 0:
+            return
+        self.consumer.assign([TopicPartition(topic, partition, OFFSET_BEGINNING)])
+        try:
+            ends: dict[int, int] = {}
+            while partition not in ends:
+                # consume() waits its whole timeout unless the batch fills: a short one
+                # keeps the partition's last, partial batch (a small partition's only) cheap.
+                consumed = records_in(self.consumer.consume(batch, 0.05), ends, raise_errors=True)
+                if end is not None and consumed and consumed[-1].offset() >= end - 1:
+                    yield consumed[: bisect_left(consumed, end, key=Message.offset)]
+                    return
+                if consumed:
+                    yield consumed
+        finally:
+            self.consumer.unassign()  # drops what was fetched beyond the read
+
+    def close(self) -> None:
+        self.consumer.close()
+
+    def __enter__(self) -> PartitionReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def read_compacted(
@@ -435,5 +452,6 @@ def read_compacted(
 
     The end is the consumer's end-of-partition report (see the module docstring).
     """
-    for consumed in read_partition(settings, topic, partition, batch=batch):
-        yield {message.key(): message.value() for message in consumed}
+    with PartitionReader(settings) as reader:
+        for consumed in reader.read(topic, partition, batch=batch):
+            yield {message.key(): message.value() for message in consumed}

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 from confluent_kafka import Message, TopicPartition
 
-from stream.broker import read_partition
+from stream.broker import PartitionReader
 from stream.config import Settings
 from stream.encoder_worker import Batch, EncoderWorker
 from stream.replay import progress_bar
@@ -50,17 +50,18 @@ class RefreshSummary:
         return self.refreshed / max(self.seconds, 1e-9)
 
 
-def latest_windows(settings: Settings, partition: int, step: int) -> Iterator[Batch]:
+def latest_windows(
+    reader: PartitionReader, topic: str, partition: int, step: int
+) -> Iterator[Batch]:
     """The newest window message of every user of one partition of beat.windows, in batches
     of about step users; each batch's ends is where the read has come to."""
-    topic = settings.windows_topic
     last: dict[bytes, int] = {}  # key -> offset of its newest record (a tombstone, maybe)
     end = 0
-    for messages in read_partition(settings, topic, partition):
+    for messages in reader.read(topic, partition):
         last.update(zip(map(Message.key, messages), map(Message.offset, messages)))
         end = messages[-1].offset() + 1
     batch = Batch()
-    for messages in read_partition(settings, topic, partition, end):
+    for messages in reader.read(topic, partition, end):
         newest = [m for m in messages if last[m.key()] == m.offset()]
         for start in range(0, len(newest), step):
             batch.add(newest[start : start + step])  # its ends: past its newest window
@@ -84,10 +85,11 @@ def reencode(
     marks = {p: worker.consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
              for p in partitions}  # fmt: skip
     users, done = 0, 0  # done: messages of the partitions finished
-    with progress_bar(progress, sum(h - lo for lo, h in marks.values()), label, "users") as bar:
+    total = sum(h - lo for lo, h in marks.values())
+    with PartitionReader(settings) as reader, progress_bar(progress, total, label, "users") as bar:
         for partition in partitions:
             read = 0
-            for batch in latest_windows(settings, partition, settings.max_batch):
+            for batch in latest_windows(reader, topic, partition, settings.max_batch):
                 users += len(batch.latest)
                 handle(batch)
                 read = batch.ends[partition] - marks[partition][0]

@@ -17,7 +17,7 @@ import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
 from model import init_model_dir
-from stream.broker import SEAL_KEY, client_config, producer_config
+from stream.broker import SEAL_KEY, PartitionReader, client_config, producer_config
 from stream.cli import main
 from stream.codec import AvroCodec
 from stream.config import Settings, load_settings
@@ -149,7 +149,8 @@ def test_backfill_reads_each_users_newest_window_once_and_commits_the_versions_g
     producer.flush(10)
     del feed.times["user-9"]
 
-    batches = list(latest_windows(settings, 0, step=2))
+    with PartitionReader(settings) as reader:
+        batches = list(latest_windows(reader, settings.windows_topic, 0, step=2))
     assert [len(b.latest) for b in batches] == [2, 2, 1]  # a step at a time, newest only
     assert batches[-1].ends == {0: 16}  # 15 windows and the seal read
     done = publish(settings, one, shadow=True, progress=False)
