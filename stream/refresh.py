@@ -87,7 +87,7 @@ def reencode(
     users, done = 0, 0  # done: messages of the partitions finished
     total = sum(h - lo for lo, h in marks.values())
     with PartitionReader(settings) as reader, progress_bar(progress, total, label, "users") as bar:
-        for partition in partitions:
+        for number, partition in enumerate(partitions, 1):
             read = 0
             for batch in latest_windows(reader, topic, partition, settings.max_batch):
                 users += len(batch.latest)
@@ -97,7 +97,7 @@ def reencode(
             done += read
             worker.producer.flush()  # raises DeliveryError: then the run failed
             log.info("%s: partition %d done (%d of %d): %d users read, %d re-encoded, %.0f users/s",
-                     label, partition, partitions.index(partition) + 1, len(partitions), users,
+                     label, partition, number, len(partitions), users,
                      worker.stats.users - written, users / max(time.monotonic() - began, 1e-9))
     summary = RefreshSummary(users, worker.stats.users - written, time.monotonic() - began)
     log.info("%s: %s", label, summary)
