@@ -203,7 +203,8 @@ def step_batch(
     mine = users[world.rank * local : (world.rank + 1) * local]
     beat = pretrainer.model.config
     tables = (beat.action_vocab_size, beat.property_vocab_size)  # the targets' widths
-    return data.views(mine, pretrainer.config, tables, np.random.default_rng(seed))
+    rng = np.random.default_rng(seed)
+    return data.views(mine, pretrainer.config, tables, rng, beat.window_days)
 
 
 def train_step(

@@ -105,8 +105,10 @@ class TrainingData:
         config: PretrainConfig,
         vocab_sizes: tuple[int, int],
         rng: np.random.Generator,
+        window_days: float | None = None,
     ) -> ViewBatch:
-        """Two views of each user and their targets (model/views.py)."""
+        """Two views of each user and their targets (model/views.py), each cut to window_days
+        like a served window."""
         return sample_views(
             self.events,
             users,
@@ -115,4 +117,5 @@ class TrainingData:
             config.future_horizons_days,
             vocab_sizes,
             rng,
+            window_days,
         )

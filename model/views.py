@@ -9,7 +9,9 @@ For every training user one step draws (sample_views):
    sampling only right after events would never show a silence that lasted.
 2. view B: the newest len_b events at or before t; view A: the len_a events before B (two
    adjacent time windows of one user, CoLES-style, for the contrastive loss). A's as-of
-   time is uniform in the gap between its last event and B's first.
+   time is uniform in the gap between its last event and B's first. Each view then keeps
+   only its events within window_days of its newest one, as served windows do; the user's
+   events before a view are its earlier history (the lifetime statistics).
 3. each view's ages count back from its as-of time, and its targets look forward from it:
      next event       the first event after the view (none when the data ends first)
      time to next     days from as-of to that event; censored at the end of the data when
@@ -92,9 +94,11 @@ def sample_views(
     horizons_days: tuple[float, ...],
     vocab_sizes: tuple[int, int],
     rng: np.random.Generator,
+    window_days: float | None = None,
 ) -> ViewBatch:
     """Views and targets of `users` (see the module doc); each needs 2 * min_view_events
-    events."""
+    events. window_days: cut each view to the events within window_days of its newest, as
+    BeatEncoder cuts what it serves; what is cut off joins the view's earlier history."""
     m, cap = min_view_events, max_view_events
     first, n = events.starts[users], events.lengths[users]  # [B]
     if int(n.min()) < 2 * m:
@@ -121,11 +125,29 @@ def sample_views(
 
     starts = np.concatenate([first + cut - len_a, first + cut])  # [2B], absolute
     view_lengths = np.concatenate([len_a, len_b])
+    if window_days is not None:
+        starts, view_lengths = _within_window(times, starts, view_lengths, window_days)
     as_of = np.concatenate([as_of_a, as_of_b])
     after = np.concatenate([first + cut, first + end_b])  # [2B] absolute index of the next event
     user_end = np.concatenate([first + n, first + n])  # [2B] one past the user's last event
     inputs = _view_inputs(events, np.concatenate([first, first]), starts, view_lengths, as_of)
     return _with_targets(events, inputs, as_of, after, user_end, horizons_days, vocab_sizes)
+
+
+def _within_window(
+    times: np.ndarray, starts: np.ndarray, lengths: np.ndarray, window_days: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """(starts, lengths) of each view cut to the events within window_days of its newest."""
+    ends = starts + lengths
+    oldest_kept = times[ends - 1] - window_days * MS_PER_DAY  # [R] ms
+    cut = np.array(
+        [
+            s + np.searchsorted(times[s:e], t, side="left")
+            for s, e, t in zip(starts.tolist(), ends.tolist(), oldest_kept.tolist())
+        ],
+        dtype=np.int64,
+    )
+    return cut, ends - cut
 
 
 def _view_inputs(

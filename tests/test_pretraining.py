@@ -412,3 +412,20 @@ def test_pretraining_lowers_every_loss_and_separates_personas():
         f"majority class {majority:.3f}"
     )
     assert accuracy > majority + 0.3 and accuracy > untrained + 0.05
+
+
+def test_views_keep_only_what_a_served_window_holds():
+    """Cut to window_days like BeatEncoder's windows: events more than a window before a view's
+    newest event leave the view for its earlier history."""
+    events = hourly_users([40] * 32)
+    window_days = 5 / 24  # five hours: at most six hourly events
+    views = sample_views(
+        events, np.arange(32), 3, 12, (1.0,), (64, 256), np.random.default_rng(2), window_days
+    )
+    inputs = views.inputs
+    for row in range(64):
+        ids = inputs.action_ids[row][inputs.padding_mask[row]]
+        assert 1 <= len(ids) <= 6
+        ages = inputs.time_gaps[row][inputs.padding_mask[row]]
+        assert float(ages[0] - ages[-1]) <= window_days + 1e-9
+        assert inputs.earlier_events[row] == int(ids[0]) - 3  # every hour before the view
