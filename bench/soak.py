@@ -93,10 +93,8 @@ class Watch:
             events_per_s=round((events - self.last[1]) / (now - self.last[0])),
             stream_rss_mb=round(rss_mb(self.workers["stream"].pid), 1),
             encoder_rss_mb=round(rss_mb(self.workers["encode"].pid), 1),
-            stream_lag=self.monitor.lag(self.settings.stream_group, self.settings.events_topic),
-            encoder_lag=self.monitor.lag(
-                self.settings.encoder_group, self.settings.windows_topic
-            ),
+            stream_lag=self.lag(self.settings.stream_group, self.settings.events_topic),
+            encoder_lag=self.lag(self.settings.encoder_group, self.settings.windows_topic),
             embeddings=len(fresh),
             freshness_p50_ms=round(float(p50)),
             freshness_p99_ms=round(float(p99)),
@@ -105,12 +103,16 @@ class Watch:
         self.last = (now, events, len(observed.freshness_ms))
         return sample
 
+    def lag(self, group: str, topic: str) -> int:
+        """The group's lag behind what was read here: 0 while this reader is the one behind."""
+        return max(0, self.monitor.lag(group, topic))
+
     def drained(self) -> bool:
         self.monitor.poll()
         settings = self.settings
         return (
-            self.monitor.lag(settings.stream_group, settings.events_topic) == 0
-            and self.monitor.lag(settings.encoder_group, settings.windows_topic) == 0
+            self.lag(settings.stream_group, settings.events_topic) == 0
+            and self.lag(settings.encoder_group, settings.windows_topic) == 0
         )
 
 
