@@ -21,16 +21,13 @@ def as_records(events: list[dict]) -> list[dict]:
     return [{**e, "event_time": ms(e["event_time"])} for e in events]
 
 
-@pytest.mark.parametrize("seed", [1, 2, 3])
-def test_batches_in_any_order_with_replays_give_the_window_of_all_events(seed: int) -> None:
-    rng = random.Random(seed)
-    events = traffic(3000, seed)
-    records = as_records(events)
+def merge_with_replays(records: list[dict], rng: random.Random) -> dict[str, Window]:
+    """Each user's window after merging records in batches of random sizes, where after a
+    crash (30 % of batches) the events since the last commit are merged a second time."""
     windows: dict[str, Window] = {}
     start = 0
     while start < len(records):
         end = start + rng.randint(1, 300)
-        # After a crash, events since the last commit are merged a second time.
         replay = rng.randrange(max(0, start - 200), start + 1) if rng.random() < 0.3 else start
         batch = records[replay:end]
         users = sorted({r["user_id"] for r in batch})
@@ -43,6 +40,13 @@ def test_batches_in_any_order_with_replays_give_the_window_of_all_events(seed: i
         )
         windows.update((w.user_id, w) for w in merged)
         start = end
+    return windows
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_batches_in_any_order_with_replays_give_the_window_of_all_events(seed: int) -> None:
+    events = traffic(3000, seed)
+    windows = merge_with_replays(as_records(events), random.Random(seed))
     expected = expected_windows(events, MAX_EVENTS, WINDOW_MS // 86_400_000)
     assert set(windows) == set(expected)
     for user, wanted in expected.items():
@@ -180,22 +184,7 @@ def test_the_earlier_history_counts_every_event_once(seed: int) -> None:
         distinct.setdefault(e["user_id"], {})[(e["event_time"], e["event_id"])] = e
     in_order = sorted(as_records(events), key=lambda e: e["event_time"])
     for records, exact in ((in_order, True), (as_records(events), False)):
-        windows: dict[str, Window] = {}
-        start = 0
-        while start < len(records):
-            end = start + rng.randint(1, 300)
-            replay = rng.randrange(max(0, start - 200), start + 1) if rng.random() < 0.3 else start
-            batch = records[replay:end]
-            users = sorted({r["user_id"] for r in batch})
-            merged, _ = merge_batch(
-                [windows.get(u) for u in users],
-                users,
-                NewEvents.from_records(batch, users),
-                MAX_EVENTS,
-                WINDOW_MS,
-            )
-            windows.update(zip(users, merged))
-            start = end
+        windows = merge_with_replays(records, rng)
         for user, window in windows.items():
             seen = distinct[user].values()
             counted = window.earlier_events + len(window)
