@@ -240,18 +240,29 @@ def test_window_statistics_count_recency_and_amounts():
     assert torch.equal(empty, torch.zeros_like(empty))
 
 
-def test_a_model_directory_from_before_amounts_still_loads(tmp_path):
+@pytest.mark.parametrize(
+    "off, missing",
+    [
+        (  # before amounts and window statistics
+            ("use_value_encoding", "use_window_statistics", "use_lifetime_statistics"),
+            ("use_value_encoding", "use_window_statistics", "use_lifetime_statistics",
+             "value_buckets"),
+        ),
+        (("use_lifetime_statistics",), ("use_lifetime_statistics",)),  # before lifetime
+    ],
+)
+def test_a_model_directory_from_before_a_feature_still_loads(tmp_path, off, missing):
     old = BeatConfig.preset("tiny")
-    old.use_value_encoding = old.use_window_statistics = False
+    for key in off:
+        setattr(old, key, False)
     model = Beat(old).eval()
     model.save_pretrained(tmp_path, Vocabulary.build(ACTIONS, 64), Vocabulary.build(PROPERTIES, 64))
     document = json.loads((tmp_path / "config.json").read_text())
-    for key in ("use_value_encoding", "use_window_statistics", "use_lifetime_statistics",
-                "value_buckets"):
+    for key in missing:
         del document["config"][key]  # written before these keys existed
     (tmp_path / "config.json").write_text(json.dumps(document))
     encoder = BeatEncoder.from_pretrained(tmp_path)
-    assert not encoder.model.config.use_value_encoding
+    assert all(not getattr(encoder.model.config, key) for key in off)
     window = make_window(np.random.default_rng(0), 12)
     expected = (
         model(**EventBatch.from_windows([window], encoder.actions, encoder.properties).inputs())[
