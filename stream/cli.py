@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from stream.broker import BrokerError, check_reachable
 from stream.config import ConfigError, Settings, load_settings
+from stream.local_broker import MEMORY_ONLY, with_recorded_broker
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -101,8 +102,9 @@ def cmd_pretrain(args: argparse.Namespace, settings: Settings) -> int:
     from stream.pretrain import PretrainJob, run_pretrain
 
     if not args.sequences and not settings.bootstrap_servers:
-        print("KAFKA_BOOTSTRAP_SERVERS is not set: point it at the cluster holding beat.events, "
-              "or pass --sequences FILE.parquet (from `beat export`)", file=sys.stderr)
+        print("KAFKA_BOOTSTRAP_SERVERS is not set and no `beat broker` runs: point it at the "
+              "cluster holding beat.events, or pass --sequences FILE.parquet (from `beat export`)",
+              file=sys.stderr)
         return 2
     try:
         beat = dataclasses.replace(BeatConfig.preset(args.preset), **given(args, BeatConfig))
@@ -179,6 +181,44 @@ def cmd_refresh(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_broker(args: argparse.Namespace, settings: Settings) -> int:
+    from stream import local_broker
+
+    if args.action == "run":
+        local_broker.run_foreground(settings, args.port)
+        return 0
+    if args.action == "start":
+        record, started = local_broker.start(settings, args.port)
+        print(f"broker {'started' if started else 'already running'} at "
+              f"{record.bootstrap_servers} (pid {record.pid}); {MEMORY_ONLY}")
+        return 0
+    if args.action == "stop":
+        record, running = local_broker.stop(settings)
+        if record is None:
+            print("no broker recorded: nothing to stop")
+        else:
+            print(f"{'stopped' if running else 'forgot'} the broker at {record.bootstrap_servers}"
+                  + ("" if running else " (it was not running)"))
+        return 0
+    return _broker_status(settings)
+
+
+def _broker_status(settings: Settings) -> int:
+    """0 when the recorded broker runs, 1 when there is none or it is gone."""
+    from stream import local_broker
+
+    record = local_broker.read_record(settings)
+    if record is None:
+        print(f"no broker recorded in {local_broker.record_path(settings)}: "
+              "`beat broker start` starts one")
+        return 1
+    if not local_broker.is_running(record):
+        print(local_broker.stale_message(settings, record))
+        return 1
+    print(f"broker running at {record.bootstrap_servers} (pid {record.pid}); memory-only")
+    return 0
+
+
 def cmd_topics(args: argparse.Namespace, settings: Settings) -> int:
     from stream.broker import ensure_topics
 
@@ -206,7 +246,8 @@ def cmd_model_init(args: argparse.Namespace, settings: Settings) -> int:
     else:  # the vocabularies of the user's own events, most frequent first
         if not args.sequences and not settings.bootstrap_servers:
             print("no events to build vocabularies from: pass --sequences FILE.parquet (from "
-                  "`beat export`), set KAFKA_BOOTSTRAP_SERVERS to read beat.events, or pass "
+                  "`beat export`), set KAFKA_BOOTSTRAP_SERVERS (or run `beat broker`) to read "
+                  "beat.events, or pass "
                   "--synthetic for the synthetic catalogue", file=sys.stderr)
             return 2
         sequences = _sequences(args, settings)
@@ -432,6 +473,21 @@ def build_parser() -> argparse.ArgumentParser:
                          help="a published version to refresh; default: the current one")
     refresh.set_defaults(run=cmd_refresh)
 
+    broker = sub.add_parser(
+        "broker",
+        help="the embedded broker (Tansu) for the other commands; memory-only storage",
+        description="Starts the embedded Kafka-protocol broker (Tansu) on a loopback port and "
+        "records its address in BEAT_DATA_DIR/broker.json: the other beat commands use it when "
+        f"KAFKA_BOOTSTRAP_SERVERS is not set. Its {MEMORY_ONLY}.",
+    )
+    broker.add_argument(
+        "action", nargs="?", default="run", choices=["run", "start", "stop", "status"],
+        help="run: in the foreground until Ctrl-C (default); start: in the background; "
+        "stop: stop the background one; status: whether the recorded one runs (exit 1 if not)",
+    )
+    broker.add_argument("--port", type=int, help="loopback port (default: a free one)")
+    broker.set_defaults(run=cmd_broker)
+
     topics = sub.add_parser("topics", help="create beatstream's topics")
     topics.set_defaults(run=cmd_topics)
 
@@ -483,6 +539,14 @@ NEEDS_BROKER = {cmd_produce, cmd_export, cmd_stream, cmd_encode, cmd_refresh, cm
                 cmd_model_publish}
 
 
+def _reads_kafka(args: argparse.Namespace) -> bool:
+    """Whether the command talks to Kafka; pretrain and model init do unless given a file
+    (or the synthetic catalogue). The demo starts a broker of its own."""
+    if args.run in (cmd_pretrain, cmd_model_init):
+        return not (args.sequences or getattr(args, "synthetic", False))
+    return args.run in NEEDS_BROKER
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -491,12 +555,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = load_settings(model_dir=getattr(args, "model_dir", None),
                                  model_version=getattr(args, "model_version", None))
-    except ConfigError as err:
+        if _reads_kafka(args):
+            settings = with_recorded_broker(settings)  # `beat broker`'s, when none is set
+    except ConfigError as err:  # a bad setting, or a recorded broker that is gone
         print(err, file=sys.stderr)
         return 2
     if args.run in NEEDS_BROKER and not settings.bootstrap_servers:
-        print("KAFKA_BOOTSTRAP_SERVERS is not set: point it at your Kafka cluster "
-              "(only `beat demo` starts an embedded broker)", file=sys.stderr)
+        print("KAFKA_BOOTSTRAP_SERVERS is not set: point it at your Kafka cluster, or start "
+              "the embedded broker with `beat broker start` (memory-only)", file=sys.stderr)
         return 2
     try:
         return args.run(args, settings)

@@ -16,10 +16,12 @@ from stream.config import ConfigError, check_model_fits, load_settings
 
 @pytest.fixture
 def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> pytest.MonkeyPatch:
-    """No beatstream variables from the caller's environment; Feast files under tmp_path."""
+    """No beatstream variables from the caller's environment; Feast files and the data dir
+    (where `beat broker` records a broker) under tmp_path."""
     for name in ("KAFKA_BOOTSTRAP_SERVERS", "SCHEMA_REGISTRY_URL", "BEAT_MODEL_DIR"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("BEAT_FEAST_DATA_DIR", str(tmp_path / "feast"))
+    monkeypatch.setenv("BEAT_DATA_DIR", str(tmp_path / "data"))
     return monkeypatch
 
 

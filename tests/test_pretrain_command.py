@@ -52,6 +52,7 @@ def test_pretrain_without_broker_or_file_says_what_to_set(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     monkeypatch.delenv("KAFKA_BOOTSTRAP_SERVERS", raising=False)
+    monkeypatch.setenv("BEAT_DATA_DIR", str(tmp_path))  # no `beat broker` record
     assert main(["pretrain", "--out", str(tmp_path)]) == 2
     assert "--sequences" in capsys.readouterr().err
 
