@@ -35,8 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model.checkpoint import WEIGHTS_FILE, check_tensors, load_model_dir, save_model_dir
 from model.config import BeatConfig
+from model.model_dir import WEIGHTS_FILE, check_tensors, load_model_dir, save_model_dir
 from model.vocab import Vocabulary
 
 SECONDS_PER_DAY = 86_400

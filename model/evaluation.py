@@ -49,8 +49,8 @@ from torch import Tensor
 
 from model.batch import EventBatch
 from model.beat import MS_PER_DAY, Beat
-from model.checkpoint import load_model_dir
 from model.inference import BeatEncoder, length_batches
+from model.model_dir import load_model_dir
 from model.pretraining import BeatPretrainer, mask_events
 from model.run_dir import HEADS_FILE, LOG_FILE, MODEL_DIR, load_pretrainer
 from model.sequences import keep_events, lengths, split_at, starts, to_windows

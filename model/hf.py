@@ -23,8 +23,8 @@ from torch import Tensor
 from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
 
 from model.beat import Beat
-from model.checkpoint import MODEL_TYPE
 from model.config import BeatConfig
+from model.model_dir import MODEL_TYPE
 
 
 class BeatHFConfig(PretrainedConfig):

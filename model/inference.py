@@ -10,8 +10,8 @@ import torch
 
 from model.batch import EventBatch, EventWindow
 from model.beat import MS_PER_DAY, Beat
-from model.checkpoint import load_model_dir
 from model.config import BeatConfig
+from model.model_dir import load_model_dir
 from model.vocab import Vocabulary
 
 

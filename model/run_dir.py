@@ -1,7 +1,7 @@
 """A training run's output directory (model/train.py writes it; evaluation and report read it).
 
 out_dir/
-    model/                     the model directory (model/checkpoint.py), BeatEncoder-loadable
+    model/                     the model directory (model/model_dir.py), BeatEncoder-loadable
     pretrain_heads.safetensors the pretraining heads and PretrainConfig (see load_pretrainer)
     train_log.jsonl            one line per log_every steps (model/train_log.py): the step, lr,
                                the mean of each of LOSSES and the gradient norm, throughput
@@ -22,7 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from model.beat import Beat
-from model.checkpoint import check_tensors
+from model.model_dir import check_tensors
 from model.pretraining import OBJECTIVES, BeatPretrainer, PretrainConfig
 from model.vocab import Vocabulary
 

@@ -3,7 +3,7 @@ it ends with exactly the weights of an uninterrupted run (model/train.py says wh
 number is all the sampler and the random draws need).
 
 out_dir/checkpoints/step-NNNNNNNN/trainer.pt (model/run_dir.py). Not to be confused with
-model/checkpoint.py, the model directory a finished run serves from.
+model/model_dir.py, the model directory a finished run serves from.
 """
 
 from __future__ import annotations

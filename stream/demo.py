@@ -200,7 +200,7 @@ class DemoModel:
         producer's population) to the `<events topic>.history` topic, replayed and trained on
         like `beat pretrain`, without the evaluation."""
         from model import BeatConfig, PretrainConfig
-        from model.checkpoint import CONFIG_FILE
+        from model.model_dir import CONFIG_FILE
         from model.train import TrainConfig, train
         from stream.producer import produce
         from stream.replay import ReplayConfig, replay
@@ -240,7 +240,7 @@ class DemoModel:
         )
 
     def config(self):  # noqa: ANN201 (model.BeatConfig)
-        from model.checkpoint import load_model_dir
+        from model.model_dir import load_model_dir
 
         return load_model_dir(self.model_dir).config
 

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from model import BeatConfig, BeatEncoder, EventWindow, PretrainConfig
-from model.checkpoint import WEIGHTS_FILE
+from model.model_dir import WEIGHTS_FILE
 from model.pretraining import OBJECTIVES
 from model.run_dir import load_pretrainer
 from model.sequences import write_sequences
