@@ -1,8 +1,9 @@
 """Every setting of the platform in one place, read from the environment.
 
 Each field can be set as ``BEAT_<FIELD>`` (for example ``BEAT_FLUSH_INTERVAL_MS=250``);
-the two settings shared with the rest of a Kafka shop keep their usual names:
-``KAFKA_BOOTSTRAP_SERVERS`` and ``SCHEMA_REGISTRY_URL``.
+the settings shared with the rest of a Kafka shop keep their usual names:
+``KAFKA_BOOTSTRAP_SERVERS``, ``SCHEMA_REGISTRY_URL`` and
+``SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO``.
 
 Any other librdkafka property reaches every Kafka client as ``KAFKA_<PROPERTY>`` (dots as
 underscores: ``KAFKA_SECURITY_PROTOCOL=SASL_SSL`` is ``security.protocol``) or from a Java
@@ -18,7 +19,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
-from pydantic import AliasChoices, Field, ValidationError, model_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 if TYPE_CHECKING:
@@ -31,11 +32,12 @@ class ConfigError(ValueError):
     """A setting is missing or wrong; the message names the setting and the fix."""
 
 
-_SECRET_WORDS = ("password", "secret", "key", "sasl.jaas.config")
+# user_info: the schema registry's "user:password" (basic.auth.user.info).
+_SECRET_WORDS = ("password", "secret", "key", "sasl.jaas.config", "user_info", "user.info")
 
 
 def is_secret(name: str) -> bool:
-    """Whether a librdkafka property holds a secret, never to be logged or printed."""
+    """Whether a property or setting holds a secret, never to be logged or printed."""
     return any(word in name.lower() for word in _SECRET_WORDS)
 
 
@@ -98,6 +100,15 @@ def check_kafka_properties(properties: Mapping[str, str]) -> None:
         ) from None
 
 
+class SchemaRegistry(NamedTuple):
+    """How the Avro codecs reach the Confluent schema registry (the Settings fields
+    schema_registry_*). user_info stays a SecretStr: a repr or log line shows ***."""
+
+    url: str
+    user_info: SecretStr | None = None
+    auto_register: bool = True
+
+
 class EventLimits(NamedTuple):
     """The largest event accepted (bytes of UTF-8 or Avro, attributes as entries); the
     Settings fields of the same names document each one."""
@@ -131,6 +142,17 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("SCHEMA_REGISTRY_URL", "BEAT_SCHEMA_REGISTRY_URL"),
         description="Confluent schema registry; unset: Avro single-object encoding",
     )
+    # The registry's basic auth, "user:password" (Confluent's basic.auth.user.info).
+    schema_registry_basic_auth_user_info: SecretStr | None = Field(
+        None,
+        validation_alias=AliasChoices(
+            "SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO", "BEAT_SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO"
+        ),
+    )
+    # Producers register the full schema under <topic>-value when it is not there yet, as
+    # Confluent's serializers do (auto.register.schemas); off, where a team registers schemas
+    # itself: producers only look its id up and stop if it is missing. Readers never register.
+    schema_registry_auto_register: bool = True
     events_topic: str = "beat.events"
     windows_topic: str = "beat.windows"
     embeddings_topic: str = "beat.embeddings"
@@ -241,6 +263,15 @@ class Settings(BaseSettings):
         return data
 
     @model_validator(mode="after")
+    def _check_registry_user_info(self) -> Settings:
+        user_info = self.schema_registry_basic_auth_user_info
+        if user_info is not None and ":" not in user_info.get_secret_value():
+            raise ValueError(  # never the value itself: it is a secret
+                "SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO must be user:password"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _check_kafka_properties(self) -> Settings:
         if self.kafka_properties:
             check_kafka_properties(self.kafka_properties)
@@ -287,7 +318,8 @@ class Settings(BaseSettings):
         """These settings as environment variables, for child processes."""
         # The properties go merged, as JSON: a child reads no file and they win over its
         # KAFKA_<PROPERTY> variables.
-        fields = self.model_dump(exclude={"kafka_properties", "kafka_properties_file"})
+        fields = self.model_dump(exclude={"kafka_properties", "kafka_properties_file",
+                                          "schema_registry_basic_auth_user_info"})
         env = {
             f"BEAT_{name.upper()}": str(value)
             for name, value in fields.items()
@@ -299,7 +331,18 @@ class Settings(BaseSettings):
             env["KAFKA_BOOTSTRAP_SERVERS"] = self.bootstrap_servers
         if self.schema_registry_url:
             env["SCHEMA_REGISTRY_URL"] = self.schema_registry_url
+        if self.schema_registry_basic_auth_user_info:
+            user_info = self.schema_registry_basic_auth_user_info.get_secret_value()
+            env["SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO"] = user_info
         return env
+
+    @property
+    def schema_registry(self) -> SchemaRegistry | None:
+        """The registry the codecs use; None: single-object encoding."""
+        if not self.schema_registry_url:
+            return None
+        return SchemaRegistry(self.schema_registry_url, self.schema_registry_basic_auth_user_info,
+                              self.schema_registry_auto_register)
 
     @property
     def stream_group(self) -> str:
@@ -326,7 +369,8 @@ def load_settings(**overrides: object) -> Settings:
         for e in err.errors():
             field = ".".join(str(p) for p in e["loc"])
             where = f"BEAT_{field.upper()}: " if field else ""
-            problems.append(f"  {where}{e['msg']}" + (f" (got {e['input']!r})" if field else ""))
+            shown = field and not is_secret(field)  # a secret's value is never printed
+            problems.append(f"  {where}{e['msg']}" + (f" (got {e['input']!r})" if shown else ""))
         raise ConfigError("invalid beatstream settings:\n" + "\n".join(problems)) from None
 
 

@@ -86,7 +86,7 @@ class Monitor:
         self.codec = AvroCodec(
             "user_embedding",
             settings.embeddings_topic,
-            settings.schema_registry_url,
+            settings.schema_registry,
             fields=("user_id", "event_count", "last_event_time", "updated_at"),
         )
         self.observed = Observed()

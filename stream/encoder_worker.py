@@ -137,7 +137,7 @@ class EncoderWorker:
         self.sink = sink
         self.group = group or settings.encoder_group
         self.follow = follow
-        registry = settings.schema_registry_url
+        registry = settings.schema_registry
         self.window_codec = AvroCodec("user_window", settings.windows_topic, registry)
         embedding_codec = AvroCodec("user_embedding", settings.embeddings_topic, registry)
         self.embedding_header = embedding_codec.framing.header()

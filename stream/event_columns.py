@@ -106,7 +106,9 @@ class EventDecoder:
             )
         self.codec = codec
         self.limits = limits
-        self.header = np.frombuffer(codec.framing.header(), np.uint8)
+        # Payloads written with exactly this schema take the fast path; a registry that does
+        # not hold it yet gives none (a reader never registers): empty, all go the codec's way.
+        self.header = np.frombuffer(codec.framing.reader_header() or b"", np.uint8)
 
     def decode(self, values: Sequence[bytes | None]) -> EventColumns:
         """Columns of every decodable value within the limits; the others in ``rejected``
@@ -156,6 +158,8 @@ class EventDecoder:
     def _has_header(self, data: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
         """bool [n]: the payload starts with this codec's own header (framing + schema)."""
         width = len(self.header)
+        if not width:
+            return np.zeros(len(starts), bool)
         head = data[starts[:, None] + np.arange(width)]  # [n, width]; _PAD keeps the last in bounds
         return (ends - starts >= width) & (head == self.header).all(axis=1)
 

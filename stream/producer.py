@@ -20,7 +20,7 @@ class EventProducer:
     def __init__(self, settings: Settings) -> None:
         self.topic = settings.events_topic
         self.codec = AvroCodec(
-            "behavior_event", settings.events_topic, settings.schema_registry_url
+            "behavior_event", settings.events_topic, settings.schema_registry
         )
         self.encoder = EventEncoder(self.codec)
         # Delivery reports only for failures: a Python callback per delivered event

@@ -129,7 +129,7 @@ def replay(
         raise ValueError(
             f"replay needs start < end, got {config.start_ms} >= {config.end_ms} (epoch ms)"
         )
-    codec = AvroCodec("behavior_event", settings.events_topic, settings.schema_registry_url)
+    codec = AvroCodec("behavior_event", settings.events_topic, settings.schema_registry)
     decoder = EventDecoder(codec, settings.event_limits)  # the stream workers' events, no others
     summary = ReplaySummary()
     began = time.monotonic()

@@ -158,11 +158,11 @@ class StreamWorker:
     def __init__(self, settings: Settings, ready_file: Path | None = None) -> None:
         self.settings = settings
         self.ready_file = ready_file
-        registry = settings.schema_registry_url
+        registry = settings.schema_registry
         event_codec = AvroCodec("behavior_event", settings.events_topic, registry)
         self.events = EventDecoder(event_codec, settings.event_limits)
         self.window_codec = AvroCodec(
-            "user_window", settings.windows_topic, settings.schema_registry_url
+            "user_window", settings.windows_topic, settings.schema_registry
         )
         self.window_header = self.window_codec.framing.header()
         self.client_errors = ClientErrors(settings)

@@ -164,7 +164,7 @@ def test_a_window_message_from_before_the_earlier_history_still_decodes() -> Non
     )
     old_schema = previous_schemas("user_window")[0]
     old_codec = AvroCodec("user_window", "beat.windows")
-    old_codec.schema, old_codec._header = old_schema, SingleObjectFraming(old_schema).header()
+    old_codec.schema, old_codec.framing = old_schema, SingleObjectFraming(old_schema)
     record = window.to_record(0)
     old_fields = {f["name"] for f in old_schema["fields"]}
     payload = old_codec.encode({k: v for k, v in record.items() if k in old_fields})
