@@ -10,7 +10,8 @@ to protobuf in Python). Rows are 768-float embeddings with a model version, an e
 and a last event time, in micro-batches of --batch users as the encoder writes them; each
 path's time includes building what it writes (our columns, Feast's frame). Also the
 beat.embeddings values: encoded column-wise (encoder_worker.embedding_values) against
-fastavro one record at a time. Prints a table, writes bench/results/feast_write.json.
+fastavro one record at a time. And Redis's own MEMORY USAGE per user key (the sizing
+figure). Prints a table, writes bench/results/feast_write.json.
 The machine is shared: the load average is recorded, quote ratios.
 """
 
@@ -89,9 +90,19 @@ def run_store(store: str, args: argparse.Namespace) -> dict[str, dict]:
     if store == "redis":
         client = sink.writer.client
         keys = list(client.scan_iter(match=b"*" + settings.feast_project.encode(), count=10_000))
+        results["redis memory per user"] = redis_bytes_per_key(client, keys)
         for start in range(0, len(keys), 10_000):
             client.delete(*keys[start : start + 10_000])
     return results
+
+
+def redis_bytes_per_key(client: object, keys: list[bytes], sample: int = 1_000) -> dict:
+    """Redis's own MEMORY USAGE of a sample of the users' keys (a hash per user holding
+    the view's fields): the online store's size per user, whatever else the server holds."""
+    sizes = [client.memory_usage(key, samples=0) for key in keys[:sample]]
+    per_user = float(np.mean(sizes))
+    return {"keys_sampled": len(sizes), "bytes": round(per_user),
+            "gib_per_million_users": round(per_user * 1e6 / 2**30, 2)}
 
 
 def publish_encoding(args: argparse.Namespace) -> dict[str, dict]:
@@ -130,11 +141,15 @@ def main() -> None:
 
     print(f"{'target':<26} {'path':<30} {'rows':>8} {'rows/s':>10} {'ratio':>9}")
     for target in [*args.stores.split(","), "beat.embeddings encoding"]:
-        paths = results[target]
+        paths = {path: r for path, r in results[target].items() if "rows_per_s" in r}
         baseline = next(iter(paths.values()))["rows_per_s"]
         for path, r in paths.items():
             ratio = r["rows_per_s"] / baseline
             print(f"{target:<26} {path:<30} {r['rows']:>8,} {r['rows_per_s']:>10,} {ratio:>8.1f}x")
+    if "redis" in results:
+        memory = results["redis"]["redis memory per user"]
+        print(f"Redis memory per user: {memory['bytes']:,} bytes "
+              f"({memory['gib_per_million_users']} GiB per million users)")
     print(f"load average before / after: {results['load_average_before'][0]:.1f} / "
           f"{results['load_average_after'][0]:.1f} (2 cores)")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
