@@ -9,13 +9,18 @@ one version's vector is never stored under another's name.
 
 from datetime import timedelta
 
-from feast import Entity, FeatureService, FeatureView, Field, FileSource, PushSource
+from feast import Entity, FeatureService, FeatureView, Field, PushSource
 from feast.types import Array, Float32, Int64, String, UnixTimestamp
 from feast.value_type import ValueType
 
 from model.config import EMBEDDING_SIZE  # the one definition of the embedding's size
 from stream.config import load_settings
 from stream.model_versions import CURRENT_SERVICE, ModelVersions, view_name
+from stream.offline_history import history_source
+
+# beatstream passes its own settings as BEAT_SETTINGS (stream/feast_sink.py); `feast apply`
+# reads the environment's.
+_settings = globals().get("BEAT_SETTINGS") or load_settings()
 
 user = Entity(
     name="user",
@@ -24,18 +29,11 @@ user = Entity(
     description="A user of the product; the key of beat.events.",
 )
 
-# The offline side of the push source, for point-in-time training sets. The encoder
-# workers write the online store directly; they do not write this history yet.
-embedding_history = FileSource(
-    name="user_embedding_history",
-    path="data/user_embedding_history.parquet",
-    timestamp_field="updated_at",
-)
-
-user_embedding_push = PushSource(name="user_embedding_push", batch_source=embedding_history)
-
 
 def embedding_view(name: str, **tags: str) -> FeatureView:
+    """A view whose offline side is its own history (stream/offline_history.py): each
+    model version's view reads only its version's rows, for point-in-time training sets."""
+    push = PushSource(name=f"{name}_push", batch_source=history_source(_settings, name))
     return FeatureView(
         name=name,
         entities=[user],
@@ -55,7 +53,7 @@ def embedding_view(name: str, **tags: str) -> FeatureView:
                 description="newest event in the encoded window",
             ),
         ],
-        source=user_embedding_push,
+        source=push,
         online=True,
         tags={"embedding_size": str(EMBEDDING_SIZE), "producer": "beatstream encoder worker",
               **tags},
@@ -66,9 +64,8 @@ user_embedding = embedding_view("user_embedding")
 beat_user_embedding = FeatureService(name="beat_user_embedding", features=[user_embedding])
 
 # The published versions are read from the versions folder, so `feast apply` here keeps
-# their views (it deletes what the repo does not define). beatstream passes its own
-# settings as BEAT_SETTINGS (stream/feast_sink.py); `feast apply` reads the environment's.
-_versions = ModelVersions(globals().get("BEAT_SETTINGS") or load_settings())
+# their views (it deletes what the repo does not define).
+_versions = ModelVersions(_settings)
 _views = {v: embedding_view(view_name(v), model_version=v) for v in _versions.published()}
 globals().update({view.name: view for view in _views.values()})  # where Feast looks for them
 user_embedding_current = FeatureService(

@@ -111,6 +111,12 @@ def binary_array(size: np.ndarray, data: np.ndarray) -> pa.BinaryArray:
     )
 
 
+def end_to_end(values: pa.BinaryArray) -> bytes:
+    """The values of a binary array back to back, as one bytes (its data buffer's slice)."""
+    offsets = np.frombuffer(values.buffers()[1], np.int32, len(values) + 1, 4 * values.offset)
+    return values.buffers()[2][int(offsets[0]) : int(offsets[-1])].to_pybytes()
+
+
 def _lengths(text: pa.Array) -> np.ndarray:
     return pc.binary_length(text).fill_null(0).to_numpy().astype(np.int64)
 

@@ -245,6 +245,11 @@ class Settings(BaseSettings):
     feast_data_dir: Path | None = Field(
         None, description="registry and sqlite store; unset: feature_repo/data"
     )
+    # Embedding history for point-in-time reads (stream/offline_history.py): none keeps no
+    # history (the embedded default); postgres appends every row at BEAT_POSTGRES_URL.
+    offline_store: Literal["none", "postgres"] = "none"
+    # A secret: it may hold a password (shown as *** in a repr or log line).
+    postgres_url: SecretStr = SecretStr("postgresql://postgres@127.0.0.1:5432/postgres")
 
     @model_validator(mode="before")
     @classmethod
@@ -280,6 +285,13 @@ class Settings(BaseSettings):
     def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
         for name, value in super().__repr_args__():
             yield name, masked(value) if name == "kafka_properties" else value
+
+    @model_validator(mode="after")
+    def _check_postgres_url(self) -> Settings:
+        if not self.postgres_url.get_secret_value().startswith(("postgresql://", "postgres://")):
+            raise ValueError("BEAT_POSTGRES_URL must be postgresql://user[:password]@host[:port]"
+                             "/database (read when BEAT_OFFLINE_STORE=postgres)")
+        return self
 
     @model_validator(mode="after")
     def _check_paths(self) -> "Settings":

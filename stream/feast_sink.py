@@ -23,6 +23,7 @@ import redis
 import yaml
 
 from stream.config import ConfigError, Settings
+from stream.offline_history import HistoryWriter, postgres_config
 from stream.online_writer import OnlineRows, RedisRowWriter, SqliteRowWriter
 
 FEATURE_VIEW = "user_embedding"
@@ -58,6 +59,8 @@ def feature_store_yaml(settings: Settings) -> dict:
         config["online_store"] = {"type": "redis", "connection_string": settings.redis_url}
     else:
         config["online_store"] = {"type": "sqlite", "path": str(data_dir / "online_store.db")}
+    if settings.offline_store == "postgres":
+        config["offline_store"] = postgres_config(settings)
     return config
 
 
@@ -93,7 +96,8 @@ def register(settings: Settings) -> "feast.FeatureStore":  # noqa: F821
 
 
 class FeatureSink:
-    """Writes embeddings to one feature view of the Feast online store and reads them back.
+    """Writes embeddings to one feature view of the Feast online store (and, with
+    BEAT_OFFLINE_STORE=postgres, to its history) and reads them back.
 
     With deploy, applies feature_repo/ first (the embedded default's user_embedding);
     otherwise the view must be registered already (a published version's).
@@ -117,18 +121,26 @@ class FeatureSink:
         writer = RedisRowWriter if settings.online_store == "redis" else SqliteRowWriter
         self.writer = writer(self.store, self.view)
         self.where = settings.redis_url if writer is RedisRowWriter else "sqlite"
+        self.history = (HistoryWriter(settings, self.view.name)
+                        if settings.offline_store == "postgres" else None)
         # Errors that mean "the store is not answering now": the encoder retries them.
-        self.unavailable = (redis.ConnectionError, redis.TimeoutError, sqlite3.OperationalError)
+        self.unavailable = (redis.ConnectionError, redis.TimeoutError, sqlite3.OperationalError,
+                            *(self.history.unavailable if self.history else ()))
         self._feature_refs = [f"{self.view.name}:{name}" for name in FEATURES]
         # A published version's view (feature_repo/definitions.py) takes its rows only.
         self.version = self.view.tags.get("model_version")
 
     def write(self, rows: EmbeddingRows) -> int:
-        """Rows written (Redis skips a row whose stored timestamp is at least as new)."""
+        """Rows written online (Redis skips a row whose stored timestamp is at least as new);
+        every row is also in the history, committed, when this returns. A retry after a
+        failed append writes online again, which is idempotent."""
         if self.version not in (None, rows.model_version):
             raise ValueError(f"rows of model {rows.model_version} cannot go to the feature view "
                              f"{self.view.name} of model {self.version}")
-        return self.writer.write(OnlineRows.from_embeddings(rows, self.join_key))
+        written = self.writer.write(OnlineRows.from_embeddings(rows, self.join_key))
+        if self.history is not None:
+            self.history.append(rows)
+        return written
 
     def write_via_feast(self, rows: EmbeddingRows) -> None:
         """The same rows through Feast's write_to_online_store (the baseline of

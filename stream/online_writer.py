@@ -39,7 +39,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import redis
 
-from stream.avro_binary import binary_array, unsigned_varint, varints
+from stream.avro_binary import binary_array, end_to_end, unsigned_varint, varints
 
 if TYPE_CHECKING:
     from stream.feast_sink import EmbeddingRows
@@ -256,9 +256,7 @@ def _resp_commands(command: bytes, args: Sequence[pa.Array | bytes]) -> bytes:
         else:
             sizes = pc.cast(pc.binary_length(arg), pa.string()).cast(pa.binary())
             pieces += [pa.scalar(b"$"), sizes, pa.scalar(b"\r\n"), arg, pa.scalar(b"\r\n")]
-    rows = pc.binary_join_element_wise(*pieces, b"")
-    offsets = np.frombuffer(rows.buffers()[1], np.int32, len(rows) + 1, 4 * rows.offset)
-    return rows.buffers()[2][int(offsets[0]) : int(offsets[-1])].to_pybytes()  # back to back
+    return end_to_end(pc.binary_join_element_wise(*pieces, b""))
 
 
 def _bulk(value: bytes) -> bytes:
