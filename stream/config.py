@@ -331,7 +331,8 @@ class Settings(BaseSettings):
         # The properties go merged, as JSON: a child reads no file and they win over its
         # KAFKA_<PROPERTY> variables.
         fields = self.model_dump(exclude={"kafka_properties", "kafka_properties_file",
-                                          "schema_registry_basic_auth_user_info"})
+                                          "schema_registry_basic_auth_user_info",
+                                          "postgres_url"})
         env = {
             f"BEAT_{name.upper()}": str(value)
             for name, value in fields.items()
@@ -343,6 +344,7 @@ class Settings(BaseSettings):
             env["KAFKA_BOOTSTRAP_SERVERS"] = self.bootstrap_servers
         if self.schema_registry_url:
             env["SCHEMA_REGISTRY_URL"] = self.schema_registry_url
+        env["BEAT_POSTGRES_URL"] = self.postgres_url.get_secret_value()
         if self.schema_registry_basic_auth_user_info:
             user_info = self.schema_registry_basic_auth_user_info.get_secret_value()
             env["SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO"] = user_info

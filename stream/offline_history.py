@@ -119,6 +119,9 @@ class HistoryWriter:
                 # appended again) its join returns one, the last written; without it, both.
                 "written_at timestamptz NOT NULL DEFAULT clock_timestamp())"
             )
+            # Stored out of line uncompressed: embeddings do not compress, and trying costs
+            # more than the rest of the append.
+            conn.execute(f"ALTER TABLE {self.table} ALTER COLUMN embedding SET STORAGE EXTERNAL")
             # Feast's join looks each entity up by user_id and time; a BRIN index would be
             # smaller but does not serve user_id lookups.
             conn.execute(f"CREATE INDEX IF NOT EXISTS {self.table.split('.')[1]}_user_time "

@@ -3,6 +3,7 @@ get_historical_features: real PostgreSQL on 127.0.0.1:5432, real Feast, no mocks
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,10 +11,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from pydantic import SecretStr
 
+from model import init_model_dir
+from stream.codec import AvroCodec
 from stream.config import ConfigError, Settings, load_settings
+from stream.encoder_worker import load_worker
 from stream.feast_sink import EmbeddingRows, FeatureSink
 from stream.offline_history import HistoryWriter
+
+from conftest import ACTIONS, WindowFeed, read_topic, running
 
 T1_MS = 1_780_315_200_000  # 2026-06-01 12:00 UTC
 T2_MS = T1_MS + 3_600_000
@@ -21,18 +28,23 @@ URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 
 
 @pytest.fixture
-def pg_settings(tmp_path: Path) -> Iterator[Settings]:
-    """A Feast project of its own, with its history schema dropped afterwards."""
+def postgres_project() -> Iterator[str]:
+    """A Feast project name of its own, its history schema dropped afterwards."""
     psycopg = pytest.importorskip("psycopg")
     try:
         psycopg.connect(URL, connect_timeout=2).close()
     except psycopg.OperationalError as err:
         pytest.skip(f"no PostgreSQL on 127.0.0.1:5432: {err}")
     project = f"beat_hist_{uuid.uuid4().hex[:8]}"
-    yield load_settings(feast_project=project, feast_data_dir=tmp_path, offline_store="postgres",
-                        postgres_url=URL)
+    yield project
     with psycopg.connect(URL, autocommit=True) as conn:
         conn.execute(f"DROP SCHEMA IF EXISTS {project} CASCADE")
+
+
+@pytest.fixture
+def pg_settings(postgres_project: str, tmp_path: Path) -> Settings:
+    return load_settings(feast_project=postgres_project, feast_data_dir=tmp_path,
+                         offline_store="postgres", postgres_url=URL)
 
 
 def rows(user_ids: list[str], at_ms: int, seed: int) -> EmbeddingRows:
@@ -98,3 +110,37 @@ def test_offline_store_settings_are_checked_at_start(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="BEAT_OFFLINE_STORE=postgres: cannot reach "
                                           "BEAT_POSTGRES_URL"):
         FeatureSink(unreachable)
+
+
+def test_the_encoder_worker_appends_what_it_serves(
+    settings: Settings, postgres_project: str, tmp_path: Path
+) -> None:
+    """Two windows of one user from the past (so each is as of its newest event) through a
+    running encoder worker: the history answers with the vector published at each time."""
+    init_model_dir(tmp_path / "model", "tiny", ACTIONS, ["web"], seed=2)
+    settings = settings.model_copy(update={
+        "model_dir": tmp_path / "model", "max_wait_ms": 20, "torch_threads": 1,
+        "max_events": 64, "feast_project": postgres_project, "feast_data_dir": tmp_path / "feast",
+        "offline_store": "postgres", "postgres_url": SecretStr(URL),
+    })
+    t1_ms = int(time.time() * 1000) - 200 * 86_400_000
+    t2_ms = t1_ms + 60_000
+    feed = WindowFeed(settings, users=0)
+    codec = AvroCodec("user_embedding", settings.embeddings_topic)
+    published = []
+    with running(load_worker(settings)):
+        for times in ([t1_ms - 5, t1_ms], [t1_ms - 5, t1_ms, t2_ms]):
+            feed.times["u"] = times
+            feed.producer.produce(settings.windows_topic,
+                                  feed.codec.encode(feed.window("u").to_record(t2_ms)), b"u")
+            feed.producer.flush(10)
+            messages = read_topic(settings, settings.embeddings_topic,
+                                  until=lambda m, n=len(published) + 1: len(m) >= n)
+            published = [codec.decode(m.value()) for m in messages]
+    assert [int(r["updated_at"].timestamp() * 1000) for r in published] == [t1_ms, t2_ms]
+
+    frame = historical(FeatureSink(settings, deploy=False), ["u", "u"],
+                       [(t1_ms + t2_ms) // 2, t2_ms + 1])
+    for row, record in enumerate(published):
+        np.testing.assert_array_equal(np.asarray(frame["embedding"][row], np.float32),
+                                      np.asarray(record["embedding"], np.float32))
