@@ -123,6 +123,8 @@ class FeatureSink:
         self.where = settings.redis_url if writer is RedisRowWriter else "sqlite"
         self.history = (HistoryWriter(settings, self.view.name)
                         if settings.offline_store == "postgres" else None)
+        if self.history is not None:  # the encoder's wait message names what it waits for
+            self.where += f" and history {self.history.table}"
         # Errors that mean "the store is not answering now": the encoder retries them.
         self.unavailable = (redis.ConnectionError, redis.TimeoutError, sqlite3.OperationalError,
                             *(self.history.unavailable if self.history else ()))
