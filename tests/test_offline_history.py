@@ -100,7 +100,7 @@ def test_each_view_appends_to_a_history_table_of_its_own(pg_settings: Settings) 
 
 
 def test_offline_store_settings_are_checked_at_start(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="offline_store|OFFLINE_STORE"):
+    with pytest.raises(ConfigError, match="BEAT_OFFLINE_STORE"):
         load_settings(offline_store="file")
     with pytest.raises(ConfigError, match="BEAT_POSTGRES_URL"):
         load_settings(postgres_url="127.0.0.1:5432")
