@@ -56,7 +56,7 @@ from stream.codec import AvroCodec, DecodeError
 from stream.config import ConfigError, Settings, check_model_fits
 from stream.feast_sink import EmbeddingRows, FeatureSink
 from stream.model_versions import ModelVersions, version_group, view_name
-from stream.window import Window
+from stream.window import record_event_window
 
 log = logging.getLogger(__name__)
 
@@ -262,15 +262,16 @@ class EncoderWorker:
         users = Encoded()
         for message in batch.latest.values():
             try:
-                window = Window.from_record(self.window_codec.decode(message.value()))
+                record = self.window_codec.decode(message.value())
+                window = record_event_window(record)
             except (DecodeError, ValueError) as err:
                 self._dead_letter(message, str(err))
                 continue
             if not len(window):
                 self._dead_letter(message, "window has no events")
                 continue
-            users.user_id.append(window.user_id)
-            users.window.append(window.event_window())
+            users.user_id.append(record["user_id"])
+            users.window.append(window)
             users.partition.append(message.partition())
         return users
 

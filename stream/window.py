@@ -238,36 +238,14 @@ class Window:
 
     @classmethod
     def from_record(cls, record: dict) -> Window:
-        events = record["events"]
-        if len(events) % ROW.itemsize:
-            raise ValueError(
-                f"window of {record['user_id']!r}: {len(events)} event bytes "
-                f"is not a multiple of {ROW.itemsize}"
-            )
-        rows = np.frombuffer(events, ROW)
-        if len(rows) and int(rows["symbol"].max()) >= len(record["actions"]):
-            raise ValueError(
-                f"window of {record['user_id']!r} "
-                f"names a symbol beyond its {len(record['actions'])}"
-            )
-        earlier = record["earlier_events"], record["earlier_value"], record["first_event_time"]
-        if (earlier[0] > 0) != (earlier[2] is not None) or earlier[0] < 0:
-            raise ValueError(
-                f"window of {record['user_id']!r}: {earlier[0]} earlier events "
-                f"and first_event_time {earlier[2]}"
-            )
+        rows, earlier = _checked_record(record)
         return cls.from_strings(
             record["user_id"], rows, record["actions"], record["properties"], earlier
         )
 
     def event_window(self) -> EventWindow:
         """The model's input: times, the action/property strings and the amount of every event."""
-        actions, properties = SYMBOLS.strings(self.symbols)
-        symbol = self.rows["symbol"]
-        times, hashes, amounts = self.event_time, self.rows["id_hash"], self.rows["value"]
-        return EventWindow(
-            times, actions[symbol], properties[symbol], amounts, hashes, *self.earlier
-        )
+        return _event_window(self.rows, *SYMBOLS.strings(self.symbols), self.earlier)
 
     def columns(self) -> dict[str, list]:
         """Plain per-event lists (value None where absent): for tests and debugging."""
@@ -279,6 +257,55 @@ class Window:
             "property": events.property.tolist(),
             "value": [None if np.isnan(v) else v for v in self.rows["value"].tolist()],
         }
+
+
+def record_event_window(record: dict) -> EventWindow:
+    """The model's input of a window message's record (as Window.from_record checks it),
+    straight from the record's strings: nothing goes into SYMBOLS. The encoder worker and
+    `beat refresh` keep no Window, so pairs interned for them would never be freed, and ever
+    new properties would grow their table without end (issue 12)."""
+    rows, earlier = _checked_record(record)
+    actions = np.array(record["actions"], object)
+    properties = np.array(record["properties"], object)
+    return _event_window(rows, actions, properties, earlier)
+
+
+def _checked_record(record: dict) -> tuple[np.ndarray, tuple[int, float, int | None]]:
+    """A window record's rows (ROW, a view of its bytes) and earlier history; ValueError
+    if they do not fit together."""
+    events = record["events"]
+    if len(events) % ROW.itemsize:
+        raise ValueError(
+            f"window of {record['user_id']!r}: {len(events)} event bytes "
+            f"is not a multiple of {ROW.itemsize}"
+        )
+    rows = np.frombuffer(events, ROW)
+    if len(rows) and int(rows["symbol"].max()) >= len(record["actions"]):
+        raise ValueError(
+            f"window of {record['user_id']!r} "
+            f"names a symbol beyond its {len(record['actions'])}"
+        )
+    earlier = record["earlier_events"], record["earlier_value"], record["first_event_time"]
+    if (earlier[0] > 0) != (earlier[2] is not None) or earlier[0] < 0:
+        raise ValueError(
+            f"window of {record['user_id']!r}: {earlier[0]} earlier events "
+            f"and first_event_time {earlier[2]}"
+        )
+    return rows, earlier
+
+
+def _event_window(
+    rows: np.ndarray,
+    actions: np.ndarray,
+    properties: np.ndarray,
+    earlier: tuple[int, float, int | None],
+) -> EventWindow:
+    """An EventWindow of ROW rows whose symbols index actions and properties (object [k])."""
+    symbol = rows["symbol"]
+    return EventWindow(
+        row_times(rows), actions[symbol], properties[symbol], rows["value"], rows["id_hash"],
+        *earlier,
+    )
 
 
 def encode_window_body(window: Window, emitted_at_ms: int) -> bytes:

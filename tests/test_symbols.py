@@ -1,5 +1,6 @@
 """The symbol table of (action, property) pairs stays bounded whatever producers send: the
-pairs no stored window names are freed and their ids reused, and windows never notice."""
+pairs no stored window names are freed and their ids reused, and windows never notice; the
+encoder's decoding never adds to it."""
 
 from __future__ import annotations
 
@@ -18,7 +19,15 @@ from stream.codec import AvroCodec
 from stream.config import Settings
 from stream.producer import EventProducer
 from stream.state import MemoryStore, SymbolBound, open_store
-from stream.window import ROW, NewEvents, Symbols, Window, encode_window_body, merge_batch
+from stream.window import (
+    ROW,
+    NewEvents,
+    Symbols,
+    Window,
+    encode_window_body,
+    merge_batch,
+    record_event_window,
+)
 
 from conftest import read_topic, stream_worker
 from reference_windows import T0, event, expected_windows, window_columns
@@ -89,6 +98,28 @@ def test_a_million_unique_properties_keep_the_table_bounded_and_windows_exact(
             record = codec.decode(codec.framing.header() + encode_window_body(got, 0))
             assert record["properties"] == got.properties and record["actions"] == ["view"] * 16
     print(f"1M unique properties: {took:.1f}s, table {len(symbols)} pairs, RSS +{growth >> 20} MiB")
+
+
+def test_the_encoders_decoding_adds_nothing_to_the_table(symbols: Symbols) -> None:
+    """The encoder worker and `beat refresh` decode window messages with
+    record_event_window: nothing would ever free pairs interned for them, and ever new
+    properties grew their table without end."""
+    users, max_events, total = 10_000, 16, 200_000
+    names = [f"u{u}" for u in range(users)]
+    windows, _ = merge_batch(
+        [None] * users, names, unique_events(0, total, users), max_events, WINDOW_MS
+    )
+    records = [w.to_record(0) for w in windows]
+    expected = [(w.columns(), w.earlier) for w in windows]
+    assert symbols.reclaim(np.empty(0, np.int32)) == total  # the table is empty now
+
+    for record, (want, earlier) in zip(records, expected):
+        got = record_event_window(record)
+        assert got.property.tolist() == want["property"] and got.action.tolist() == want["action"]
+        assert got.event_time_ms.tolist() == want["event_time"]
+        assert got.event_id_hash.tolist() == want["id_hash"]
+        assert (got.earlier_events, got.earlier_value, got.first_event_ms) == earlier
+    assert len(symbols) == 0 and symbols.slots == total  # no new slot either
 
 
 def test_a_reclaim_frees_only_unnamed_pairs_and_reuses_their_ids(
