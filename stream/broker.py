@@ -311,6 +311,15 @@ class CheckedProducer:
         if error is not None:
             self._failed.append(error)
 
+    def wait(self, timeout_s: float) -> int:
+        """Wait up to timeout_s for deliveries; the messages still queued (flush() raises
+        for those that failed)."""
+        return self._producer.flush(timeout_s)
+
+    def purge(self) -> None:
+        """Drop every message not yet delivered: the worker exits without committing them."""
+        self._producer.purge()
+
     def flush(self, timeout_s: float | None = None) -> None:
         """Wait until every message is delivered; raise DeliveryError for any that failed
         (or, with a timeout, is still queued when it ends)."""

@@ -169,6 +169,10 @@ class Settings(BaseSettings):
     # How long a worker waits for the broker (a delivery, an unreachable broker) before it
     # exits with an error, for its supervisor to restart it.
     broker_timeout_ms: int = Field(60_000, ge=1_000)
+    # After SIGTERM, how long a worker waits for the broker to take the batch in hand before
+    # it exits without committing it (code 3; a restart reads the batch again): a frozen
+    # broker must not keep a stopped worker alive for broker_timeout_ms.
+    stop_grace_ms: int = Field(3_000, ge=0)
     # A new consumer-group member waits about half the session timeout before it gets
     # partitions, and a dead member's partitions move after a whole one.
     session_timeout_ms: int = Field(6000, ge=1000)

@@ -19,8 +19,10 @@ in the online store and every message (embeddings and dead letters) is delivered
 failing online store is retried with backoff, the batch in hand, nothing committed, and
 the worker logs what waits; once the store answers, the worker carries on where it was
 and catches up. A failed delivery stops the worker without committing (a restart reads
-the batch again). Every write is idempotent: the same window gives the same row, and
-Redis keeps a row only when its timestamp is newer.
+the batch again), with exit code 3 like the stream worker's; so does a SIGTERM that the
+broker does not let finish within BEAT_STOP_GRACE_MS (a frozen broker). Every write is
+idempotent: the same window gives the same row, and Redis keeps a row only when its
+timestamp is newer.
 """
 
 from __future__ import annotations
@@ -39,14 +41,16 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 from safetensors import SafetensorError
 
 from model import BeatEncoder, EventWindow
 from stream.as_of import AsOfClock
 from stream.avro_binary import binary_array, strings, varints, write_long, write_string, zigzag
 from stream.broker import (
+    BrokerError,
     CheckedProducer,
+    DeliveryError,
     check_reachable,
     consumer_config,
     dead_letter_headers,
@@ -146,6 +150,7 @@ class EncoderWorker:
         self.clock = AsOfClock(settings.replay_lag_ms)
         self.stats = EncoderStats()
         self.stopping = threading.Event()
+        self.stop_asked = 0.0  # time.monotonic() of the first stop()
         self.revoked = False  # by a rebalance since the batch in hand was taken
         self.in_hand = Batch()  # the batch being processed, for the logs
         self.ready_file: Path | None = None
@@ -157,26 +162,51 @@ class EncoderWorker:
         """
         self.ready_file = ready_file
         self._subscribe()
-        next_report = time.monotonic() + report_every_s
         try:
-            while not self.stopping.is_set():
-                batch = self._take_batch()
-                if batch.messages:
-                    self.process(batch)
-                if self.follow:
-                    self._follow_current()
-                if time.monotonic() >= next_report:
-                    log.info("encoder worker: %s", self.stats.summary())
-                    next_report += report_every_s
-        finally:
+            self._encode_until_stopped(report_every_s)
             self.close()
+        except DeliveryError as err:
+            self.producer.purge()  # nothing of the batch is committed: drop what is unsent
+            raise BrokerError(f"{err.args[0].str()}: the batch is not committed, a restart "
+                              "reads it again; exiting for a clean restart") from None
+
+    def _encode_until_stopped(self, report_every_s: float) -> None:
+        next_report = time.monotonic() + report_every_s
+        while not self.stopping.is_set():
+            batch = self._take_batch()
+            if batch.messages:
+                self.process(batch)
+            if self.follow:
+                self._follow_current()
+            if time.monotonic() >= next_report:
+                log.info("encoder worker: %s", self.stats.summary())
+                next_report += report_every_s
+        log.info("encoder worker: stopping: %s", self.stats.summary())
 
     def stop(self) -> None:
+        self.stop_asked = self.stop_asked or time.monotonic()
         self.stopping.set()
 
     def close(self) -> None:
-        self.consumer.close()
-        self.producer.flush(10)
+        """Leave the group, then wait for what is still queued (the dead letters of a batch
+        given up): DeliveryError if the broker does not take it (see _flush)."""
+        self.consumer.close()  # leaves the group: the partitions move at once
+        self._flush()
+
+    def _flush(self) -> None:
+        """Wait until the broker has every message produced. DeliveryError for one it did
+        not take (librdkafka retries for BEAT_BROKER_TIMEOUT_MS first), or once the worker
+        has been stopping for BEAT_STOP_GRACE_MS: a frozen broker must not hold a stopped
+        worker for the whole broker timeout."""
+        grace_s = self.settings.stop_grace_ms / 1000
+        while queued := self.producer.wait(0.1):
+            if self.stopping.is_set() and time.monotonic() - self.stop_asked > grace_s:
+                raise DeliveryError(KafkaError(
+                    KafkaError._MSG_TIMED_OUT,
+                    f"stopped with {queued} messages unacknowledged by the broker after "
+                    f"{grace_s:g}s (BEAT_STOP_GRACE_MS)",
+                ))
+        self.producer.flush(0)  # raises DeliveryError for any that failed
 
     def _subscribe(self) -> None:
         def on_assign(consumer: Consumer, partitions: list[TopicPartition]) -> None:
@@ -232,7 +262,7 @@ class EncoderWorker:
         if not self.encode_and_write(users):
             return  # stopping, or the partitions moved: nothing is committed
         with self.stats.stage("commit"):
-            self.producer.flush()  # raises DeliveryError: then nothing is committed
+            self._flush()  # raises DeliveryError: then nothing is committed
             if not self.revoked:
                 self._commit(batch)
         self.stats.batches += 1

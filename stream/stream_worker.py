@@ -66,11 +66,6 @@ from stream.window import (
 
 log = logging.getLogger(__name__)
 
-# After a SIGTERM, how long the batch's windows may wait for the broker before the worker
-# exits without committing them (a frozen broker must not keep a stopped worker alive).
-STOP_GRACE_S = 3.0
-
-
 @dataclass
 class Rejected:
     """Messages of a batch that go to the dead-letter topic: index in the batch, reason."""
@@ -224,7 +219,7 @@ class StreamWorker:
             log.info("stream worker: stopping: %s", self.stats.summary())
             if clean:  # a broker that may not answer is not waited for: the process exits
                 self.consumer.close()  # leaves the group: the partitions move at once
-                self.producer.flush(STOP_GRACE_S)
+                self.producer.flush(self.settings.stop_grace_ms / 1000)
             else:  # nothing of the batch is committed: drop what is unsent rather than wait
                 self.producer.purge()
             for store in self.stores.values():
@@ -417,11 +412,11 @@ class StreamWorker:
     def _flush(self) -> None:
         """Wait until the broker has every message sent. Raises BrokerError (the batch is
         not committed; a restart replays it) on a failed delivery, after
-        BEAT_BROKER_TIMEOUT_MS, or STOP_GRACE_S after a SIGTERM."""
-        started = time.monotonic()
+        BEAT_BROKER_TIMEOUT_MS, or BEAT_STOP_GRACE_MS after a SIGTERM."""
+        started, grace_s = time.monotonic(), self.settings.stop_grace_ms / 1000
         while self.producer.flush(0.1):
             waited = time.monotonic() - started
-            if self.stopping and time.monotonic() - self.stop_asked > STOP_GRACE_S:
+            if self.stopping and time.monotonic() - self.stop_asked > grace_s:
                 raise BrokerError(f"stopped with the batch unacknowledged by the broker for "
                                   f"{waited:.0f}s: not committed, it will be replayed")  # fmt: skip
             if waited > self.client_errors.timeout_s:

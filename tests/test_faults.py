@@ -1,6 +1,7 @@
 """Broker faults: a stream worker waits for the broker only so long, honours SIGTERM within
 seconds when the broker is frozen, and exits with an error (code 3) when the broker is gone,
-so that a supervisor restarts it; `beat` commands against a closed port say so in a line."""
+so that a supervisor restarts it; so does an encoder worker stopped with a frozen broker;
+`beat` commands against a closed port say so in a line."""
 
 from __future__ import annotations
 
@@ -15,14 +16,16 @@ from pathlib import Path
 
 import pytest
 from confluent_kafka import Consumer, TopicPartition
+from test_encoder_worker import encoder_process
 from test_pipeline import T0, event
 
+from model import init_model_dir
 from stream.broker import EmbeddedBroker, _free_port, consumer_config, ensure_topics
 from stream.config import Settings
 from stream.producer import EventProducer, produce
 from stream.synthetic import SyntheticEvents
 
-from conftest import REPO, read_topic, stream_worker, wait_for
+from conftest import ACTIONS, REPO, WindowFeed, read_topic, stream_worker, wait_for
 
 pytestmark = pytest.mark.skipif(
     bool(os.environ.get("KAFKA_BOOTSTRAP_SERVERS")), reason="freezes and kills a broker of its own"
@@ -86,6 +89,34 @@ def test_sigterm_is_honoured_when_idle_with_a_frozen_broker(
         worker.send_signal(signal.SIGTERM)
         took = exited_within(worker, 15)
     assert took < 10, f"exit took {took:.1f}s"
+
+
+def test_an_encoder_stopped_with_a_frozen_broker_exits_within_its_grace_with_code_3(
+    broker: EmbeddedBroker, settings: Settings, tmp_path: Path
+) -> None:
+    """It used to wait for the broker without end (flush() had no timeout: about 60 s, the
+    message timeout) and then end in a traceback. Small batches over a backlog: the worker
+    has a batch in hand, its embeddings unacknowledged, when the broker freezes."""
+    init_model_dir(tmp_path / "model", "tiny", ACTIONS, ["web"], seed=2)
+    settings = settings.model_copy(update={
+        "model_dir": tmp_path / "model", "torch_threads": 1, "max_events": 64,
+        "max_batch": 20, "read_ahead": 50, "stop_grace_ms": 2_000,
+    })
+    with WindowFeed(settings, users=600) as feed:
+        feed.__exit__()  # a backlog, and no more
+        for _ in range(30):
+            feed.send_round()
+    log, ready = tmp_path / "encoder.log", tmp_path / "ready"
+    with encoder_process(settings, log, ready) as encoder:
+        read_topic(settings, settings.embeddings_topic, until=lambda m: len(m) > 0, timeout_s=90)
+        broker._process.send_signal(signal.SIGSTOP)
+        time.sleep(1.0)
+        encoder.send_signal(signal.SIGTERM)
+        took = exited_within(encoder, 15)
+    assert encoder.returncode == 3, log.read_text()[-2000:]
+    assert took < 2 + 3, f"exit took {took:.1f}s"  # the grace, and a batch's encoding
+    assert "(BEAT_STOP_GRACE_MS)" in log.read_text()
+    assert "Traceback" not in log.read_text()
 
 
 def test_a_worker_exits_with_an_error_once_the_broker_is_gone(
