@@ -96,8 +96,8 @@ class Watch:
             stream_lag=self.lag(self.settings.stream_group, self.settings.events_topic),
             encoder_lag=self.lag(self.settings.encoder_group, self.settings.windows_topic),
             embeddings=len(fresh),
-            freshness_p50_ms=round(float(p50)),
-            freshness_p99_ms=round(float(p99)),
+            freshness_p50_ms=round(float(p50), 1),  # NaN (kept) when none was written
+            freshness_p99_ms=round(float(p99), 1),
             load_average=round(os.getloadavg()[0], 1),
         )
         self.last = (now, events, len(observed.freshness_ms))
@@ -160,7 +160,7 @@ def summary(samples: list[Sample], warmup_s: float) -> list[dict]:
     first, second = steady[: len(steady) // 2], steady[len(steady) // 2 :]
 
     def freshness_p99(part: list[Sample]) -> float:
-        return max(s.freshness_p99_ms for s in part)  # the worst interval's
+        return np.nanmax([s.freshness_p99_ms for s in part])  # the worst interval's
 
     rows = [
         ("stream worker RSS MB (first, last sample)", steady[0].stream_rss_mb,
