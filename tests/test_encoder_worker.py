@@ -1,4 +1,5 @@
-"""The encoder worker loses nothing: SIGKILLs, an online-store outage; and what it publishes.
+"""The encoder worker loses nothing: SIGKILLs, an online-store outage; what it publishes; and
+it gives the memory its encodes freed back to the OS.
 
 Windows are produced straight to beat.windows (the encoder's input) while the faults
 happen; at the end every user's row in Feast and on beat.embeddings must describe the
@@ -7,6 +8,7 @@ user's final window (event_count and last_event_time).
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import random
@@ -20,17 +22,19 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import redis
 from confluent_kafka import Consumer, Producer, TopicPartition
 
-from model import init_model_dir
+from model import EventWindow, init_model_dir
+from stream import encoder_worker
 from stream.broker import client_config, producer_config
 from stream.codec import AvroCodec
 from stream.config import Settings
-from stream.encoder_worker import embedding_values, load_worker
+from stream.encoder_worker import EncoderStats, EncoderWorker, embedding_values, load_worker
 from stream.feast_sink import EmbeddingRows, FeatureSink
 
 from conftest import (
@@ -59,6 +63,49 @@ def test_published_values_are_what_the_avro_codec_writes() -> None:
         "updated_at": int(rows.as_of_ms[i]),
     }) for i in range(3)]
     assert embedding_values(codec.framing.header(), rows) == expected
+
+
+def rss_bytes() -> int:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(encoder_worker._MALLOC_TRIM is None, reason="glibc's malloc_trim only")
+def test_freed_heap_goes_back_to_the_os() -> None:
+    """What a soak's encoder lost: blocks freed between blocks that live on stay mapped
+    (glibc returns only the heap's top) until release_freed_heap()."""
+    libc = ctypes.CDLL(None)
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    freed, live = [], []
+    for _ in range(1_000):  # 100 KB blocks: below the mmap threshold, so on the heap
+        freed.append(libc.malloc(100_000))
+        ctypes.memset(freed[-1], 1, 100_000)
+        live.append(libc.malloc(1_000))
+    try:
+        for block in freed:
+            libc.free(block)
+        before = rss_bytes()
+        encoder_worker.release_freed_heap()
+        assert before - rss_bytes() > 80 << 20  # of the 100 MB freed
+    finally:
+        for block in live:
+            libc.free(block)
+
+
+def test_the_worker_releases_the_freed_heap_after_each_encode(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    released = []
+    monkeypatch.setattr(encoder_worker, "release_freed_heap", lambda: released.append(True))
+    model = SimpleNamespace(
+        encode=lambda windows, as_of_ms: np.zeros((len(windows), 4), np.float32),
+        model_version="m-1",
+    )
+    worker = SimpleNamespace(encoder=model, stats=EncoderStats())
+    window = EventWindow(np.array([5]), ["view"], [None])
+    for _ in range(3):
+        EncoderWorker.encode(worker, [window], ["u"], np.array([6]))
+    assert len(released) == 3
 
 
 def assert_published_final(settings: Settings, final: dict[str, tuple[int, int]]) -> None:
