@@ -245,6 +245,10 @@ class Settings(BaseSettings):
     feature_repo: Path = REPO_ROOT / "feature_repo"
     online_store: Literal["sqlite", "redis"] = "sqlite"
     redis_url: str = "127.0.0.1:6379"
+    # Feast's key_ttl_seconds for Redis: a user's key expires this long after its last
+    # write, so users gone for good leave the online store; unset keeps keys forever.
+    # `beat refresh --idle-hours` shorter than this keeps quiet users alive (README).
+    redis_key_ttl_seconds: int | None = Field(None, ge=1)
     feast_project: str = "beatstream"
     feast_data_dir: Path | None = Field(
         None, description="registry and sqlite store; unset: feature_repo/data"

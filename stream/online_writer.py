@@ -193,6 +193,9 @@ class RedisRowWriter:
         self.ts_field = f"_ts:{name}".encode()
         self.fields = {f.name: _mmh3(f"{name}:{f.name}") for f in view.features}
         self.newer = self.client.register_script(_NEWER)
+        # Feast follows each HSET with an EXPIRE when key_ttl_seconds is set; so do we,
+        # or keys written here would never expire.
+        self.key_ttl = config.online_store.key_ttl_seconds
 
     def write(self, rows: OnlineRows) -> int:
         """Rows written (the others had a stored timestamp at least as new)."""
@@ -211,7 +214,10 @@ class RedisRowWriter:
         args: list[pa.Array | bytes] = [keys.take(take), self.ts_field, ts.take(take)]
         for name, values in rows.values.items():
             args += [self.fields[name], values.take(take)]
-        self._send(_resp_commands(b"HSET", args), len(take))
+        commands = [_resp_commands(b"HSET", args)]
+        if self.key_ttl:
+            commands.append(_resp_commands(b"EXPIRE", [args[0], b"%d" % self.key_ttl]))
+        self._send(b"".join(commands), len(take) * len(commands))
         return len(take)
 
     def _send(self, commands: bytes, replies: int) -> None:

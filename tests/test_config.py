@@ -44,6 +44,8 @@ def root_level() -> Iterator[None]:
         ("KAFKA_BOGUS_PROPERTY", "1", 'No such configuration property: "bogus.property"'),
         ("KAFKA_SECURITY_PROTOCOL", "SASL", 'Invalid value "SASL"'),
         ("BEAT_KAFKA_PROPERTIES_FILE", "/nowhere.properties", "Java .properties file"),
+        ("BEAT_REDIS_KEY_TTL_SECONDS", "0", "greater than or equal to 1"),
+        ("BEAT_REDIS_KEY_TTL_SECONDS", "1d", "valid integer"),
     ],
 )
 def test_a_bad_setting_is_named_with_what_is_wrong(

@@ -180,3 +180,33 @@ def test_feast_serve_reads_back_bit_exact(
     for i in range(5):
         assert_bit_exact(embeddings[i], rows.embedding[i])  # JSON doubles hold float32 exactly
     assert counts == rows.event_count.tolist()
+
+
+def test_redis_keys_expire_after_the_key_ttl_and_a_rewrite_refreshes_it(
+    tmp_path: Path, redis_url: str
+) -> None:
+    ttl = 3_600
+    settings = load_settings(
+        feast_project=f"beat_ttl_{uuid.uuid4().hex[:8]}", feast_data_dir=tmp_path,
+        online_store="redis", redis_url=redis_url, redis_key_ttl_seconds=ttl,
+    )
+    sink = FeatureSink(settings)
+    client = sink.writer.client
+
+    def ttls() -> list[int]:
+        keys = sorted(client.scan_iter(match=b"*" + settings.feast_project.encode()))
+        return [client.ttl(key) for key in keys]
+
+    def age_keys(seconds_left: int) -> None:  # as if most of the TTL had passed
+        for key in client.scan_iter(match=b"*" + settings.feast_project.encode()):
+            client.expire(key, seconds_left)
+
+    sink.write(awkward_rows(3, T0_MS))
+    assert len(ttls()) == 3 and all(ttl - 5 <= left <= ttl for left in ttls())
+    age_keys(10)
+    sink.write(awkward_rows(3, T0_MS + 60_000))  # our writer refreshes the expiry...
+    assert all(ttl - 5 <= left <= ttl for left in ttls())
+    age_keys(10)
+    sink.write_via_feast(awkward_rows(3, T0_MS + 120_000))  # ...as Feast's own writer does
+    assert all(ttl - 5 <= left <= ttl for left in ttls())
+    client.delete(*client.scan_iter(match=b"*" + settings.feast_project.encode()))
