@@ -22,7 +22,6 @@ import json
 import os
 import sys
 import time
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -31,29 +30,12 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench.feast_bench import batches, bench_settings  # noqa: E402
 from stream.codec import AvroCodec  # noqa: E402
-from stream.config import load_settings  # noqa: E402
 from stream.encoder_worker import embedding_values  # noqa: E402
 from stream.feast_sink import FEATURE_VIEW, EmbeddingRows, FeatureSink, embedding_frame  # noqa: E402
 
 RESULTS = REPO / "bench" / "results" / "feast_write.json"
-
-
-def batches(total: int, size: int, seed: int) -> list[EmbeddingRows]:
-    rng = np.random.default_rng(seed)
-    now_ms = int(time.time() * 1000)
-    out = []
-    for start in range(0, total, size):
-        n = min(size, total - start)
-        out.append(EmbeddingRows(
-            user_id=[f"u{i:08d}" for i in range(start, start + n)],
-            embedding=rng.standard_normal((n, 768)).astype(np.float32),
-            model_version="bench",
-            event_count=rng.integers(1, 257, n),
-            last_event_time_ms=now_ms - rng.integers(0, 86_400_000, n),
-            as_of_ms=np.full(n, now_ms + seed),
-        ))
-    return out
 
 
 def rate(write: Callable[[EmbeddingRows], object], rows: list[EmbeddingRows]) -> dict:
@@ -66,11 +48,7 @@ def rate(write: Callable[[EmbeddingRows], object], rows: list[EmbeddingRows]) ->
 
 
 def run_store(store: str, args: argparse.Namespace) -> dict[str, dict]:
-    run = uuid.uuid4().hex[:8]
-    settings = load_settings(
-        feast_project=f"bench_write_{run}", feast_data_dir=Path("/tmp") / f"beat_bench_{run}",
-        online_store=store,
-    )
+    settings = bench_settings(store, "write")
     sink = FeatureSink(settings)
     from feast.data_source import PushMode
 

@@ -295,6 +295,14 @@ class Settings(BaseSettings):
             yield name, masked(value) if name == "kafka_properties" else value
 
     @model_validator(mode="after")
+    def _check_redis_key_ttl(self) -> Settings:
+        # sqlite has no expiry: the setting would silently do nothing
+        if self.redis_key_ttl_seconds is not None and self.online_store != "redis":
+            raise ValueError("BEAT_REDIS_KEY_TTL_SECONDS applies to BEAT_ONLINE_STORE=redis "
+                             "only (sqlite keys do not expire): unset it")
+        return self
+
+    @model_validator(mode="after")
     def _check_postgres_url(self) -> Settings:
         if not self.postgres_url.get_secret_value().startswith(("postgresql://", "postgres://")):
             raise ValueError("BEAT_POSTGRES_URL must be postgresql://user[:password]@host[:port]"

@@ -56,8 +56,9 @@ def feature_store_yaml(settings: Settings) -> dict:
     config["project"] = settings.feast_project
     config["registry"] = str(data_dir / "registry.db")
     if settings.online_store == "redis":
-        config["online_store"] = {"type": "redis", "connection_string": settings.redis_url,
-                                   "key_ttl_seconds": settings.redis_key_ttl_seconds}
+        config["online_store"] = {"type": "redis", "connection_string": settings.redis_url}
+        if settings.redis_key_ttl_seconds is not None:
+            config["online_store"]["key_ttl_seconds"] = settings.redis_key_ttl_seconds
     else:
         config["online_store"] = {"type": "sqlite", "path": str(data_dir / "online_store.db")}
     if settings.offline_store == "postgres":

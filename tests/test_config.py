@@ -46,6 +46,7 @@ def root_level() -> Iterator[None]:
         ("BEAT_KAFKA_PROPERTIES_FILE", "/nowhere.properties", "Java .properties file"),
         ("BEAT_REDIS_KEY_TTL_SECONDS", "0", "greater than or equal to 1"),
         ("BEAT_REDIS_KEY_TTL_SECONDS", "1d", "valid integer"),
+        ("BEAT_REDIS_KEY_TTL_SECONDS", "86400", "applies to BEAT_ONLINE_STORE=redis only"),
     ],
 )
 def test_a_bad_setting_is_named_with_what_is_wrong(

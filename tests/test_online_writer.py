@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import socket
 import sqlite3
-import subprocess
-import sys
-import time
 import uuid
 from pathlib import Path
 
@@ -14,9 +10,9 @@ import numpy as np
 import pytest
 import redis
 import requests
-import yaml
 
 from stream.config import Settings, load_settings
+from stream.feast_server import feast_server
 from stream.feast_sink import EmbeddingRows, FeatureSink, feature_store_yaml
 
 T0_MS = 1_780_315_200_000  # 2026-06-01 12:00 UTC
@@ -129,12 +125,6 @@ def test_a_re_encode_replaces_the_row_and_an_older_write_does_not(
     assert back["event_count"] == second.event_count.tolist()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("online_store", ["redis", "sqlite"])
 def test_feast_serve_reads_back_bit_exact(
     tmp_path: Path, online_store: str, redis_url: str
@@ -143,36 +133,13 @@ def test_feast_serve_reads_back_bit_exact(
     sink = FeatureSink(settings)
     rows = awkward_rows(5, T0_MS)
     sink.write(rows)
-    config = tmp_path / "feature_store.yaml"
-    config.write_text(yaml.safe_dump(feature_store_yaml(settings)))
-    port = _free_port()
-    feast = Path(sys.executable).with_name("feast")
-    server = subprocess.Popen(
-        [str(feast), "-f", str(config), "serve", "-h", "127.0.0.1", "-p", str(port),
-         "--no-access-log"],
-        cwd=settings.feature_repo, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )
-    try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 90
-        while True:
-            assert server.poll() is None, server.stderr.read().decode()[-3000:]
-            try:
-                if requests.get(f"{url}/health", timeout=1).ok:
-                    break
-            except requests.ConnectionError:
-                pass
-            assert time.monotonic() < deadline, "feast serve did not answer within 90 s"
-            time.sleep(0.2)
+    with feast_server(settings, tmp_path) as url:
         response = requests.post(f"{url}/get-online-features", json={
             "features": ["user_embedding:embedding", "user_embedding:event_count"],
             "entities": {"user_id": rows.user_id},
         }, timeout=30)
-        response.raise_for_status()
-        body = response.json()
-    finally:
-        server.terminate()
-        server.wait(20)
+    response.raise_for_status()
+    body = response.json()
 
     names = body["metadata"]["feature_names"]
     embeddings = body["results"][names.index("embedding")]["values"]

@@ -1,0 +1,40 @@
+"""What bench/feast_write.py and bench/feast_read.py share: rows like the encoder's, and
+settings for a Feast project of the bench's own."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+from stream.config import Settings, load_settings
+from stream.feast_sink import EmbeddingRows
+
+
+def batches(total: int, size: int, seed: int) -> list[EmbeddingRows]:
+    """total users u00000000... in micro-batches of size, random 768-float embeddings."""
+    rng = np.random.default_rng(seed)
+    now_ms = int(time.time() * 1000)
+    out = []
+    for start in range(0, total, size):
+        n = min(size, total - start)
+        out.append(EmbeddingRows(
+            user_id=[f"u{i:08d}" for i in range(start, start + n)],
+            embedding=rng.standard_normal((n, 768)).astype(np.float32),
+            model_version="bench",
+            event_count=rng.integers(1, 257, n),
+            last_event_time_ms=now_ms - rng.integers(0, 86_400_000, n),
+            as_of_ms=np.full(n, now_ms + seed),
+        ))
+    return out
+
+
+def bench_settings(store: str, name: str) -> Settings:
+    """A Feast project and data folder of this run's own (in /tmp), on the given store."""
+    run = uuid.uuid4().hex[:8]
+    return load_settings(
+        feast_project=f"bench_{name}_{run}", feast_data_dir=Path("/tmp") / f"beat_bench_{run}",
+        online_store=store,
+    )
