@@ -247,7 +247,7 @@ class Settings(BaseSettings):
     redis_url: str = "127.0.0.1:6379"
     # Feast's key_ttl_seconds for Redis: a user's key expires this long after its last
     # write, so users gone for good leave the online store; unset keeps keys forever.
-    # `beat refresh --idle-hours` shorter than this keeps quiet users alive (README).
+    # `beat refresh` can keep quiet users alive (README "Users gone for good").
     redis_key_ttl_seconds: int | None = Field(None, ge=1)
     feast_project: str = "beatstream"
     feast_data_dir: Path | None = Field(
