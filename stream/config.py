@@ -176,6 +176,9 @@ class Settings(BaseSettings):
     # A new consumer-group member waits about half the session timeout before it gets
     # partitions, and a dead member's partitions move after a whole one.
     session_timeout_ms: int = Field(6000, ge=1000)
+    # Each worker serves Prometheus /metrics, /healthz and /readyz on this port (0: none);
+    # workers sharing a host need a port each (stream/observability.py).
+    metrics_port: int = Field(0, ge=0, le=65_535)
     # librdkafka properties of every client (security.protocol, sasl.*, ssl.*, client.id):
     # the file's, then KAFKA_<PROPERTY> variables', then these (see the module docstring).
     kafka_properties_file: Path | None = None

@@ -33,8 +33,8 @@ import signal
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from itertools import repeat
 from pathlib import Path
@@ -61,6 +61,7 @@ from stream.codec import AvroCodec, DecodeError
 from stream.config import ConfigError, Settings, check_model_fits
 from stream.feast_sink import EmbeddingRows, FeatureSink
 from stream.model_versions import ModelVersions, version_group, view_name
+from stream.observability import EncoderMetrics, serving
 from stream.window import record_event_window
 
 log = logging.getLogger(__name__)
@@ -76,12 +77,6 @@ class EncoderStats:
     freshness_ms: list[float] = field(default_factory=list)
     stage_s: Counter = field(default_factory=Counter)
     interval_batches: int = 0
-
-    @contextmanager
-    def stage(self, name: str) -> Iterator[None]:
-        start = time.perf_counter()
-        yield
-        self.stage_s[name] += time.perf_counter() - start
 
     def summary(self) -> str:
         p50, p99 = np.percentile(self.freshness_ms, [50, 99]) if self.freshness_ms else (0.0, 0.0)
@@ -103,6 +98,7 @@ class Batch:
     latest: dict[bytes, Message] = field(default_factory=dict)  # user key -> newest window
     ends: dict[int, int] = field(default_factory=dict)  # partition -> offset past its last
     messages: int = 0
+    windows: int = 0  # messages but seals and deletions
 
     def add(self, messages: list[Message]) -> None:
         records = records_in(messages)
@@ -113,6 +109,7 @@ class Batch:
             end = int(offsets[partitions == partition].max()) + 1
             self.ends[partition] = max(self.ends.get(partition, 0), end)
         windows = [m for m in records if m.value() is not None]  # seals are tombstones
+        self.windows += len(windows)
         self.latest.update(zip(map(Message.key, windows), windows))
 
 
@@ -146,7 +143,8 @@ class EncoderWorker:
         self.window_codec = AvroCodec("user_window", settings.windows_topic, registry)
         embedding_codec = AvroCodec("user_embedding", settings.embeddings_topic, registry)
         self.embedding_header = embedding_codec.framing.header()
-        self.consumer = Consumer(consumer_config(settings, self.group))
+        self.metrics = EncoderMetrics()
+        self.consumer = self._consumer()
         self.producer = CheckedProducer(settings, **{"batch.size": 1 << 20})
         self.clock = AsOfClock(settings.replay_lag_ms)
         self.stats = EncoderStats()
@@ -154,17 +152,17 @@ class EncoderWorker:
         self.stop_asked = 0.0  # time.monotonic() of the first stop()
         self.revoked = False  # by a rebalance since the batch in hand was taken
         self.in_hand = Batch()  # the batch being processed, for the logs
-        self.ready_file: Path | None = None
 
     def run(self, report_every_s: float = 10.0, ready_file: Path | None = None) -> None:
         """Encode until stop() (or SIGINT/SIGTERM when run from the CLI).
 
         ready_file is created once the worker has joined its group and holds partitions.
         """
-        self.ready_file = ready_file
+        self.metrics.ready_file = ready_file
         self._subscribe()
         try:
-            self._encode_until_stopped(report_every_s)
+            with serving(self.settings, self.metrics):
+                self._encode_until_stopped(report_every_s)
             self.close()
         except DeliveryError as err:
             self.producer.purge()  # nothing of the batch is committed: drop what is unsent
@@ -209,14 +207,19 @@ class EncoderWorker:
                 ))
         self.producer.flush(0)  # raises DeliveryError for any that failed
 
+    def _consumer(self) -> Consumer:
+        return Consumer(consumer_config(
+            self.settings, self.group, **self.metrics.consumer_settings(self.settings)
+        ))
+
     def _subscribe(self) -> None:
         def on_assign(consumer: Consumer, partitions: list[TopicPartition]) -> None:
-            if self.ready_file:
-                self.ready_file.touch()
+            self.metrics.partitions_assigned(tp.partition for tp in partitions)
 
         def on_revoke(consumer: Consumer, partitions: list[TopicPartition]) -> None:
             # Their uncommitted windows are read again by whoever gets them next.
             self.revoked = True
+            self.metrics.partitions_revoked(tp.partition for tp in partitions)
             self.clock.forget([tp.partition for tp in partitions])
 
         self.consumer.subscribe(
@@ -237,7 +240,7 @@ class EncoderWorker:
         self.consumer.close()  # leaves the old version's group at once
         self.encoder, self.sink = encoder, sink
         self.group = version_group(self.settings, current)
-        self.consumer = Consumer(consumer_config(self.settings, self.group))
+        self.consumer = self._consumer()
         self.clock = AsOfClock(self.settings.replay_lag_ms)
         self._subscribe()
 
@@ -258,16 +261,21 @@ class EncoderWorker:
     def process(self, batch: Batch) -> None:
         """Encode, write and publish the batch's users, then commit its offsets."""
         self.in_hand = batch
-        with self.stats.stage("decode"):
+        self.metrics.batch_messages.observe(batch.messages)
+        self.metrics.window_messages.labels(self.encoder.model_version).inc(batch.windows)
+        with self._stage("decode"):
             users = self.decode(batch)
         if not self.encode_and_write(users):
             return  # stopping, or the partitions moved: nothing is committed
-        with self.stats.stage("commit"):
+        with self._stage("commit"):
             self._flush()  # raises DeliveryError: then nothing is committed
             if not self.revoked:
                 self._commit(batch)
         self.stats.batches += 1
         self.stats.interval_batches += 1
+
+    def _stage(self, name: str) -> AbstractContextManager[None]:
+        return self.metrics.stage(name, self.stats.stage_s)
 
     def encode_and_write(self, users: Encoded, as_of_now: bool = False) -> bool:
         """Encode the users, write them to the online store and publish them, in steps of
@@ -284,7 +292,7 @@ class EncoderWorker:
             rows = self.encode(windows, users.user_id[part], as_of)
             if not self.write_online(rows):
                 return False
-            with self.stats.stage("publish"):
+            with self._stage("publish"):
                 self.publish(rows)
         return True
 
@@ -310,9 +318,9 @@ class EncoderWorker:
         self, windows: list[EventWindow], user_ids: list[str], as_of_ms: np.ndarray
     ) -> EmbeddingRows:
         """Embeddings of the (non-empty) windows, as of as_of_ms (one per window)."""
-        with self.stats.stage("encode"):
+        with self._stage("encode"):
             embeddings = self.encoder.encode(windows, as_of_ms=as_of_ms)
-        with self.stats.stage("trim"):
+        with self._stage("trim"):
             release_freed_heap()
         return EmbeddingRows(
             user_id=user_ids,
@@ -329,7 +337,7 @@ class EncoderWorker:
         delay, waiting_since = 0.1, None
         while True:
             try:
-                with self.stats.stage("feast"):
+                with self._stage("feast"):
                     self.sink.write(rows)
                 break
             except self.sink.unavailable as err:
@@ -349,7 +357,9 @@ class EncoderWorker:
                         self.sink.where, time.monotonic() - waiting_since)
         self.stats.users += len(rows.user_id)
         written_ms = int(time.time() * 1000)  # event time -> in the online store
-        self.stats.freshness_ms.extend((written_ms - rows.last_event_time_ms).tolist())
+        freshness_ms = (written_ms - rows.last_event_time_ms).tolist()
+        self.stats.freshness_ms.extend(freshness_ms)
+        self.metrics.written(rows.model_version, freshness_ms)
         return True
 
     def publish(self, rows: EmbeddingRows) -> None:
@@ -372,6 +382,7 @@ class EncoderWorker:
 
     def _dead_letter(self, message: Message, reason: str) -> None:
         self.stats.dead_letters += 1
+        self.metrics.dead_lettered([reason])
         self.producer.produce(
             self.settings.dead_letter_topic, key=message.key(), value=message.value(),
             headers=dead_letter_headers(

@@ -24,6 +24,7 @@ import signal
 import time
 from collections import Counter
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,6 +53,7 @@ from stream.broker import (
 from stream.codec import AvroCodec
 from stream.config import ConfigError, Settings
 from stream.event_columns import EventColumns, EventDecoder
+from stream.observability import StreamMetrics, serving
 from stream.partitioner import key_partitions
 from stream.state import PartitionStore, SymbolBound, open_store
 from stream.window import (
@@ -152,7 +154,7 @@ class StreamWorker:
 
     def __init__(self, settings: Settings, ready_file: Path | None = None) -> None:
         self.settings = settings
-        self.ready_file = ready_file
+        self.metrics = StreamMetrics(ready_file)
         registry = settings.schema_registry
         event_codec = AvroCodec("behavior_event", settings.events_topic, registry)
         self.events = EventDecoder(event_codec, settings.event_limits)
@@ -173,8 +175,9 @@ class StreamWorker:
                     "fetch.max.bytes": 64 << 20,
                     "max.partition.fetch.bytes": 16 << 20,
                     "queued.min.messages": 200_000,
-                    "fetch.queue.backoff.ms": 10,
-                },  # librdkafka otherwise pauses 1 s once the queue is full
+                    "fetch.queue.backoff.ms": 10,  # else a 1 s pause once the queue is full
+                    **self.metrics.consumer_settings(settings),
+                },
             )
         )
         # Delivery reports only for failures: no Python callback per window sent.
@@ -194,6 +197,10 @@ class StreamWorker:
     # -- the loop -------------------------------------------------------------------------
 
     def run(self) -> None:
+        with serving(self.settings, self.metrics):
+            self._run()
+
+    def _run(self) -> None:
         self.partitions = self._partition_count()
         self.consumer.subscribe(
             [self.settings.events_topic, self.settings.repartition_topic],
@@ -279,6 +286,13 @@ class StreamWorker:
             self._commit(messages, partitions, moved_here)
         self.stats.counts["events"] += len(messages)
         self.stats.counts["batches"] += 1
+        self._count_events(len(messages), int(moved_here.sum()))
+
+    def _count_events(self, messages: int, moved_here: int) -> None:
+        events = self.metrics.events
+        events.labels(self.settings.events_topic).inc(messages - moved_here)
+        events.labels(self.settings.repartition_topic).inc(moved_here)
+        self.metrics.batch_messages.observe(messages)
 
     def _route(
         self, rows: np.ndarray, valid: np.ndarray, keys: pa.BinaryArray, partitions: np.ndarray,
@@ -380,6 +394,7 @@ class StreamWorker:
         for partition, (keys, merged) in by_partition.items():
             self.stores[partition].put_many(keys, merged)
         self.stats.counts["windows"] += len(windows)
+        self.metrics.windows.inc(len(windows))
         self.seal(set(by_partition))
 
     def _free_symbols(self) -> None:
@@ -443,6 +458,7 @@ class StreamWorker:
                 on_delivery=self._on_delivery,
             )
         self.stats.counts["dead_letters"] += len(rejected.index)
+        self.metrics.dead_lettered(rejected.reason)
 
     def _commit(
         self, messages: list[Message], partitions: np.ndarray, moved_here: np.ndarray
@@ -456,8 +472,8 @@ class StreamWorker:
             for i in last.tolist()
         ])
 
-    def _stage(self, name: str) -> _StageTimer:
-        return _StageTimer(self.stats.seconds, name)
+    def _stage(self, name: str) -> AbstractContextManager[None]:
+        return self.metrics.stage(name, self.stats.seconds)
 
     # -- partitions come and go ---------------------------------------------------------------
 
@@ -467,8 +483,7 @@ class StreamWorker:
             if partition not in self.stores:
                 self.stores[partition] = self.restore(partition)
         log.info("stream worker: assigned %s", numbers)
-        if self.ready_file:
-            self.ready_file.touch()
+        self.metrics.partitions_assigned(numbers)
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # Finish and commit what was taken from the partitions before they move.
@@ -484,6 +499,7 @@ class StreamWorker:
         self._drop(partitions)
 
     def _drop(self, partitions: list[TopicPartition]) -> None:
+        self.metrics.partitions_revoked(tp.partition for tp in partitions)
         for tp in partitions:
             store = self.stores.pop(tp.partition, None)
             if store is not None:
@@ -506,17 +522,6 @@ class StreamWorker:
             )
         log.info("stream worker: restored %d windows of partition %d", len(store), partition)
         return store
-
-
-class _StageTimer:
-    def __init__(self, seconds: Counter, name: str) -> None:
-        self.seconds, self.name = seconds, name
-
-    def __enter__(self) -> None:
-        self.start = time.perf_counter()
-
-    def __exit__(self, *exc: object) -> None:
-        self.seconds[self.name] += time.perf_counter() - self.start
 
 
 def run_worker(settings: Settings, ready_file: Path | None = None) -> None:

@@ -36,6 +36,7 @@ from stream.codec import AvroCodec
 from stream.config import Settings
 from stream.encoder_worker import EncoderStats, EncoderWorker, embedding_values, load_worker
 from stream.feast_sink import EmbeddingRows, FeatureSink
+from stream.observability import EncoderMetrics
 
 from conftest import (
     ACTIONS,
@@ -101,7 +102,9 @@ def test_the_worker_releases_the_freed_heap_after_each_encode(
         encode=lambda windows, as_of_ms: np.zeros((len(windows), 4), np.float32),
         model_version="m-1",
     )
-    worker = SimpleNamespace(encoder=model, stats=EncoderStats())
+    stats, metrics = EncoderStats(), EncoderMetrics()
+    worker = SimpleNamespace(encoder=model, stats=stats,
+                             _stage=lambda name: metrics.stage(name, stats.stage_s))
     window = EventWindow(np.array([5]), ["view"], [None])
     for _ in range(3):
         EncoderWorker.encode(worker, [window], ["u"], np.array([6]))
