@@ -309,6 +309,9 @@ def _run(
         }
     )
     env = {**os.environ, **worker_settings.to_env()}
+    # Two workers on one host cannot share a metrics port: the encoder takes the next one.
+    port = settings.metrics_port
+    encoder_env = {**env, "BEAT_METRICS_PORT": str(port + 1)} if port else env
 
     ready = {name: workdir / f"{name}.ready" for name in ("stream", "encode")}
     for path in ready.values():
@@ -318,7 +321,8 @@ def _run(
             ["stream", "--ready-file", str(ready["stream"])], env, workdir / "stream-worker.log"
         ),
         "encoder worker": _spawn(
-            ["encode", "--ready-file", str(ready["encode"])], env, workdir / "encoder-worker.log"
+            ["encode", "--ready-file", str(ready["encode"])], encoder_env,
+            workdir / "encoder-worker.log",
         ),
     }
     for process in workers.values():
