@@ -1,8 +1,10 @@
-"""What bench/feast_write.py and bench/feast_read.py share: rows like the encoder's, and
-settings for a Feast project of the bench's own."""
+"""What the Feast benches (feast_write.py, feast_read.py, feast_history.py) share: rows like
+the encoder's, settings for a Feast project of the bench's own, and how results are saved."""
 
 from __future__ import annotations
 
+import json
+import os
 import time
 import uuid
 from pathlib import Path
@@ -38,3 +40,13 @@ def bench_settings(store: str, name: str) -> Settings:
         feast_project=f"bench_{name}_{run}", feast_data_dir=Path("/tmp") / f"beat_bench_{run}",
         online_store=store,
     )
+
+
+def save_results(results: dict, path: Path) -> None:
+    """Print the load average the run saw (results' load_average_before/after) and write the
+    results as JSON: on a shared machine the load says how far absolute rates can be trusted."""
+    print(f"load average before / after: {results['load_average_before'][0]:.1f} / "
+          f"{results['load_average_after'][0]:.1f} ({os.cpu_count()} cores)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2))
+    print(f"wrote {path}")

@@ -18,7 +18,6 @@ The machine is shared: the load average is recorded, quote ratios.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -31,6 +30,7 @@ import pandas as pd
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench.feast_bench import save_results  # noqa: E402
 from bench.feast_write import rate  # noqa: E402
 from stream.config import load_settings  # noqa: E402
 from stream.feast_sink import EmbeddingRows, FeatureSink  # noqa: E402
@@ -164,11 +164,7 @@ def report(results: dict) -> None:
     print(f"\n{'point-in-time join':<44} {'rows':>8} {'found':>8} {'seconds':>8}")
     for path, r in results["point-in-time join"].items():
         print(f"{path:<44} {r['entity_rows']:>8,} {r['with_embedding']:>8,} {r['seconds']:>8}")
-    print(f"load average before / after: {results['load_average_before'][0]:.1f} / "
-          f"{results['load_average_after'][0]:.1f} (2 cores)")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=2))
-    print(f"wrote {RESULTS}")
+    save_results(results, RESULTS)
 
 
 if __name__ == "__main__":

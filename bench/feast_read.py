@@ -31,7 +31,7 @@ import requests
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.feast_bench import batches, bench_settings  # noqa: E402
+from bench.feast_bench import batches, bench_settings, save_results  # noqa: E402
 from stream.feast_server import feast_server  # noqa: E402
 from stream.feast_sink import FEATURE_VIEW, FEATURES, FeatureSink, embedding_frame  # noqa: E402
 
@@ -156,11 +156,7 @@ def main() -> None:
         results[store] = run_store(store, args)
     results["load_average_after"] = os.getloadavg()
     print_table(results, stores)
-    print(f"load average before / after: {results['load_average_before'][0]:.1f} / "
-          f"{results['load_average_after'][0]:.1f} ({os.cpu_count()} cores)")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=2))
-    print(f"wrote {RESULTS}")
+    save_results(results, RESULTS)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ The machine is shared: the load average is recorded, quote ratios.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -30,7 +29,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.feast_bench import batches, bench_settings  # noqa: E402
+from bench.feast_bench import batches, bench_settings, save_results  # noqa: E402
 from stream.codec import AvroCodec  # noqa: E402
 from stream.encoder_worker import embedding_values  # noqa: E402
 from stream.feast_sink import FEATURE_VIEW, EmbeddingRows, FeatureSink, embedding_frame  # noqa: E402
@@ -128,11 +127,7 @@ def main() -> None:
         memory = results["redis"]["redis memory per user"]
         print(f"Redis memory per user: {memory['bytes']:,} bytes "
               f"({memory['gib_per_million_users']} GiB per million users)")
-    print(f"load average before / after: {results['load_average_before'][0]:.1f} / "
-          f"{results['load_average_after'][0]:.1f} (2 cores)")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=2))
-    print(f"wrote {RESULTS}")
+    save_results(results, RESULTS)
 
 
 if __name__ == "__main__":
