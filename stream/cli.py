@@ -22,6 +22,21 @@ DEMO_USERS = 3_000
 DEMO_MODEL_DIR = Path("data/demo-model")
 LOGLEVELS = {"crit": logging.CRITICAL, "error": logging.ERROR, "warn": logging.WARNING,
              "info": logging.INFO, "debug": logging.DEBUG}  # fmt: skip
+LOG_FIELDS = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def log_handler(log_format: str) -> logging.Handler:
+    """A stderr handler writing plain lines, or one JSON object per line (`--log-format json`:
+    timestamp, levelname, name, message, and exc_info when there is one) for log collectors."""
+    handler = logging.StreamHandler()
+    if log_format == "json":
+        from pythonjsonlogger.json import JsonFormatter
+
+        # an ISO-8601 UTC "timestamp" instead of asctime, which has no time zone
+        handler.setFormatter(JsonFormatter("%(levelname)s %(name)s %(message)s", timestamp=True))
+    else:
+        handler.setFormatter(logging.Formatter(LOG_FIELDS))
+    return handler
 
 
 def _synthetic(users: int, seed: int, **population: object):  # noqa: ANN202
@@ -531,6 +546,10 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument(
             "--loglevel", default="info", choices=list(LOGLEVELS), help="default: info"
         )
+        command.add_argument(
+            "--log-format", default="text", choices=["text", "json"],
+            help="text lines (default), or one JSON object per line",
+        )
     return parser
 
 
@@ -549,7 +568,7 @@ def _reads_kafka(args: argparse.Namespace) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(handlers=[log_handler(args.log_format)])
     logging.getLogger().setLevel(LOGLEVELS[args.loglevel])  # also where handlers exist already
     logging.getLogger("feast").setLevel(logging.WARNING)  # it logs every registry refresh
     try:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,7 +12,7 @@ import pytest
 
 from model import init_model_dir
 from model.config import EMBEDDING_SIZE, BeatConfig
-from stream.cli import main
+from stream.cli import log_handler, main
 from stream.config import ConfigError, check_model_fits, load_settings
 
 
@@ -109,6 +111,24 @@ def test_loglevel_sets_the_level_of_the_command(
     assert main(["feast-config", "--loglevel", name]) == 0
     assert logging.getLogger().level == level
     assert "online_store" in capsys.readouterr().out
+
+
+def test_json_log_lines_are_one_object_each_with_the_exception() -> None:
+    handler = log_handler("json")
+    try:
+        raise ValueError("bad window")
+    except ValueError:
+        record = logging.LogRecord(
+            "stream.encoder_worker", logging.ERROR, __file__, 1, "gave up on %d users", (3,),
+            sys.exc_info(),
+        )
+    line = json.loads(handler.format(record))
+    assert line["levelname"] == "ERROR" and line["name"] == "stream.encoder_worker"
+    assert line["message"] == "gave up on 3 users" and "ValueError: bad window" in line["exc_info"]
+    assert line["timestamp"].endswith("+00:00")
+    assert log_handler("text").format(record).split(" ", 2)[2].startswith(
+        "ERROR stream.encoder_worker: gave up on 3 users"
+    )
 
 
 def test_every_model_preset_writes_the_feature_views_embedding(
