@@ -261,6 +261,10 @@ class Settings(BaseSettings):
     offline_store: Literal["none", "postgres"] = "none"
     # A secret: it may hold a password (shown as *** in a repr or log line).
     postgres_url: SecretStr = SecretStr("postgresql://postgres@127.0.0.1:5432/postgres")
+    # Feast's registry: file (registry.db under the data dir: the embedded default, one
+    # writer) or postgres (Feast's SQL registry at BEAT_POSTGRES_URL, for deployments whose
+    # many processes and hosts read one registry).
+    feast_registry: Literal["file", "postgres"] = "file"
 
     @model_validator(mode="before")
     @classmethod

@@ -16,6 +16,7 @@ from __future__ import annotations
 import runpy
 import sqlite3
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -54,7 +55,7 @@ def feature_store_yaml(settings: Settings) -> dict:
     data_dir = settings.feast_data_dir or repo / "data"
     data_dir.mkdir(parents=True, exist_ok=True)
     config["project"] = settings.feast_project
-    config["registry"] = str(data_dir / "registry.db")
+    config["registry"] = registry_config(settings, data_dir)
     if settings.online_store == "redis":
         config["online_store"] = {"type": "redis", "connection_string": settings.redis_url}
         if settings.redis_key_ttl_seconds is not None:
@@ -64,6 +65,20 @@ def feature_store_yaml(settings: Settings) -> dict:
     if settings.offline_store == "postgres":
         config["offline_store"] = postgres_config(settings)
     return config
+
+
+def registry_config(settings: Settings, data_dir: Path) -> str | dict:
+    """Feast's registry: a file under the data dir, or its SQL registry in PostgreSQL
+    (SQLAlchemy with psycopg 3), whose tables hold every project's objects side by side."""
+    if settings.feast_registry == "file":
+        return str(data_dir / "registry.db")
+    url = settings.postgres_url.get_secret_value()
+    return {
+        "registry_type": "sql",
+        "path": "postgresql+psycopg://" + url.split("://", 1)[1],
+        # how long a reader trusts its copy: a publish or switch reaches readers within it
+        "cache_ttl_seconds": 60,
+    }
 
 
 def repo_config(settings: Settings) -> "feast.RepoConfig":  # noqa: F821
