@@ -29,6 +29,21 @@ def event(user: str, n: int, at: datetime, action: str | None = None) -> dict:
     }
 
 
+def login_event(user: str, n: int, now: datetime, **fields: object) -> dict:
+    """A plain valid event (a login, (10 - n) minutes before now): the filler between the
+    hostile messages of the dead-letter and limit tests; fields override any value."""
+    return {
+        "user_id": user,
+        "event_id": f"{user}-{n}",
+        "event_time": now - timedelta(minutes=10 - n),
+        "action": "login",
+        "property": None,
+        "value": None,
+        "attributes": {},
+        **fields,
+    }
+
+
 def id_hash(event: dict) -> int:
     """The platform's 32-bit event-id hash (a hash function, not the window logic under test)."""
     return int(event_id_hashes(pa.array([event["event_id"]]))[0])

@@ -19,20 +19,13 @@ from stream.feast_sink import FeatureSink
 from stream.window import Window, event_id_hashes, pack_rows
 
 from conftest import read_topic, running, stream_worker
+from reference_windows import login_event
 
 NOW = datetime.now(timezone.utc).replace(microsecond=0)
 
 
 def event(user: str, n: int, at: datetime = NOW) -> dict:
-    return {
-        "user_id": user,
-        "event_id": f"{user}-{n}",
-        "event_time": at - timedelta(minutes=10 - n),
-        "action": "login",
-        "property": None,
-        "value": None,
-        "attributes": {},
-    }
+    return login_event(user, n, at)
 
 
 @pytest.mark.parametrize("state_store", ["memory", "rocksdb"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -20,22 +20,14 @@ from stream.event_columns import EventDecoder
 from stream.window import ROW, SYMBOLS, Window, encode_window_body
 
 from conftest import read_topic, stream_worker
+from reference_windows import login_event
 
 NOW = datetime.now(UTC).replace(microsecond=0)
 CODEC = AvroCodec("behavior_event", "beat.events")
 
 
 def event(user: str, n: int, **fields: object) -> dict:
-    return {
-        "user_id": user,
-        "event_id": f"{user}-{n}",
-        "event_time": NOW - timedelta(minutes=10 - n),
-        "action": "login",
-        "property": None,
-        "value": None,
-        "attributes": {},
-        **fields,
-    }
+    return login_event(user, n, NOW, **fields)
 
 
 def many_blocks(entries: int) -> bytes:

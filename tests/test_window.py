@@ -69,39 +69,18 @@ def test_merged_windows_own_their_arrays() -> None:
 
 def test_counts_duplicates_and_too_old_events_of_the_batch() -> None:
     day = 86_400_000
+
+    def record(user: str, event_id: str, days: int, action: str, prop: str | None,
+               value: float | None) -> dict:
+        return {"user_id": user, "event_id": event_id, "event_time": days * day,
+                "action": action, "property": prop, "value": value}
+
+    first = record("a", "1", 100, "x", None, None)
     records = [
-        {
-            "user_id": "a",
-            "event_id": "1",
-            "event_time": 100 * day,
-            "action": "x",
-            "property": None,
-            "value": None,
-        },
-        {
-            "user_id": "a",
-            "event_id": "1",
-            "event_time": 100 * day,
-            "action": "x",
-            "property": None,
-            "value": None,
-        },
-        {
-            "user_id": "a",
-            "event_id": "2",
-            "event_time": 5 * day,
-            "action": "y",
-            "property": "p",
-            "value": 2.5,
-        },
-        {
-            "user_id": "b",
-            "event_id": "3",
-            "event_time": 7 * day,
-            "action": "x",
-            "property": "p",
-            "value": None,
-        },
+        first,
+        dict(first),  # re-sent: a duplicate
+        record("a", "2", 5, "y", "p", 2.5),  # 95 days before a's newest: too old
+        record("b", "3", 7, "x", "p", None),
     ]
     merged, counts = merge_batch(
         [None, None], ["a", "b"], NewEvents.from_records(records, ["a", "b"]), MAX_EVENTS, WINDOW_MS
