@@ -62,6 +62,7 @@ ROW = np.dtype(
 )
 assert ROW.itemsize == 16
 MAX_TIME_MS = 2**48 - 1  # year 10889
+_NO_TIME = np.iinfo(np.int64).max  # no earlier event yet: any event time is smaller
 MAX_SYMBOLS = 2**16  # distinct (action, property) pairs in one window, so max_events <= 65,536
 
 
@@ -473,18 +474,16 @@ def _earlier_history(
     amounts = np.bincount(
         joining_user, weights=np.nan_to_num(value[joins]).astype(np.float64), minlength=n
     )
-    first_new = np.full(n, np.iinfo(np.int64).max)
-    np.minimum.at(first_new, joining_user, time[joins])
-    earlier = []
-    for u, window in enumerate(windows):
-        if events[u] == 0:
-            earlier.append((0, 0.0, None))
-            continue
-        first = int(first_new[u])
-        if window.first_event_ms is not None:
-            first = min(first, window.first_event_ms)
-        earlier.append((int(events[u]), window.earlier_value + float(amounts[u]), first))
-    return earlier
+    # the first earlier event: the stored one, or an earlier joining one
+    first = np.array(
+        [_NO_TIME if w.first_event_ms is None else w.first_event_ms for w in windows], np.int64
+    )
+    np.minimum.at(first, joining_user, time[joins])
+    values = np.array([w.earlier_value for w in windows], np.float64) + amounts
+    return [
+        (count, value, first_ms) if count else (0, 0.0, None)
+        for count, value, first_ms in zip(events.tolist(), values.tolist(), first.tolist())
+    ]
 
 
 def _pair_codes(actions: pa.Array, properties: pa.Array) -> tuple[np.ndarray, np.ndarray]:
