@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 TORCH := torch==2.13.0
 # What `make lint` checks: the whole tree.
-LINTED := stream/ tests/ bench/ model/ feature_repo/
+LINTED := stream/ tests/ bench/ model/ feature_repo/ examples/
 
 .PHONY: demo test lint install clean
 
