@@ -218,6 +218,24 @@ def redis_url(request: pytest.FixtureRequest) -> str:
         pytest.skip("redis-server was started but does not answer on 127.0.0.1:6379")
 
 
+POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+@pytest.fixture
+def postgres_project() -> Iterator[str]:
+    """A Feast project name of its own on the PostgreSQL at 127.0.0.1:5432 (skipped where
+    none answers), its history schema dropped afterwards."""
+    psycopg = pytest.importorskip("psycopg")
+    try:
+        psycopg.connect(POSTGRES_URL, connect_timeout=2).close()
+    except psycopg.OperationalError as err:
+        pytest.skip(f"no PostgreSQL on 127.0.0.1:5432: {err}")
+    project = f"beat_hist_{uuid.uuid4().hex[:8]}"
+    yield project
+    with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
+        conn.execute(f"DROP SCHEMA IF EXISTS {project} CASCADE")
+
+
 # Fixtures that start or reach a broker or Redis: a test using one is a `broker` test, so
 # `pytest -m "not broker"` runs the fast unit tests alone. Tests that start worker or
 # training processes without them carry the marker themselves.

@@ -6,19 +6,26 @@ import ast
 import importlib.util
 import json
 import re
+import shutil
 import subprocess
 import sys
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from types import ModuleType
 
+import numpy as np
+import pandas as pd
 import pyarrow as pa
+import pytest
+import yaml
 
 from stream.codec import AvroCodec
-from stream.config import Settings
+from stream.config import Settings, load_settings
+from stream.feast_server import feast_server
+from stream.feast_sink import EmbeddingRows, FeatureSink, feature_store_yaml
 from stream.window import Window, event_id_hashes
 
-from conftest import REPO, read_topic, stream_worker
+from conftest import POSTGRES_URL, REPO, read_topic, stream_worker
 
 EXAMPLES = REPO / "examples"
 NOW = datetime.now(timezone.utc).replace(microsecond=0)
@@ -125,3 +132,135 @@ def test_the_producer_stops_at_a_line_that_is_not_an_event(settings: Settings) -
     sent = run_producer(settings, lines)
     assert sent.returncode == 2
     assert "line 2: not a behavior_event (KeyError('event_time'))" in sent.stderr
+
+
+# -- reading embeddings: the fraud scorer (SDK) and the personalization lookup (HTTP) --------
+
+T1_MS = 1_780_315_200_000  # 2026-06-01 12:00 UTC
+HOUR_MS = 3_600_000
+VERSION = "beat-small-1a2b3c4d"
+
+
+def embedding_rows(users: list[str], signs: np.ndarray, at_ms: int, seed: int,
+                   version: str = VERSION) -> EmbeddingRows:
+    """Embeddings along one direction of the embedding space (+1: fraud-like, -1: not), with
+    a little noise, as of at_ms."""
+    rng = np.random.default_rng(seed)
+    direction = np.zeros(768, np.float32)
+    direction[:8] = 1 / np.sqrt(8)
+    noise = 0.1 * rng.standard_normal((len(users), 768))
+    return EmbeddingRows(
+        user_id=users, embedding=(signs[:, None] * direction + noise).astype(np.float32),
+        model_version=version, event_count=np.full(len(users), 12),
+        last_event_time_ms=np.full(len(users), at_ms - 60_000), as_of_ms=np.full(len(users), at_ms),
+    )
+
+
+@pytest.fixture
+def history_settings(postgres_project: str, tmp_path: Path) -> Settings:
+    """A deployment with the embedding history in PostgreSQL (Feast sqlite online)."""
+    return load_settings(feast_project=postgres_project, feast_data_dir=tmp_path / "feast",
+                         offline_store="postgres", postgres_url=POSTGRES_URL)
+
+
+def deployment_yaml(settings: Settings, directory: Path) -> Path:
+    """The feature_store.yaml a reading team gets (`beat feast-config`)."""
+    path = directory / "feature_store.yaml"
+    path.write_text(yaml.safe_dump(feature_store_yaml(settings)))
+    return path
+
+
+@pytest.fixture
+def fraud_history(history_settings: Settings) -> tuple[FeatureSink, pd.DataFrame]:
+    """40 users labelled half an hour after T1, when the fraudsters' embeddings pointed one way;
+    an hour later every user's embedding points the other way (accounts closed, cards
+    replaced), so a classifier that learnt from later rows than the labels' learns it
+    backwards. Then five suspects (fraud-like) and five regulars appear, online and in history."""
+    sink = FeatureSink(history_settings)
+    users = [f"user-{i:02d}" for i in range(40)]
+    fraud = np.arange(40) < 20
+    signs = np.where(fraud, 1.0, -1.0)
+    sink.write(embedding_rows(users, signs, T1_MS, seed=1))
+    sink.write(embedding_rows(users, -signs, T1_MS + HOUR_MS, seed=2))
+    new = [f"suspect-{i}" for i in range(5)] + [f"regular-{i}" for i in range(5)]
+    sink.write(embedding_rows(new, np.repeat([1.0, -1.0], 5), T1_MS + 2 * HOUR_MS, seed=3))
+    labels = pd.DataFrame({
+        "user_id": users,
+        "event_timestamp": pd.to_datetime(T1_MS + HOUR_MS // 2, unit="ms", utc=True),
+        "is_fraud": fraud.astype(int),
+    })
+    return sink, labels
+
+
+def test_the_fraud_scorer_learns_from_the_embeddings_current_at_each_label(
+    history_settings: Settings, fraud_history: tuple[FeatureSink, pd.DataFrame], tmp_path: Path
+) -> None:
+    from feast import FeatureStore
+
+    sink, labels = fraud_history
+    fraud_scorer = example("fraud_scorer")
+    store = FeatureStore(fs_yaml_file=deployment_yaml(history_settings, tmp_path))
+
+    frame = fraud_scorer.training_frame(store, labels, fraud_scorer.SERVICE)
+    at_t1 = embedding_rows(labels["user_id"].tolist(), np.where(labels["is_fraud"], 1.0, -1.0),
+                           T1_MS, seed=1)
+    by_user = frame.set_index("user_id")["embedding"]
+    for user, vector in zip(at_t1.user_id, at_t1.embedding):  # point in time: T1's rows
+        np.testing.assert_array_equal(np.asarray(by_user[user], np.float32), vector)
+
+    scorer = fraud_scorer.FraudScorer.train(store, labels)
+    suspects = [scorer.score(f"suspect-{i}") for i in range(5)]
+    regulars = [scorer.score(f"regular-{i}") for i in range(5)]
+    assert min(suspects) > 0.8 and max(regulars) < 0.2, (suspects, regulars)
+    assert scorer.score("never-seen") is None
+
+    # A new model's embedding is not comparable: the scorer refuses it.
+    sink.write(embedding_rows(["suspect-0"], np.ones(1), T1_MS + 3 * HOUR_MS, seed=4,
+                              version="beat-small-99999999"))
+    with pytest.raises(fraud_scorer.ModelVersionChanged, match="beat-small-99999999"):
+        scorer.score("suspect-0")
+
+
+@pytest.mark.broker  # starts a process (feast serve, the command)
+def test_the_fraud_scorer_command(
+    history_settings: Settings, fraud_history: tuple[FeatureSink, pd.DataFrame], tmp_path: Path
+) -> None:
+    _, labels = fraud_history
+    labels.to_csv(tmp_path / "labels.csv", index=False)
+    scored = subprocess.run(
+        [sys.executable, str(EXAMPLES / "fraud_scorer.py"),
+         "-f", str(deployment_yaml(history_settings, tmp_path)),
+         "--labels", str(tmp_path / "labels.csv"),
+         "--user", "suspect-1", "--user", "regular-1", "--user", "never-seen"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )
+    assert scored.returncode == 0, scored.stderr
+    lines = dict(line.split("\t") for line in scored.stdout.splitlines())
+    assert float(lines["suspect-1"]) > 0.8 and float(lines["regular-1"]) < 0.2
+    assert lines["never-seen"] == "no embedding"
+
+
+@pytest.mark.broker  # starts a process (feast serve, the command)
+def test_the_personalization_lookup_reads_through_feast_serve_with_curl(tmp_path: Path) -> None:
+    if shutil.which("curl") is None:
+        pytest.skip("curl is not installed: examples/personalization_lookup.sh needs it")
+    settings = load_settings(feast_project=f"beat_lookup_{tmp_path.name[-8:].lower()}",
+                             feast_data_dir=tmp_path / "feast")
+    sink = FeatureSink(settings)
+    rows = embedding_rows(["u-1", "u-2"], np.array([1.0, -1.0]), T1_MS, seed=5)
+    sink.write(rows)
+    script = str(EXAMPLES / "personalization_lookup.sh")
+    with feast_server(settings, tmp_path) as url:
+        looked_up = subprocess.run([script, url, "u-2", "nobody"], capture_output=True,
+                                   text=True, timeout=60)
+        usage = subprocess.run([script, url], capture_output=True, text=True, timeout=60)
+
+    assert looked_up.returncode == 0, looked_up.stderr
+    body = json.loads(looked_up.stdout)
+    names = body["metadata"]["feature_names"]
+    results = dict(zip(names, body["results"]))
+    got = np.array(results["embedding"]["values"][0], np.float32)
+    assert got.view(np.uint32).tolist() == rows.embedding[1].view(np.uint32).tolist()
+    assert results["model_version"]["values"] == [VERSION, None]
+    assert results["embedding"]["statuses"] == ["PRESENT", "NOT_FOUND"]
+    assert usage.returncode == 2 and "usage:" in usage.stderr

@@ -4,8 +4,6 @@ get_historical_features: real PostgreSQL on 127.0.0.1:5432, real Feast, no mocks
 from __future__ import annotations
 
 import time
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -20,25 +18,11 @@ from stream.encoder_worker import load_worker
 from stream.feast_sink import EmbeddingRows, FeatureSink
 from stream.offline_history import HistoryWriter
 
-from conftest import ACTIONS, WindowFeed, read_topic, running
+from conftest import ACTIONS, POSTGRES_URL, WindowFeed, read_topic, running
 
 T1_MS = 1_780_315_200_000  # 2026-06-01 12:00 UTC
 T2_MS = T1_MS + 3_600_000
-URL = "postgresql://postgres@127.0.0.1:5432/postgres"
-
-
-@pytest.fixture
-def postgres_project() -> Iterator[str]:
-    """A Feast project name of its own, its history schema dropped afterwards."""
-    psycopg = pytest.importorskip("psycopg")
-    try:
-        psycopg.connect(URL, connect_timeout=2).close()
-    except psycopg.OperationalError as err:
-        pytest.skip(f"no PostgreSQL on 127.0.0.1:5432: {err}")
-    project = f"beat_hist_{uuid.uuid4().hex[:8]}"
-    yield project
-    with psycopg.connect(URL, autocommit=True) as conn:
-        conn.execute(f"DROP SCHEMA IF EXISTS {project} CASCADE")
+URL = POSTGRES_URL
 
 
 @pytest.fixture
