@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from stream.config import Settings, load_settings
-from stream.feast_sink import EmbeddingRows
+from stream.feast_sink import EmbeddingRows, FeatureSink
 
 
 def batches(total: int, size: int, seed: int) -> list[EmbeddingRows]:
@@ -33,13 +33,22 @@ def batches(total: int, size: int, seed: int) -> list[EmbeddingRows]:
     return out
 
 
-def bench_settings(store: str, name: str) -> Settings:
-    """A Feast project and data folder of this run's own (in /tmp), on the given store."""
+def bench_settings(store: str, name: str, **overrides: object) -> Settings:
+    """A Feast project and data folder of this run's own (in /tmp), on the given store;
+    overrides: other settings (the offline store...)."""
     run = uuid.uuid4().hex[:8]
     return load_settings(
         feast_project=f"bench_{name}_{run}", feast_data_dir=Path("/tmp") / f"beat_bench_{run}",
-        online_store=store,
+        online_store=store, **overrides,
     )
+
+
+def drop_redis_rows(sink: FeatureSink) -> None:
+    """Delete the Redis keys of the sink's Feast project (every user's hash)."""
+    project = sink.store.config.project.encode()
+    keys = list(sink.writer.client.scan_iter(match=b"*" + project))
+    if keys:
+        sink.writer.client.delete(*keys)
 
 
 def save_results(results: dict, path: Path) -> None:

@@ -31,7 +31,7 @@ import requests
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.feast_bench import batches, bench_settings, save_results  # noqa: E402
+from bench.feast_bench import batches, bench_settings, drop_redis_rows, save_results  # noqa: E402
 from stream.feast_server import feast_server  # noqa: E402
 from stream.feast_sink import FEATURE_VIEW, FEATURES, FeatureSink, embedding_frame  # noqa: E402
 
@@ -125,8 +125,7 @@ def run_store(store: str, args: argparse.Namespace) -> dict[str, dict]:
             results[path] = {str(n): latencies(read, n, args.reads, args.users)
                              for n in USERS_PER_READ}
     if store == "redis":
-        keys = list(sink.writer.client.scan_iter(match=b"*" + settings.feast_project.encode()))
-        sink.writer.client.delete(*keys)
+        drop_redis_rows(sink)
     return results
 
 

@@ -48,6 +48,10 @@ class FraudScorer:
         self.service: FeatureService = store.get_feature_service(service)
         self.classifier = classifier
         self.model_version = model_version
+        # predict_proba's own input checks cost more than the arithmetic (about 0.1 ms a
+        # call): a score is the same logistic function of one dot product, done here.
+        self._weights = classifier.coef_[0].astype(np.float64)
+        self._bias = float(classifier.intercept_[0])
 
     @classmethod
     def train(cls, store: FeatureStore, labels: pd.DataFrame,
@@ -73,8 +77,11 @@ class FraudScorer:
                 f"{user_id}'s embedding is of model {version}, the classifier's of "
                 f"{self.model_version}: train again on {self.service.name}"
             )
-        features = np.asarray(embedding, np.float32).reshape(1, -1)
-        return float(self.classifier.predict_proba(features)[0, 1])
+        return self.probability(np.asarray(embedding, np.float64))
+
+    def probability(self, embedding: np.ndarray) -> float:
+        """The classifier's fraud probability of one embedding (predict_proba's value)."""
+        return float(1 / (1 + np.exp(-(embedding @ self._weights + self._bias))))
 
 
 def training_frame(store: FeatureStore, labels: pd.DataFrame, service: str) -> pd.DataFrame:

@@ -209,6 +209,9 @@ def test_the_fraud_scorer_learns_from_the_embeddings_current_at_each_label(
         np.testing.assert_array_equal(np.asarray(by_user[user], np.float32), vector)
 
     scorer = fraud_scorer.FraudScorer.train(store, labels)
+    vector = np.asarray(frame["embedding"].iloc[0], np.float64)  # its arithmetic is sklearn's
+    assert scorer.probability(vector) == pytest.approx(
+        scorer.classifier.predict_proba(vector[None])[0, 1], rel=1e-9)
     suspects = [scorer.score(f"suspect-{i}") for i in range(5)]
     regulars = [scorer.score(f"regular-{i}") for i in range(5)]
     assert min(suspects) > 0.8 and max(regulars) < 0.2, (suspects, regulars)
