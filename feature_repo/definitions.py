@@ -42,6 +42,8 @@ def embedding_view(name: str, **tags: str) -> FeatureView:
             Field(
                 name="embedding", dtype=Array(Float32),
                 description=f"BEAT embedding, {EMBEDDING_SIZE} floats",
+                # lookalike search: retrieve_online_documents_v2 ranks by cosine distance
+                vector_index=True, vector_length=EMBEDDING_SIZE, vector_search_metric="COSINE",
             ),
             Field(
                 name="model_version", dtype=String,

@@ -252,6 +252,25 @@ def cmd_feast_config(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_similar(args: argparse.Namespace, settings: Settings) -> int:
+    from feast import FeatureStore
+
+    from stream.feast_sink import repo_config
+    from stream.lookalike import current_view, similar_users
+
+    store = FeatureStore(config=repo_config(settings))
+    try:
+        found = similar_users(store, args.user_id, args.k)
+    except LookupError as err:
+        print(err, file=sys.stderr)
+        return 1
+    print(f"users like {args.user_id} in {current_view(store)}, by cosine similarity:")
+    print(f"{'rank':>4}  {'user_id':<24} {'cosine':>7}  model_version")
+    for rank, user in enumerate(found, 1):
+        print(f"{rank:>4}  {user.user_id:<24} {user.similarity:>7.4f}  {user.model_version}")
+    return 0
+
+
 def cmd_model_init(args: argparse.Namespace, settings: Settings) -> int:
     from model import BeatConfig, Vocabulary, init_model_dir
 
@@ -510,6 +529,13 @@ def build_parser() -> argparse.ArgumentParser:
         "feast-config", help="print this deployment's feature_store.yaml, for `feast -f`"
     )
     feast_config.set_defaults(run=cmd_feast_config)
+
+    similar = sub.add_parser(
+        "similar", help="the users most like USER_ID: cosine similarity of the current model "
+        "version's embeddings in the Feast online store (lookalike search)")
+    similar.add_argument("user_id")
+    similar.add_argument("-k", type=int, default=10, help="how many users (default: 10)")
+    similar.set_defaults(run=cmd_similar)
 
     model = sub.add_parser("model", help="BEAT model directories")
     model_sub = model.add_subparsers(dest="model_command", required=True)

@@ -14,7 +14,6 @@ could undo its new view.
 from __future__ import annotations
 
 import runpy
-import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +28,8 @@ from stream.online_writer import OnlineRows, RedisRowWriter, SqliteRowWriter
 
 FEATURE_VIEW = "user_embedding"
 FEATURES = ["embedding", "model_version", "event_count", "last_event_time"]
+# Feast's sqlite online store with a lookalike index (stream/sqlite_vector_store.py)
+SQLITE_STORE_TYPE = "stream.sqlite_vector_store.VectorSqliteOnlineStore"
 
 
 @dataclass
@@ -61,7 +62,8 @@ def feature_store_yaml(settings: Settings) -> dict:
         if settings.redis_key_ttl_seconds is not None:
             config["online_store"]["key_ttl_seconds"] = settings.redis_key_ttl_seconds
     else:
-        config["online_store"] = {"type": "sqlite", "path": str(data_dir / "online_store.db")}
+        config["online_store"] = {"type": SQLITE_STORE_TYPE, "vector_enabled": True,
+                                  "path": str(data_dir / "online_store.db")}
     if settings.offline_store == "postgres":
         config["offline_store"] = postgres_config(settings)
     return config
@@ -126,6 +128,8 @@ class FeatureSink:
         from feast import FeatureStore
         from feast.errors import FeatureViewNotFoundException
 
+        from stream.sqlite_vector_store import sqlite_module
+
         self.store = register(settings) if deploy else FeatureStore(config=repo_config(settings))
         try:
             self.view = self.store.get_feature_view(view)
@@ -143,7 +147,8 @@ class FeatureSink:
         if self.history is not None:  # the encoder's wait message names what it waits for
             self.where += f" and history {self.history.table}"
         # Errors that mean "the store is not answering now": the encoder retries them.
-        self.unavailable = (redis.ConnectionError, redis.TimeoutError, sqlite3.OperationalError,
+        self.unavailable = (redis.ConnectionError, redis.TimeoutError,
+                            sqlite_module().OperationalError,
                             *(self.history.unavailable if self.history else ()))
         self._feature_refs = [f"{self.view.name}:{name}" for name in FEATURES]
         # A published version's view (feature_repo/definitions.py) takes its rows only.

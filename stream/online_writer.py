@@ -102,12 +102,18 @@ def entity_keys(join_key: str, user_ids: Sequence[str]) -> pa.BinaryArray:
 def float_list_values(matrix: np.ndarray) -> pa.BinaryArray:
     """A serialized Value(float_list_val=row) per row of a float32 [n, d] matrix."""
     n, d = matrix.shape
-    packed = _FLOAT_LIST_VAL_TAG + unsigned_varint(4 * d)
-    prefix = _FLOAT_LIST_TAG + unsigned_varint(len(packed) + 4 * d) + packed
+    prefix = float_list_prefix(d)
     out = np.empty((n, len(prefix) + 4 * d), np.uint8)
     out[:, : len(prefix)] = np.frombuffer(prefix, np.uint8)
     out[:, len(prefix) :] = np.ascontiguousarray(matrix, "<f4").view(np.uint8)
     return binary_array(np.full(n, out.shape[1]), out.ravel())
+
+
+def float_list_prefix(d: int) -> bytes:
+    """The bytes before the floats of a serialized Value(float_list_val=[d floats]): the
+    floats follow as d little-endian float32 (the lookalike index reads them from there)."""
+    packed = _FLOAT_LIST_VAL_TAG + unsigned_varint(4 * d)
+    return _FLOAT_LIST_TAG + unsigned_varint(len(packed) + 4 * d) + packed
 
 
 def varint_values(tag: int, numbers: np.ndarray) -> pa.BinaryArray:

@@ -19,6 +19,7 @@ from stream.codec import AvroCodec
 from stream.config import Settings
 from stream.encoder_worker import EncoderWorker
 from stream.feast_sink import FeatureSink
+from stream.lookalike import similar_users
 from stream.producer import EventProducer
 from stream.window import Window
 
@@ -154,3 +155,17 @@ def test_events_become_windows_and_embeddings_in_feast(
         assert newest_on_partition <= ms(published[user]["updated_at"]) < newest_on_partition + 1000
     # Different users have different embeddings: the store did not keep one row for all.
     assert not np.allclose(stored["embedding"][0], stored["embedding"][1])
+    if online_store == "sqlite":  # the encoder's rows reached the lookalike index
+        assert_lookalikes_match_brute_force(settings, users, np.array(stored["embedding"]))
+
+
+def assert_lookalikes_match_brute_force(
+    settings: Settings, users: list[str], embeddings: np.ndarray
+) -> None:
+    unit = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
+    cosine = unit @ unit[0]
+    expected = [users[i] for i in np.argsort(-cosine) if i != 0]
+    found = similar_users(FeatureSink(settings).store, users[0], k=len(users) - 1)
+    assert [u.user_id for u in found] == expected
+    np.testing.assert_allclose([u.similarity for u in found], np.sort(cosine)[::-1][1:],
+                               atol=1e-5)
