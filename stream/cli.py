@@ -580,6 +580,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 EXIT_BROKER = 3  # the broker is unreachable or failed; a config error is 2
+# What the `train` extra adds (pyproject.toml): the serving images leave it out.
+TRAINING_MODULES = {"sklearn", "matplotlib", "lifetimes"}
 NEEDS_BROKER = {cmd_produce, cmd_export, cmd_stream, cmd_encode, cmd_refresh, cmd_topics,
                 cmd_model_publish}
 
@@ -617,6 +619,12 @@ def main(argv: list[str] | None = None) -> int:
     except BrokerError as err:  # unreachable, or a fatal client error: a supervisor restarts us
         print(err, file=sys.stderr)
         return EXIT_BROKER
+    except ModuleNotFoundError as err:
+        if err.name not in TRAINING_MODULES:
+            raise
+        print(f"`beat {args.command}` needs {err.name}, from the training extra: "
+              "pip install 'beatstream[train]' (the serving images leave it out)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

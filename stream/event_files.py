@@ -49,7 +49,8 @@ def dataset_path(name: str) -> Path:
         return Path(str(importlib.resources.files(package) / file))
     except ModuleNotFoundError:
         raise ValueError(
-            f"dataset {name!r} ships in the {package} package: pip install {package}"
+            f"dataset {name!r} ships in the {package} package, part of the training extra: "
+            "pip install 'beatstream[train]'"
         ) from None
 
 
