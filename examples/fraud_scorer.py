@@ -17,9 +17,10 @@ version. Embeddings of two model versions are not comparable, so the scorer reme
 version it was trained on and refuses to score a row of another one (ModelVersionChanged):
 after ``beat model switch``, train again on the new version's history.
 
-Imports feast, scikit-learn, numpy and pandas, nothing of beatstream's. (On the embedded
-sqlite online store, Feast itself loads the store class its yaml names,
-stream.sqlite_vector_store, so beatstream must be installed there; Redis needs nothing.)
+Imports feast, scikit-learn, numpy and pandas (``pip install feast scikit-learn``), nothing
+of beatstream's. (On the embedded sqlite online store, Feast itself loads the store class
+its yaml names, stream.sqlite_vector_store, so beatstream must be installed there; Redis
+needs nothing more.)
 """
 
 from __future__ import annotations
