@@ -210,7 +210,7 @@ def end_to_end_section(users: int, store: str, threads: int) -> list[dict]:
         seconds = time.perf_counter() - began
         worker.stop()
         thread.join(30)
-    stages = dict(worker.stats.stage_s)
+    stages = dict(worker.runtime.stages.seconds)
     busy = sum(stages.values())
     bound = fastest({"encode": lambda: encoder.encode(windows)}, 1, lambda: None)["encode"]
     row = {

@@ -88,16 +88,17 @@ def run_child(role: str, target: int, out: Path) -> None:
         process = worker.process
         worker.process = lambda batch: profiler.runcall(process, batch)  # type: ignore[method-assign]
     samples: list[tuple[float, float, int]] = []
-    take_interval = worker._take_interval
+    take_batch = worker.runtime.take_batch
 
-    def take_and_mark_start() -> None:
+    def take_and_mark_start() -> bool:
         # The run starts when the worker starts taking its first batch.
         before = (time.monotonic(), time.process_time(), 0)
-        take_interval()
+        took = take_batch()
         if worker.pending and not samples:
             samples.append(before)
+        return took
 
-    worker._take_interval = take_and_mark_start  # type: ignore[method-assign]
+    worker.runtime.take_batch = take_and_mark_start  # type: ignore[method-assign]
 
     def sample() -> None:
         while worker.stats.counts["events"] < target:
@@ -111,7 +112,7 @@ def run_child(role: str, target: int, out: Path) -> None:
 
     threading.Thread(target=sample, daemon=True).start()
     worker.run()
-    _write_result(out, samples, profiler, worker.stats)
+    _write_result(out, samples, profiler, worker.stats, worker.runtime.stages.seconds)
 
 
 def run_naive(settings: Settings, target: int, out: Path) -> None:
@@ -138,6 +139,7 @@ def _write_result(
     samples: list[tuple[float, float, int]],
     profiler: cProfile.Profile | None,
     stats: WindowStats | None,
+    stage_seconds: dict[str, float] | None = None,
 ) -> None:
     # The naive agent's first sample with events starts its run (the one before is partly
     # idle); ours marks its start itself.
@@ -147,7 +149,7 @@ def _write_result(
     if stats:  # the naive agent emits no windows
         result["coalescing"] = stats.counts["events"] / stats.counts["windows"]
         result["stage_ms_per_batch"] = {
-            k: 1000 * v / stats.counts["batches"] for k, v in stats.seconds.items()
+            k: 1000 * v / stats.counts["batches"] for k, v in stage_seconds.items()
         }
         result["batches"] = stats.counts["batches"]
     if profiler:

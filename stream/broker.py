@@ -233,13 +233,14 @@ class ClientErrors:
                     "(BEAT_BROKER_TIMEOUT_MS); exiting for a clean restart"
                 ) from None
 
-    def raise_if_fatal(self, err: KafkaException) -> None:
-        """Raise BrokerError if err, raised by a client call, holds a fatal error: once one
-        has happened, librdkafka raises it from produce(), flush() and the like, often
-        before the error callback has run."""
-        error = err.args[0] if err.args else None
+    def fatal_error(self, err: KafkaException | None = None) -> BrokerError | None:
+        """The BrokerError to end with if a fatal error has happened: one the callback saw,
+        or one that err (raised by a client call) holds, since librdkafka raises it from
+        produce(), flush() and the like, often before the error callback has run."""
+        error = err.args[0] if err is not None and err.args else None
         if isinstance(error, KafkaError) and error.fatal():
-            raise _fatal(error) from None
+            return _fatal(error)
+        return None if self.fatal is None else _fatal(self.fatal)
 
 
 def _fatal(error: KafkaError) -> BrokerError:

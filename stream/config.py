@@ -179,6 +179,10 @@ class Settings(BaseSettings):
     # Each worker serves Prometheus /metrics, /healthz and /readyz on this port (0: none);
     # workers sharing a host need a port each (stream/observability.py).
     metrics_port: int = Field(0, ge=0, le=65_535)
+    # /healthz answers 503 once a worker's loop has shown no sign of life (a turn of the
+    # loop, the end of a stage, a retry's wait) for this long: stuck, to be restarted. A
+    # partition's state restore or one stage longer than this reads as stuck too.
+    health_timeout_ms: int = Field(60_000, ge=1_000)
     # librdkafka properties of every client (security.protocol, sasl.*, ssl.*, client.id):
     # the file's, then KAFKA_<PROPERTY> variables', then these (see the module docstring).
     kafka_properties_file: Path | None = None

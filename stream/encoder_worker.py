@@ -5,6 +5,8 @@ A consumer-group member on ``beat.windows``. A batch is what consume() gives wit
 messages: only each user's newest window is kept, so a backlog costs work per user, not
 per message. The users are encoded, written to the Feast online store and published to
 ``beat.embeddings`` in steps of ``max_batch``, each as of the time stream/as_of.py gives.
+The worker runtime (stream/runtime.py) takes the batches, runs the loop, stops and
+commits; this module holds the stages: decode, encode, write, publish.
 
 Model versions (stream/model_versions.py): a worker serves BEAT_MODEL_DIR into the view
 ``user_embedding``, or a published version into that version's own view with that
@@ -29,12 +31,8 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import signal
-import threading
 import time
-from collections import Counter
 from collections.abc import Callable
-from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from itertools import repeat
 from pathlib import Path
@@ -42,26 +40,19 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
+from confluent_kafka import Consumer, Message, TopicPartition
 from safetensors import SafetensorError
 
 from model import BeatEncoder, EventWindow
 from stream.as_of import AsOfClock
 from stream.avro_binary import binary_array, strings, varints, write_long, write_string, zigzag
-from stream.broker import (
-    BrokerError,
-    CheckedProducer,
-    DeliveryError,
-    check_reachable,
-    consumer_config,
-    dead_letter_headers,
-    records_in,
-)
+from stream.broker import check_reachable, dead_letter_headers
 from stream.codec import AvroCodec, DecodeError
 from stream.config import ConfigError, Settings, check_model_fits
 from stream.feast_sink import EmbeddingRows, FeatureSink
 from stream.model_versions import ModelVersions, version_group, view_name
-from stream.observability import EncoderMetrics, serving
+from stream.observability import EncoderMetrics
+from stream.runtime import Batching, WorkerRuntime, stop_on_signals
 from stream.window import record_event_window
 
 log = logging.getLogger(__name__)
@@ -69,25 +60,19 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class EncoderStats:
-    """Totals since start; freshness and stage times since the last summary."""
+    """Totals since start; freshness since the last summary."""
 
     users: int = 0
     batches: int = 0
     dead_letters: int = 0
     freshness_ms: list[float] = field(default_factory=list)
-    stage_s: Counter = field(default_factory=Counter)
-    interval_batches: int = 0
 
     def summary(self) -> str:
         p50, p99 = np.percentile(self.freshness_ms, [50, 99]) if self.freshness_ms else (0.0, 0.0)
-        batches = max(1, self.interval_batches)
-        per_batch = " ".join(f"{k}={v * 1000 / batches:.0f}" for k, v in self.stage_s.items())
         self.freshness_ms.clear()
-        self.stage_s.clear()
-        self.interval_batches = 0
         return (
             f"users={self.users} batches={self.batches} dead_letters={self.dead_letters} "
-            f"freshness p50={p50:.0f}ms p99={p99:.0f}ms; ms per batch: {per_batch}"
+            f"freshness p50={p50:.0f}ms p99={p99:.0f}ms"
         )
 
 
@@ -100,8 +85,8 @@ class Batch:
     messages: int = 0
     windows: int = 0  # messages but seals and deletions
 
-    def add(self, messages: list[Message]) -> None:
-        records = records_in(messages)
+    def add(self, records: list[Message]) -> None:
+        """Add records (no errors nor end-of-partition reports: records_in's)."""
         self.messages += len(records)
         partitions = np.fromiter(map(Message.partition, records), np.int64, len(records))
         offsets = np.fromiter(map(Message.offset, records), np.int64, len(records))
@@ -128,7 +113,9 @@ class Encoded:
 
 class EncoderWorker:
     """Encodes with one model into one feature view, reading beat.windows as group (default:
-    BEAT_GROUP_PREFIX-encoders); with follow, moves to each version made current there."""
+    BEAT_GROUP_PREFIX-encoders); with follow, moves to each version made current there.
+    Its loop, stop, clients and readiness are the runtime's (stream/runtime.py); it keeps
+    the decode, encode and write stages."""
 
     def __init__(
         self, settings: Settings, encoder: BeatEncoder, sink: FeatureSink,
@@ -137,95 +124,80 @@ class EncoderWorker:
         self.settings = settings
         self.encoder = encoder
         self.sink = sink
-        self.group = group or settings.encoder_group
         self.follow = follow
         registry = settings.schema_registry
         self.window_codec = AvroCodec("user_window", settings.windows_topic, registry)
         embedding_codec = AvroCodec("user_embedding", settings.embeddings_topic, registry)
         self.embedding_header = embedding_codec.framing.header()
         self.metrics = EncoderMetrics()
-        self.consumer = self._consumer()
-        self.producer = CheckedProducer(settings, **{"batch.size": 1 << 20})
+        self.runtime = WorkerRuntime(
+            settings, self, name="encoder worker", group=group or settings.encoder_group,
+            topics=[settings.windows_topic],
+            # What consume() gives within max_wait_ms and, while more is already fetched
+            # (the worker is behind), more of it, up to read_ahead messages.
+            batching=Batching(
+                first_wait_s=settings.max_wait_ms / 1000, fill_s=0.0,
+                step=settings.max_batch, most=settings.read_ahead,
+            ),
+            metrics=self.metrics,
+        )
+        self.producer = self.runtime.producer
         self.clock = AsOfClock(settings.replay_lag_ms)
         self.stats = EncoderStats()
-        self.stopping = threading.Event()
-        self.stop_asked = 0.0  # time.monotonic() of the first stop()
-        self.revoked = False  # by a rebalance since the batch in hand was taken
+        self.taking = Batch()  # the batch being taken
         self.in_hand = Batch()  # the batch being processed, for the logs
+
+    @property
+    def consumer(self) -> Consumer:
+        return self.runtime.consumer
+
+    @property
+    def group(self) -> str:
+        return self.runtime.group
 
     def run(self, report_every_s: float = 10.0, ready_file: Path | None = None) -> None:
         """Encode until stop() (or SIGINT/SIGTERM when run from the CLI).
 
         ready_file is created once the worker has joined its group and holds partitions.
         """
-        self.metrics.ready_file = ready_file
-        self._subscribe()
-        try:
-            with serving(self.settings, self.metrics):
-                self._encode_until_stopped(report_every_s)
-            self.close()
-        except DeliveryError as err:
-            self.producer.purge()  # nothing of the batch is committed: drop what is unsent
-            raise BrokerError(f"{err.args[0].str()}: the batch is not committed, a restart "
-                              "reads it again; exiting for a clean restart") from None
-
-    def _encode_until_stopped(self, report_every_s: float) -> None:
-        next_report = time.monotonic() + report_every_s
-        while not self.stopping.is_set():
-            batch = self._take_batch()
-            if batch.messages:
-                self.process(batch)
-            if self.follow:
-                self._follow_current()
-            if time.monotonic() >= next_report:
-                log.info("encoder worker: %s", self.stats.summary())
-                next_report += report_every_s
-        log.info("encoder worker: stopping: %s", self.stats.summary())
+        self.runtime.run(report_every_s, ready_file)
 
     def stop(self) -> None:
-        self.stop_asked = self.stop_asked or time.monotonic()
-        self.stopping.set()
+        self.runtime.stop()
 
     def close(self) -> None:
         """Leave the group, then wait for what is still queued (the dead letters of a batch
-        given up): DeliveryError if the broker does not take it (see _flush)."""
-        self.consumer.close()  # leaves the group: the partitions move at once
-        self._flush()
+        given up): DeliveryError if the broker does not take it."""
+        self.runtime.close()
 
-    def _flush(self) -> None:
-        """Wait until the broker has every message produced. DeliveryError for one it did
-        not take (librdkafka retries for BEAT_BROKER_TIMEOUT_MS first), or once the worker
-        has been stopping for BEAT_STOP_GRACE_MS: a frozen broker must not hold a stopped
-        worker for the whole broker timeout."""
-        grace_s = self.settings.stop_grace_ms / 1000
-        while queued := self.producer.wait(0.1):
-            if self.stopping.is_set() and time.monotonic() - self.stop_asked > grace_s:
-                raise DeliveryError(KafkaError(
-                    KafkaError._MSG_TIMED_OUT,
-                    f"stopped with {queued} messages unacknowledged by the broker after "
-                    f"{grace_s:g}s (BEAT_STOP_GRACE_MS)",
-                ))
-        self.producer.flush(0)  # raises DeliveryError for any that failed
+    # -- what the runtime hands over ------------------------------------------------------
 
-    def _consumer(self) -> Consumer:
-        return Consumer(consumer_config(
-            self.settings, self.group, **self.metrics.consumer_settings(self.settings)
-        ))
+    def take(self, records: list[Message]) -> None:
+        self.taking.add(records)  # keeps only each user's newest window
 
-    def _subscribe(self) -> None:
-        def on_assign(consumer: Consumer, partitions: list[TopicPartition]) -> None:
-            self.metrics.partitions_assigned(tp.partition for tp in partitions)
+    def process_taken(self) -> None:
+        batch, self.taking = self.taking, Batch()
+        if batch.messages:
+            self.process(batch)
 
-        def on_revoke(consumer: Consumer, partitions: list[TopicPartition]) -> None:
-            # Their uncommitted windows are read again by whoever gets them next.
-            self.revoked = True
-            self.metrics.partitions_revoked(tp.partition for tp in partitions)
-            self.clock.forget([tp.partition for tp in partitions])
+    def on_assign(self, partitions: list[TopicPartition]) -> None:
+        pass  # the model is loaded before the worker joins: assigned partitions are ready
 
-        self.consumer.subscribe(
-            [self.settings.windows_topic], on_assign=on_assign, on_revoke=on_revoke,
-            on_lost=on_revoke,
-        )
+    def on_revoke(self, partitions: list[TopicPartition]) -> None:
+        # Their uncommitted windows are read again by whoever gets them next.
+        self.clock.forget([tp.partition for tp in partitions])
+
+    on_lost = on_revoke
+
+    def between_batches(self) -> None:
+        if self.follow:
+            self._follow_current()
+
+    def summary(self) -> str:
+        return self.stats.summary()
+
+    def release(self) -> None:
+        pass  # the online store's clients close with the process
 
     def _follow_current(self) -> None:
         """Between batches (the last one committed or given up, none in hand): serve the
@@ -235,47 +207,29 @@ class EncoderWorker:
         if current is None or current == self.encoder.model_version:
             return
         encoder, sink = load_version(self.settings, self.follow, current)
+        group = version_group(self.settings, current)
         log.info("encoder worker: model %s is current; leaving %s for %s", current,
-                 self.encoder.model_version, version_group(self.settings, current))
-        self.consumer.close()  # leaves the old version's group at once
+                 self.encoder.model_version, group)
         self.encoder, self.sink = encoder, sink
-        self.group = version_group(self.settings, current)
-        self.consumer = self._consumer()
         self.clock = AsOfClock(self.settings.replay_lag_ms)
-        self._subscribe()
-
-    def _take_batch(self) -> Batch:
-        """What consume() gives within max_wait_ms and, while more is already fetched (the
-        worker is behind), more of it, up to read_ahead messages."""
-        self.revoked = False
-        batch, limit = Batch(), self.settings.max_batch
-        taken = self.consumer.consume(limit, self.settings.max_wait_ms / 1000)
-        batch.add(taken)
-        while len(taken) == limit and batch.messages < self.settings.read_ahead:
-            if self.stopping.is_set():
-                break
-            taken = self.consumer.consume(limit, 0)
-            batch.add(taken)
-        return batch
+        self.runtime.rejoin(group)
 
     def process(self, batch: Batch) -> None:
         """Encode, write and publish the batch's users, then commit its offsets."""
         self.in_hand = batch
         self.metrics.batch_messages.observe(batch.messages)
         self.metrics.window_messages.labels(self.encoder.model_version).inc(batch.windows)
-        with self._stage("decode"):
+        with self.runtime.stage("decode"):
             users = self.decode(batch)
         if not self.encode_and_write(users):
             return  # stopping, or the partitions moved: nothing is committed
-        with self._stage("commit"):
-            self._flush()  # raises DeliveryError: then nothing is committed
-            if not self.revoked:
-                self._commit(batch)
+        with self.runtime.stage("commit"):
+            self.runtime.flush()  # raises DeliveryError: then nothing is committed
+            if not self.runtime.revoked:  # else the partitions' new owners read them again
+                topic = self.settings.windows_topic
+                self.runtime.commit([TopicPartition(topic, p, end)
+                                     for p, end in sorted(batch.ends.items())])  # fmt: skip
         self.stats.batches += 1
-        self.stats.interval_batches += 1
-
-    def _stage(self, name: str) -> AbstractContextManager[None]:
-        return self.metrics.stage(name, self.stats.stage_s)
 
     def encode_and_write(self, users: Encoded, as_of_now: bool = False) -> bool:
         """Encode the users, write them to the online store and publish them, in steps of
@@ -292,7 +246,7 @@ class EncoderWorker:
             rows = self.encode(windows, users.user_id[part], as_of)
             if not self.write_online(rows):
                 return False
-            with self._stage("publish"):
+            with self.runtime.stage("publish"):
                 self.publish(rows)
         return True
 
@@ -318,9 +272,9 @@ class EncoderWorker:
         self, windows: list[EventWindow], user_ids: list[str], as_of_ms: np.ndarray
     ) -> EmbeddingRows:
         """Embeddings of the (non-empty) windows, as of as_of_ms (one per window)."""
-        with self._stage("encode"):
+        with self.runtime.stage("encode"):
             embeddings = self.encoder.encode(windows, as_of_ms=as_of_ms)
-        with self._stage("trim"):
+        with self.runtime.stage("trim"):
             release_freed_heap()
         return EmbeddingRows(
             user_id=user_ids,
@@ -337,7 +291,7 @@ class EncoderWorker:
         delay, waiting_since = 0.1, None
         while True:
             try:
-                with self._stage("feast"):
+                with self.runtime.stage("feast"):
                     self.sink.write(rows)
                 break
             except self.sink.unavailable as err:
@@ -349,7 +303,7 @@ class EncoderWorker:
                     self.sink.where, err, time.monotonic() - waiting_since, len(rows.user_id),
                     self.in_hand.messages, sorted(self.in_hand.ends), delay,
                 )
-                if self.stopping.wait(delay) or self.revoked:
+                if self.runtime.pause(delay) or self.runtime.revoked:
                     return False
                 delay = min(2 * delay, 5.0)
         if waiting_since is not None:
@@ -369,16 +323,6 @@ class EncoderWorker:
         topic = self.settings.embeddings_topic
         # produce() per message is the client's C method, mapped: no Python per row.
         list(map(self.producer.produce, repeat(topic, len(keys)), values, keys))
-
-    def _commit(self, batch: Batch) -> None:
-        topic = self.settings.windows_topic
-        offsets = [TopicPartition(topic, p, end) for p, end in sorted(batch.ends.items())]
-        try:
-            self.consumer.commit(offsets=offsets, asynchronous=False)
-        except KafkaException as err:
-            # The group moved on (a rebalance during the batch): the new owners read the
-            # batch's windows again.
-            log.warning("encoder worker: commit refused (%s); the windows are read again", err)
 
     def _dead_letter(self, message: Message, reason: str) -> None:
         self.stats.dead_letters += 1
@@ -493,6 +437,5 @@ def run_worker(settings: Settings, ready_file: Path | None = None) -> None:
     """Load the model and Feast, then encode until SIGINT/SIGTERM."""
     worker = load_worker(settings)
     check_reachable(settings)  # BrokerError, said in a line by the CLI, rather than a hang
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: worker.stop())
+    stop_on_signals(worker.stop)
     worker.run(ready_file=ready_file)

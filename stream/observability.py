@@ -6,6 +6,9 @@ their own counters, and ``serving`` runs one small HTTP server for all three pat
 a worker's loop runs. Each worker owns a registry of its own rather than prometheus_client's
 global one: several workers in one process (tests, ``beat refresh``) then keep apart.
 
+Liveness: the runtime (stream/runtime.py) marks each sign of life of the worker's loop
+(``beat``); ``/healthz`` fails once there has been none for BEAT_HEALTH_TIMEOUT_MS.
+
 Consumer lag comes from librdkafka's statistics (every LAG_INTERVAL_MS): the high watermark
 of the fetch responses, which is exact on Tansu too (stream/broker.py), against the
 position; no request of its own reaches the broker, and the consumer is only ever called
@@ -91,6 +94,17 @@ class WorkerMetrics:
             "watermark, per assigned partition", ["topic", "partition"], registry=self.registry,
         )
         self._lag_series: set[tuple[str, str]] = set()
+        self.last_sign_of_life = time.monotonic()
+
+    # -- liveness -------------------------------------------------------------------------
+
+    def beat(self) -> None:
+        """A sign of life of the worker's loop (stream/runtime.py gives them)."""
+        self.last_sign_of_life = time.monotonic()
+
+    def silent_s(self) -> float:
+        """Seconds since the last sign of life."""
+        return time.monotonic() - self.last_sign_of_life
 
     # -- readiness ------------------------------------------------------------------------
 
@@ -113,14 +127,10 @@ class WorkerMetrics:
         for kind, count in Tally(map(reason_kind, reasons)).items():
             self.dead_letters.labels(kind).inc(count)
 
-    @contextmanager
-    def stage(self, name: str, seconds: Tally) -> Iterator[None]:
-        """Time a stage into the histogram and into seconds (the worker's log summary)."""
-        start = time.perf_counter()
-        yield
-        took = time.perf_counter() - start
-        seconds[name] += took
-        self.stage_seconds.labels(name).observe(took)
+    def observe_stage(self, name: str, seconds: float) -> None:
+        """A run of a stage took seconds: a sign of life too."""
+        self.stage_seconds.labels(name).observe(seconds)
+        self.beat()
 
     # -- consumer lag ---------------------------------------------------------------------
 
@@ -187,9 +197,10 @@ class EncoderMetrics(WorkerMetrics):
 class _StatusServer(ThreadingHTTPServer):
     daemon_threads = True  # a hung scrape must not keep the worker from exiting
 
-    def __init__(self, port: int, metrics: WorkerMetrics) -> None:
+    def __init__(self, port: int, metrics: WorkerMetrics, health_timeout_s: float) -> None:
         super().__init__(("", port), _StatusHandler)
         self.metrics = metrics
+        self.health_timeout_s = health_timeout_s
 
 
 class _StatusHandler(BaseHTTPRequestHandler):
@@ -201,7 +212,7 @@ class _StatusHandler(BaseHTTPRequestHandler):
         if path == "/metrics":
             self._answer(200, generate_latest(metrics.registry), CONTENT_TYPE_LATEST)
         elif path == "/healthz":  # served only while the worker's loop runs
-            self._answer(200, b"ok\n")
+            self._health()
         elif path == "/readyz":
             held = ",".join(map(str, sorted(metrics.partitions)))
             ready = metrics.ready
@@ -209,6 +220,17 @@ class _StatusHandler(BaseHTTPRequestHandler):
                          f"ready: partitions {held}\n".encode() if ready else b"no partitions\n")
         else:
             self._answer(404, b"/metrics, /healthz or /readyz\n")
+
+    def _health(self) -> None:
+        """200 while the loop shows signs of life; 503 once it has been silent for longer
+        than BEAT_HEALTH_TIMEOUT_MS (stuck: a supervisor should restart the worker)."""
+        silent_s, limit_s = self.server.metrics.silent_s(), self.server.health_timeout_s
+        if silent_s <= limit_s:
+            self._answer(200, b"ok\n")
+        else:
+            self._answer(503, f"stuck: no sign of life from the worker's loop for "
+                              f"{silent_s:.0f}s (BEAT_HEALTH_TIMEOUT_MS={limit_s * 1000:.0f})\n"
+                              .encode())  # fmt: skip
 
     def _answer(self, status: int, body: bytes, content_type: str = "text/plain") -> None:
         self.send_response(status)
@@ -229,7 +251,7 @@ def serving(settings: Settings, metrics: WorkerMetrics) -> Iterator[None]:
         yield
         return
     try:
-        server = _StatusServer(settings.metrics_port, metrics)
+        server = _StatusServer(settings.metrics_port, metrics, settings.health_timeout_ms / 1000)
     except OSError as err:
         raise ConfigError(
             f"BEAT_METRICS_PORT={settings.metrics_port}: cannot serve metrics there ({err}); "

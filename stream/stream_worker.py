@@ -1,6 +1,7 @@
 """Stream workers: keep every user's rolling window and emit the windows that changed.
 
-One loop, one batch per flush interval:
+One loop, one batch per flush interval; the loop, the clients, stopping, rebalances and
+readiness are the worker runtime's (stream/runtime.py), and this module holds the rest:
 
     consume    every event of the interval from beat.events (confluent-kafka, batched)
     decode     all values at once into columns; bad ones go to the dead-letter topic
@@ -20,41 +21,24 @@ counted twice.
 from __future__ import annotations
 
 import logging
-import signal
 import time
 from collections import Counter
 from collections.abc import Sequence
-from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from confluent_kafka import (
-    Consumer,
-    KafkaError,
-    KafkaException,
-    Message,
-    Producer,
-    TopicPartition,
-)
+from confluent_kafka import Consumer, Message, TopicPartition
 
-from stream.broker import (
-    SEAL_KEY,
-    BrokerError,
-    ClientErrors,
-    consumer_config,
-    dead_letter,
-    producer_config,
-    read_compacted,
-    records_in,
-)
+from stream.broker import SEAL_KEY, dead_letter, read_compacted
 from stream.codec import AvroCodec
 from stream.config import ConfigError, Settings
 from stream.event_columns import EventColumns, EventDecoder
-from stream.observability import StreamMetrics, serving
+from stream.observability import StreamMetrics
 from stream.partitioner import key_partitions
+from stream.runtime import Batching, WorkerRuntime, stop_on_signals
 from stream.state import PartitionStore, SymbolBound, open_store
 from stream.window import (
     MAX_TIME_MS,
@@ -132,29 +116,26 @@ def validate(
 @dataclass
 class WindowStats:
     counts: Counter = field(default_factory=Counter)
-    seconds: Counter = field(default_factory=Counter)  # per stage
 
     def summary(self) -> str:
         c = self.counts
         ratio = c["events"] / max(1, c["windows"])
-        stages = " ".join(
-            f"{stage}={s / max(1, c['batches']) * 1000:.1f}ms" for stage, s in self.seconds.items()
-        )
         return (
             f"events={c['events']} windows={c['windows']} (coalescing {ratio:.1f}x) "
             f"batches={c['batches']} "
             f"duplicates={c['duplicates']} too_old={c['too_old']} dead_letters={c['dead_letters']} "
-            f"repartitioned={c['repartitioned']} "
-            f"per batch: {stages}"
+            f"repartitioned={c['repartitioned']}"
         )
 
 
 class StreamWorker:
-    """One stream worker process: a member of the stream consumer group."""
+    """One stream worker process: a member of the stream consumer group. Its loop, stop,
+    clients and readiness are the runtime's (stream/runtime.py); it keeps the windowing."""
 
     def __init__(self, settings: Settings, ready_file: Path | None = None) -> None:
         self.settings = settings
-        self.metrics = StreamMetrics(ready_file)
+        self.ready_file = ready_file
+        self.metrics = StreamMetrics()
         registry = settings.schema_registry
         event_codec = AvroCodec("behavior_event", settings.events_topic, registry)
         self.events = EventDecoder(event_codec, settings.event_limits)
@@ -162,102 +143,68 @@ class StreamWorker:
             "user_window", settings.windows_topic, settings.schema_registry
         )
         self.window_header = self.window_codec.framing.header()
-        self.client_errors = ClientErrors(settings)
-        self.consumer = Consumer(
-            consumer_config(
-                settings,
-                settings.stream_group,
-                error_cb=self.client_errors,
-                # Partition p of the events and of the repartition topic go to the same worker:
-                # both feed the windows of partition p.
-                **{
-                    "partition.assignment.strategy": "range",
-                    "fetch.max.bytes": 64 << 20,
-                    "max.partition.fetch.bytes": 16 << 20,
-                    "queued.min.messages": 200_000,
-                    "fetch.queue.backoff.ms": 10,  # else a 1 s pause once the queue is full
-                    **self.metrics.consumer_settings(settings),
-                },
-            )
+        self.runtime = WorkerRuntime(
+            settings, self, name="stream worker", group=settings.stream_group,
+            topics=[settings.events_topic, settings.repartition_topic],
+            # Every event of one flush interval from the first one on (so a window waits
+            # at most one interval), up to max_batch_events.
+            batching=Batching(
+                first_wait_s=0.5, fill_s=settings.flush_interval_ms / 1000,
+                step=settings.max_batch_events, most=settings.max_batch_events,
+            ),
+            metrics=self.metrics,
+            consumer_settings={
+                # Partition p of the events and of the repartition topic go to the same
+                # worker: both feed the windows of partition p.
+                "partition.assignment.strategy": "range",
+                "fetch.max.bytes": 64 << 20,
+                "max.partition.fetch.bytes": 16 << 20,
+                "queued.min.messages": 200_000,
+                "fetch.queue.backoff.ms": 10,  # else a 1 s pause once the queue is full
+            },
         )
-        # Delivery reports only for failures: no Python callback per window sent.
-        self.producer = Producer(producer_config(
-            settings, error_cb=self.client_errors,
-            **{"linger.ms": 5, "batch.size": 1 << 20, "delivery.report.only.error": True},
-        ))
+        self.producer = self.runtime.producer
         self.stores: dict[int, PartitionStore] = {}
         self.symbol_bound = SymbolBound(settings.symbol_table_pairs)
         self.pending: list[Message] = []
         self.stats = WindowStats()
         self.partitions = 0  # of the input topics, known once run() starts
-        self.stopping = False
-        self.stop_asked = 0.0  # time.monotonic() of the first stop()
-        self.delivery_error: KafkaError | None = None
 
-    # -- the loop -------------------------------------------------------------------------
+    @property
+    def consumer(self) -> Consumer:
+        return self.runtime.consumer
 
     def run(self) -> None:
-        with serving(self.settings, self.metrics):
-            self._run()
-
-    def _run(self) -> None:
         self.partitions = self._partition_count()
-        self.consumer.subscribe(
-            [self.settings.events_topic, self.settings.repartition_topic],
-            on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost,
-        )
-        next_report = time.monotonic() + 10
-        clean = False
-        try:
-            while not self.stopping:
-                self.client_errors.check(self.consumer)
-                self._take_interval()
-                if self.pending:
-                    batch, self.pending = self.pending, []
-                    self.process(batch)
-                if time.monotonic() >= next_report:
-                    log.info("stream worker: %s", self.stats.summary())
-                    next_report += 10
-            clean = True
-        except KafkaException as err:
-            self.client_errors.raise_if_fatal(err)
-            raise
-        finally:
-            log.info("stream worker: stopping: %s", self.stats.summary())
-            if clean:  # a broker that may not answer is not waited for: the process exits
-                self.consumer.close()  # leaves the group: the partitions move at once
-                self.producer.flush(self.settings.stop_grace_ms / 1000)
-            else:  # nothing of the batch is committed: drop what is unsent rather than wait
-                self.producer.purge()
-            for store in self.stores.values():
-                store.close()
+        self.runtime.run(ready_file=self.ready_file)
 
-    def stop(self, *_: object) -> None:
-        self.stopping = True
-        self.stop_asked = self.stop_asked or time.monotonic()
+    def stop(self) -> None:
+        self.runtime.stop()
 
-    def _take_interval(self) -> None:
-        """Add to self.pending every event of one flush interval, from the first one on
-        (so a window waits at most one interval), up to max_batch_events."""
-        interval_s = self.settings.flush_interval_ms / 1000
-        limit = self.settings.max_batch_events
-        first = self.consumer.consume(limit, 0.5)
-        if not first:
-            return
-        self.pending += first
-        deadline = time.monotonic() + interval_s
-        while (
-            (left := deadline - time.monotonic()) > 0
-            and len(self.pending) < limit
-            and not self.stopping
-        ):
-            self.pending += self.consumer.consume(limit - len(self.pending), left)
+    # -- what the runtime hands over ------------------------------------------------------
+
+    def take(self, records: list[Message]) -> None:
+        self.pending += records
+
+    def process_taken(self) -> None:
+        if self.pending:
+            batch, self.pending = self.pending, []
+            self.process(batch)
+
+    def between_batches(self) -> None:
+        pass  # all of a batch's work is in process()
+
+    def summary(self) -> str:
+        return self.stats.summary()
+
+    def release(self) -> None:
+        for store in self.stores.values():
+            store.close()
 
     # -- one batch ------------------------------------------------------------------------
 
     def process(self, messages: list[Message]) -> None:
-        with self._stage("decode"):
-            messages = records_in(messages)
+        with self.runtime.stage("decode"):
             now_ms = int(time.time() * 1000)
             # Per message, only C calls through map(): no Python bytecode per event.
             keys = pa.array(list(map(Message.key, messages)), pa.binary())
@@ -275,14 +222,14 @@ class StreamWorker:
             valid, elsewhere, home = self._route(
                 events.row[valid], valid, keys, partitions, moved_here
             )
-        with self._stage("merge"):
+        with self.runtime.stage("merge"):
             windows = self._merge(events.take(valid), partitions)
-        with self._stage("emit"):
+        with self.runtime.stage("emit"):
             self._dead_letter(messages, rejected)
             self._repartition(messages, elsewhere, home)
             self._emit(windows, now_ms)
         self._free_symbols()
-        with self._stage("commit"):
+        with self.runtime.stage("commit"):
             self._commit(messages, partitions, moved_here)
         self.stats.counts["events"] += len(messages)
         self.stats.counts["batches"] += 1
@@ -324,7 +271,6 @@ class StreamWorker:
                 message.key(),
                 partition=partition,
                 headers=message.headers(),
-                on_delivery=self._on_delivery,
             )
         self.stats.counts["repartitioned"] += len(elsewhere)
 
@@ -385,9 +331,7 @@ class StreamWorker:
         for partition, window in windows:
             key = window.user_id.encode()
             value = self.window_header + encode_window_body(window, now_ms)
-            self.producer.produce(
-                topic, value, key, partition=partition, on_delivery=self._on_delivery
-            )
+            self.producer.produce(topic, value, key, partition=partition)
             keys, merged = by_partition.setdefault(partition, ([], []))
             keys.append(key)
             merged.append(window)
@@ -413,38 +357,15 @@ class StreamWorker:
         """Put the batch's windows below the partitions' high watermark, on Tansu too, before
         its offsets can be committed: a tombstone of SEAL_KEY in a record batch of its own
         after the windows are flushed (why: stream/broker.py)."""
-        self._flush()
+        self.runtime.flush()
         for partition in partitions:
             self.producer.produce(
                 self.settings.windows_topic,
                 None,
                 SEAL_KEY,
                 partition=partition,
-                on_delivery=self._on_delivery,
             )
-        self._flush()
-
-    def _flush(self) -> None:
-        """Wait until the broker has every message sent. Raises BrokerError (the batch is
-        not committed; a restart replays it) on a failed delivery, after
-        BEAT_BROKER_TIMEOUT_MS, or BEAT_STOP_GRACE_MS after a SIGTERM."""
-        started, grace_s = time.monotonic(), self.settings.stop_grace_ms / 1000
-        while self.producer.flush(0.1):
-            waited = time.monotonic() - started
-            if self.stopping and time.monotonic() - self.stop_asked > grace_s:
-                raise BrokerError(f"stopped with the batch unacknowledged by the broker for "
-                                  f"{waited:.0f}s: not committed, it will be replayed")  # fmt: skip
-            if waited > self.client_errors.timeout_s:
-                raise BrokerError(f"the broker did not acknowledge the batch's windows in "
-                                  f"{waited:.0f}s (BEAT_BROKER_TIMEOUT_MS); exiting for a clean "
-                                  "restart")  # fmt: skip
-        if self.delivery_error is not None:
-            raise BrokerError(f"a window was not delivered ({self.delivery_error.str()}); exiting "
-                              "without committing its events, which a restart replays")  # fmt: skip
-
-    def _on_delivery(self, err: KafkaError | None, _: Message) -> None:
-        if err is not None and self.delivery_error is None:
-            self.delivery_error = err
+        self.runtime.flush()
 
     def _dead_letter(self, messages: list[Message], rejected: Rejected) -> None:
         for index, reason in zip(rejected.index, rejected.reason):
@@ -455,7 +376,6 @@ class StreamWorker:
             )
             self.producer.produce(
                 self.settings.dead_letter_topic, letter.value, letter.key, headers=letter.headers,
-                on_delivery=self._on_delivery,
             )
         self.stats.counts["dead_letters"] += len(rejected.index)
         self.metrics.dead_lettered(rejected.reason)
@@ -463,43 +383,35 @@ class StreamWorker:
     def _commit(
         self, messages: list[Message], partitions: np.ndarray, moved_here: np.ndarray
     ) -> None:
-        """Commit past the last message of each topic partition in the batch."""
+        """Commit past the last message of each topic partition in the batch (once every
+        message the batch produced is delivered)."""
         topic_partition = partitions + moved_here * (1 << 32)  # one code per topic partition
         found, from_end = np.unique(topic_partition[::-1], return_index=True)
         last = len(partitions) - 1 - from_end  # index of each one's last message
-        self.consumer.commit(asynchronous=False, offsets=[
+        self.runtime.commit([
             TopicPartition(messages[i].topic(), messages[i].partition(), messages[i].offset() + 1)
             for i in last.tolist()
         ])
 
-    def _stage(self, name: str) -> AbstractContextManager[None]:
-        return self.metrics.stage(name, self.stats.seconds)
-
     # -- partitions come and go ---------------------------------------------------------------
 
-    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        numbers = sorted({tp.partition for tp in partitions})  # of both input topics
-        for partition in numbers:
+    def on_assign(self, partitions: list[TopicPartition]) -> None:
+        for partition in sorted({tp.partition for tp in partitions}):  # of both input topics
             if partition not in self.stores:
                 self.stores[partition] = self.restore(partition)
-        log.info("stream worker: assigned %s", numbers)
-        self.metrics.partitions_assigned(numbers)
 
-    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+    def on_revoke(self, partitions: list[TopicPartition]) -> None:
         # Finish and commit what was taken from the partitions before they move.
-        if self.pending:
-            batch, self.pending = self.pending, []
-            self.process(batch)
+        self.process_taken()
         self._drop(partitions)
 
-    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+    def on_lost(self, partitions: list[TopicPartition]) -> None:
         # The group has moved on: the partitions' uncommitted events are another worker's.
         lost = {tp.partition for tp in partitions}
         self.pending = [m for m in self.pending if m.partition() not in lost]
         self._drop(partitions)
 
     def _drop(self, partitions: list[TopicPartition]) -> None:
-        self.metrics.partitions_revoked(tp.partition for tp in partitions)
         for tp in partitions:
             store = self.stores.pop(tp.partition, None)
             if store is not None:
@@ -528,6 +440,5 @@ def run_worker(settings: Settings, ready_file: Path | None = None) -> None:
     """Run a stream worker until SIGINT/SIGTERM, which finish the batch in hand, commit it
     and leave the group."""
     worker = StreamWorker(settings, ready_file)
-    signal.signal(signal.SIGINT, worker.stop)
-    signal.signal(signal.SIGTERM, worker.stop)
+    stop_on_signals(worker.stop)
     worker.run()

@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -34,9 +34,8 @@ from stream import encoder_worker
 from stream.broker import client_config, producer_config
 from stream.codec import AvroCodec
 from stream.config import Settings
-from stream.encoder_worker import EncoderStats, EncoderWorker, embedding_values, load_worker
+from stream.encoder_worker import EncoderWorker, embedding_values, load_worker
 from stream.feast_sink import EmbeddingRows, FeatureSink
-from stream.observability import EncoderMetrics
 
 from conftest import (
     ACTIONS,
@@ -102,9 +101,7 @@ def test_the_worker_releases_the_freed_heap_after_each_encode(
         encode=lambda windows, as_of_ms: np.zeros((len(windows), 4), np.float32),
         model_version="m-1",
     )
-    stats, metrics = EncoderStats(), EncoderMetrics()
-    worker = SimpleNamespace(encoder=model, stats=stats,
-                             _stage=lambda name: metrics.stage(name, stats.stage_s))
+    worker = SimpleNamespace(encoder=model, runtime=SimpleNamespace(stage=lambda _: nullcontext()))
     window = EventWindow(np.array([5]), ["view"], [None])
     for _ in range(3):
         EncoderWorker.encode(worker, [window], ["u"], np.array([6]))

@@ -51,7 +51,7 @@ def test_lost_partitions_are_neither_emitted_nor_committed(settings: Settings) -
         worker.stores[partition] = open_store("memory", settings.data_dir, "g", partition)
     worker.pending = taken(settings, [0, 1], 5)
 
-    worker._on_lost(worker.consumer, [TopicPartition(settings.events_topic, 1)])
+    worker.on_lost([TopicPartition(settings.events_topic, 1)])
 
     assert {m.partition() for m in worker.pending} == {0} and len(worker.pending) == 2
     assert set(worker.stores) == {0}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import socket
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -17,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
-from confluent_kafka import Producer
+from confluent_kafka import Message, Producer, TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 
 from model import BeatEncoder, init_model_dir
@@ -34,6 +35,7 @@ from stream.observability import (
     serving,
 )
 from stream.producer import EventProducer
+from stream.runtime import Batching, WorkerRuntime
 from stream.stream_worker import Rejected, validate
 
 from conftest import read_topic, running, stream_worker, wait_for
@@ -138,6 +140,69 @@ def test_health_and_readiness_answer(tmp_path: Path) -> None:
                 pass
     with pytest.raises(ConfigError, match="BEAT_METRICS_PORT"):
         load_settings(metrics_port=70_000)
+
+
+class StuckProcessing:
+    """A worker's processing whose batch takes until it is let go: a loop that stops
+    turning, as a hung call to a store or a deadlock would leave it."""
+
+    def __init__(self) -> None:
+        self.taken: list[Message] = []
+        self.holding, self.let_go = threading.Event(), threading.Event()
+
+    def take(self, records: list[Message]) -> None:
+        self.taken += records
+
+    def process_taken(self) -> None:
+        if self.taken:
+            self.holding.set()
+            self.let_go.wait(60)
+            self.taken = []
+
+    def on_assign(self, partitions: list[TopicPartition]) -> None:
+        pass
+
+    on_revoke = on_lost = on_assign
+
+    def between_batches(self) -> None:
+        pass
+
+    def summary(self) -> str:
+        return f"{len(self.taken)} taken"
+
+    def release(self) -> None:
+        pass
+
+
+def test_health_fails_while_the_loop_is_stuck_and_recovers(settings: Settings) -> None:
+    port = free_port()
+    settings = settings.model_copy(update={"metrics_port": port, "health_timeout_ms": 1_000})
+    processing, metrics = StuckProcessing(), WorkerMetrics()
+    runtime = WorkerRuntime(
+        settings, processing, name="stuck worker", group=settings.stream_group,
+        topics=[settings.events_topic], batching=Batching(0.1, 0.0, 100, 100), metrics=metrics,
+    )
+    thread = threading.Thread(target=runtime.run, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: metrics.ready, 30, "partitions assigned")
+        time.sleep(1.5)  # idle longer than the timeout: an idle loop still turns
+        assert get(port, "/healthz") == (200, "ok\n")
+        raw = Producer(producer_config(settings))
+        raw.produce(settings.events_topic, b"anything", b"u")
+        raw.flush(10)
+        assert processing.holding.wait(30)
+        wait_for(lambda: get(port, "/healthz")[0] == 503, 10, "/healthz failing")
+        status, text = get(port, "/healthz")
+        assert status == 503 and "BEAT_HEALTH_TIMEOUT_MS=1000" in text, text
+        assert get(port, "/readyz")[0] == 200  # stuck is not unready: it holds partitions
+        processing.let_go.set()
+        wait_for(lambda: get(port, "/healthz") == (200, "ok\n"), 10, "/healthz back")
+    finally:
+        processing.let_go.set()
+        runtime.stop()
+        thread.join(30)
+    assert not thread.is_alive()
 
 
 def test_counters_add_up_while_the_pipeline_runs(settings: Settings, tmp_path: Path) -> None:
