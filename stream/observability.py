@@ -4,7 +4,9 @@ Both workers use this module: WorkerMetrics holds what every worker reports (dea
 stage seconds, batch sizes, consumer lag, readiness), StreamMetrics and EncoderMetrics add
 their own counters, and ``serving`` runs one small HTTP server for all three paths while
 a worker's loop runs. Each worker owns a registry of its own rather than prometheus_client's
-global one: several workers in one process (tests, ``beat refresh``) then keep apart.
+global one, and values of its own (stream/metric_series.py: not in the files Feast's import
+points prometheus_client at): several workers in one process (tests, ``beat refresh``)
+then keep apart.
 
 Liveness: the runtime (stream/runtime.py) marks each sign of life of the worker's loop
 (``beat``); ``/healthz`` fails once there has been none for BEAT_HEALTH_TIMEOUT_MS.
@@ -32,14 +34,12 @@ from typing import Any
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
     ProcessCollector,
     generate_latest,
 )
 
 from stream.config import ConfigError, Settings
+from stream.metric_series import Counter, Gauge, Histogram
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ class WorkerMetrics:
         self.batch_messages = Histogram(
             "beat_batch_messages", "Messages taken into one batch", buckets=BATCH_BUCKETS,
             registry=self.registry,
-        )
+        ).labels()
         self.consumer_lag = Gauge(
             "beat_consumer_lag", "Messages between the consumer's position and the high "
             "watermark, per assigned partition", ["topic", "partition"], registry=self.registry,
@@ -166,7 +166,7 @@ class StreamMetrics(WorkerMetrics):
         )
         self.windows = Counter(
             "beat_windows", "Window messages sent to the windows topic", registry=self.registry
-        )
+        ).labels()
 
 
 class EncoderMetrics(WorkerMetrics):

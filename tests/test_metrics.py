@@ -7,7 +7,10 @@ flow and checks that the counters add up against what was sent and read back.
 from __future__ import annotations
 
 import json
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -38,7 +41,7 @@ from stream.producer import EventProducer
 from stream.runtime import Batching, WorkerRuntime
 from stream.stream_worker import Rejected, validate
 
-from conftest import read_topic, running, stream_worker, wait_for
+from conftest import REPO, read_topic, running, stream_worker, wait_for
 from reference_windows import ACTIONS, PROPERTIES, event
 
 
@@ -203,6 +206,47 @@ def test_health_fails_while_the_loop_is_stuck_and_recovers(settings: Settings) -
         runtime.stop()
         thread.join(30)
     assert not thread.is_alive()
+
+
+# Run with Feast imported first, which sets PROMETHEUS_MULTIPROC_DIR: prometheus_client's
+# own metrics then share memory-mapped files per process and name.
+FEAST_FIRST = """
+import json, feast
+from prometheus_client import generate_latest, values
+assert values.ValueClass is not values.MutexValue, "feast no longer sets multiprocess mode"
+from stream.observability import EncoderMetrics
+first, second = EncoderMetrics(), EncoderMetrics()
+first.users_encoded.labels("v1").inc(5)
+second.users_encoded.labels("v1").inc(1)
+second.written("v1", [50, 700, 400_000])
+first.consumer_lag.labels("t", "0").set(3)
+first.consumer_lag.remove("t", "0")
+print(json.dumps([generate_latest(m.registry).decode() for m in (first, second)]))
+"""
+
+
+def test_each_workers_metrics_are_its_own_when_feast_was_imported_first() -> None:
+    env = {k: v for k, v in os.environ.items() if "MULTIPROC" not in k.upper()}
+    done = subprocess.run([sys.executable, "-W", "error", "-c", FEAST_FIRST], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    first, second = (
+        {(s.name, frozenset(s.labels.items())): s.value
+         for family in text_string_to_metric_families(text) for s in family.samples}
+        for text in json.loads(done.stdout.splitlines()[-1])
+    )
+    assert total(first, "beat_users_encoded_total", model_version="v1") == 5
+    assert total(second, "beat_users_encoded_total", model_version="v1") == 1 + 3
+    assert total(first, "beat_consumer_lag") == 0 and not any(
+        name == "beat_consumer_lag" for name, _ in first)  # fmt: skip
+
+    def bucket(le: str) -> float:
+        return total(second, "beat_freshness_seconds_bucket", model_version="v1", le=le)
+
+    assert [bucket(le) for le in ("0.1", "0.5", "1.0", "300.0", "3600.0", "+Inf")] == [
+        1, 1, 2, 2, 3, 3]
+    assert total(second, "beat_freshness_seconds_count") == 3
+    assert np.isclose(total(second, "beat_freshness_seconds_sum"), 400.75)
 
 
 def test_counters_add_up_while_the_pipeline_runs(settings: Settings, tmp_path: Path) -> None:
