@@ -162,7 +162,10 @@ class WorkerRuntime:
             self.close()
         except BaseException as err:
             self.producer.purge()  # nothing of the batch is committed: drop what is unsent
-            raise self._exit_error(err) from None
+            said = self._exit_error(err)
+            if said is err:
+                raise
+            raise said from None
         finally:
             self.processing.release()
 
