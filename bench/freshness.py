@@ -10,14 +10,20 @@ Feast SDK by then) minus the newest event time of its window (the synthetic prod
 stamps events with the time it sends them): p50 and p99 over the run. The drain is the
 time from the producer's end until both groups have committed everything.
 
-The compute bound: BeatEncoder's users/s in this process (same preset, one thread) on
-windows as long as the run's (events / users, spread 1..2x), R_enc. Under overload the
-encoder makes passes over the users changed since its last pass; a pass of T seconds meets
-U(T) = users x (1 - exp(-rate x T / users)) changed users (uniform activity; Zipf activity
-changes fewer), so T solves T = U(T) / R_enc: the staleness the coalescing encoder stays
-near; an event waits for the rest of one pass and the whole next one, so p99 is near 2T.
+The compute bound: BeatEncoder's users/s in this process (same preset, one thread, the
+machine otherwise as the demo left it) on windows as long as the run's (events / users,
+spread 1..2x), R_enc. Under overload every changed user must be encoded once per turn: a
+turn of T seconds meets U(T) = users x (1 - exp(-rate x T / users)) changed users (rate:
+window messages per second; uniform activity, Zipf activity changes fewer), so no
+scheduler gets below T = U(T) / R_enc, the time one encoder needs to encode the users that
+change while it does so. The encoder takes the users pending longest first, so a change
+waits about one turn, T; one that encoded a whole backlog before reading again would make
+a change that came just after a read wait the rest of that pass and all of the next, up to
+2T. p99 / T is the figure the issue's target (1.5) applies to; R_enc is measured alone,
+while in the demo the encoder shares the cores with the broker, the stream worker, the
+producer and the monitor, so T is a bound the demo cannot quite reach.
 Prints a table, writes bench/results/freshness.json. The machine is shared: the load
-average is recorded.
+average (1 minute) is recorded before each run, and after it, where it includes the run.
 """
 
 from __future__ import annotations
@@ -107,18 +113,25 @@ def main() -> None:
         load_before = os.getloadavg()[0]
         summary = run_demo(rate, int(users), duration, args.store, model_dir)
         row = {"rate": rate, "users": int(users), "duration_s": duration,
-               "load_average": round(load_before, 1), **summary}
+               "load_average": round(load_before, 1), **summary,
+               "load_average_after": round(os.getloadavg()[0], 1)}  # the run's own load too
         if "error" not in summary:
             mean_events = summary["events"] / max(1, summary["distinct_users"])
             row["encoder_users_per_s"] = round(encoder_users_per_s(mean_events))
+            # What the demo's encoder did: users encoded per second of producing (it keeps
+            # up when this is the window rate; under overload it is its users/s in the demo).
+            row["encodes_per_s"] = round(summary["users_encoded"] / duration)
             t = pass_seconds(summary["windows_emitted"] / duration, int(users),
                              row["encoder_users_per_s"])
             row["compute_bound_pass_s"] = round(t, 2)
+            if t:
+                row["p99_over_bound"] = round(summary["freshness_p99_ms"] / 1000 / t, 2)
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "read_back"}), flush=True)
 
     header = (f"{'events/s':>9} {'users':>7} {'p50 ms':>8} {'p99 ms':>8} {'drain s':>8} "
-              f"{'encodes':>8} {'windows':>8} {'enc users/s':>11} {'bound T s':>9} {'load':>5}")
+              f"{'encodes':>8} {'windows':>8} {'encodes/s':>9} {'enc users/s':>11} "
+              f"{'bound T s':>9} {'p99/T':>5} {'load':>9}")
     print(header)
     for r in rows:
         if "error" in r:
@@ -126,8 +139,10 @@ def main() -> None:
             continue
         print(f"{r['rate']:>9,.0f} {r['users']:>7,} {r['freshness_p50_ms']:>8,.0f} "
               f"{r['freshness_p99_ms']:>8,.0f} {r['drain_s']:>8.1f} {r['users_encoded']:>8,} "
-              f"{r['windows_emitted']:>8,} {r['encoder_users_per_s']:>11,} "
-              f"{r['compute_bound_pass_s']:>9.2f} {r['load_average']:>5}")
+              f"{r['windows_emitted']:>8,} {r['encodes_per_s']:>9,} "
+              f"{r['encoder_users_per_s']:>11,} {r['compute_bound_pass_s']:>9.2f} "
+              f"{r.get('p99_over_bound', 0):>5.2f} "
+              f"{str(r['load_average']) + '-' + str(r['load_average_after']):>9}")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(rows, indent=2))
     print(f"wrote {RESULTS}")

@@ -1,10 +1,15 @@
 """Encoder workers: re-encode every updated user with BEAT and publish the embeddings.
 
-A consumer-group member on ``beat.windows``. A batch is what consume() gives within
-``max_wait_ms``, and, while the worker is behind, more of the backlog up to ``read_ahead``
-messages: only each user's newest window is kept, so a backlog costs work per user, not
-per message. The users are encoded, written to the Feast online store and published to
-``beat.embeddings`` in steps of ``max_batch``, each as of the time stream/as_of.py gives.
+A consumer-group member on ``beat.windows``. It reads what the broker has (waiting up to
+``max_wait_ms`` for the first message when it has nothing else to do, and taking up to
+``read_ahead`` messages) into its pending users (``Pending``): only each user's newest
+window is kept, so a backlog costs work per user, not per message. Each step encodes the
+``max_batch`` users pending longest, writes them to the Feast online store, publishes them
+to ``beat.embeddings`` (as of the time stream/as_of.py gives) and commits each partition
+up to its oldest window still pending; then it reads again. Under overload a change thus
+waits one turn through the pending users, T = U / R (U users pending, R users encoded per
+second), where encoding a whole backlog before reading again made a change that came
+just after a read wait the rest of that pass and all of the next one, up to 2T.
 The worker runtime (stream/runtime.py) takes the batches, runs the loop, stops and
 commits; this module holds the stages: decode, encode, write, publish.
 
@@ -34,7 +39,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from itertools import repeat
+from itertools import islice, repeat
 from pathlib import Path
 
 import numpy as np
@@ -98,6 +103,72 @@ class Batch:
         self.latest.update(zip(map(Message.key, windows), windows))
 
 
+class Pending:
+    """Users whose newest window is not encoded yet, in the order they became pending
+    (oldest first), and where each partition's reading has come to.
+
+    A user's entry is its newest window message and the offset of its oldest one not yet
+    encoded: a partition is committable up to the oldest such offset of its pending users
+    (everything before it is encoded or superseded by a window encoded since), or to its
+    end when none is pending. Within a partition, users become pending in offset order, so
+    the first pending user met in the dict's order holds its partition's oldest offset."""
+
+    def __init__(self) -> None:
+        self.users: dict[bytes, tuple[Message, int]] = {}  # key -> (newest, oldest offset)
+        self.ends: dict[int, int] = {}  # partition -> offset past the last message read
+        self.messages = 0  # read since the last step, for the metrics
+        self.windows = 0
+
+    def __bool__(self) -> bool:
+        return bool(self.users) or self.messages > 0
+
+    def add(self, records: list[Message]) -> None:
+        """Add records (no errors nor end-of-partition reports: records_in's)."""
+        self.messages += len(records)
+        for message in records:
+            partition, offset = message.partition(), message.offset()
+            self.ends[partition] = max(self.ends.get(partition, 0), offset + 1)
+            if message.value() is None:  # seals are tombstones: an offset, not a window
+                continue
+            self.windows += 1
+            held = self.users.get(message.key())
+            self.users[message.key()] = (message, held[1] if held else offset)  # keeps its place
+
+    def take_oldest(self, count: int) -> tuple[Batch, dict[bytes, tuple[Message, int]]]:
+        """The count users pending longest, as a batch whose ends are the offsets committable
+        once they are written; and their entries, for put_back if the step is given up."""
+        taken = {key: self.users.pop(key) for key in list(islice(self.users, count))}
+        batch = Batch({key: newest for key, (newest, _) in taken.items()}, self.committable(),
+                      self.messages, self.windows)  # fmt: skip
+        self.messages = self.windows = 0
+        return batch, taken
+
+    def committable(self) -> dict[int, int]:
+        """Partition -> offset up to which everything read is encoded (or is a seal)."""
+        oldest: dict[int, int] = {}
+        for newest, offset in self.users.values():
+            oldest.setdefault(newest.partition(), offset)
+            if len(oldest) == len(self.ends):
+                break
+        return {p: oldest.get(p, end) for p, end in self.ends.items()}
+
+    def put_back(self, taken: dict[bytes, tuple[Message, int]]) -> None:
+        """Users of a step given up, pending first again (a newer window read meanwhile
+        stays theirs); those of partitions no longer held are left out."""
+        kept = {}
+        for key, (newest, offset) in taken.items():
+            if newest.partition() in self.ends:
+                kept[key] = (self.users.pop(key, (newest,))[0], offset)
+        self.users = {**kept, **self.users}
+
+    def drop(self, partitions: set[int]) -> None:
+        """Forget partitions moved to another member: it reads them from the commit."""
+        self.users = {key: entry for key, entry in self.users.items()
+                      if entry[0].partition() not in partitions}  # fmt: skip
+        for partition in partitions:
+            self.ends.pop(partition, None)
+
+
 @dataclass
 class Encoded:
     """Users to encode: their windows, and the partition each window came from."""
@@ -144,7 +215,7 @@ class EncoderWorker:
         self.producer = self.runtime.producer
         self.clock = AsOfClock(settings.replay_lag_ms)
         self.stats = EncoderStats()
-        self.taking = Batch()  # the batch being taken
+        self.pending = Pending()  # users read, not encoded yet
         self.in_hand = Batch()  # the batch being processed, for the logs
 
     @property
@@ -173,19 +244,27 @@ class EncoderWorker:
     # -- what the runtime hands over ------------------------------------------------------
 
     def take(self, records: list[Message]) -> None:
-        self.taking.add(records)  # keeps only each user's newest window
+        self.pending.add(records)  # keeps only each user's newest window
+
+    def backlog(self) -> bool:
+        return bool(self.pending.users)
 
     def process_taken(self) -> None:
-        batch, self.taking = self.taking, Batch()
-        if batch.messages:
-            self.process(batch)
+        """One step: the users pending longest, encoded, written and committed."""
+        if not self.pending:
+            return
+        batch, taken = self.pending.take_oldest(self.settings.max_batch)
+        if not self.process(batch):
+            self.pending.put_back(taken)
 
     def on_assign(self, partitions: list[TopicPartition]) -> None:
         pass  # the model is loaded before the worker joins: assigned partitions are ready
 
     def on_revoke(self, partitions: list[TopicPartition]) -> None:
         # Their uncommitted windows are read again by whoever gets them next.
-        self.clock.forget([tp.partition for tp in partitions])
+        numbers = [tp.partition for tp in partitions]
+        self.clock.forget(numbers)
+        self.pending.drop(set(numbers))
 
     on_lost = on_revoke
 
@@ -214,15 +293,16 @@ class EncoderWorker:
         self.clock = AsOfClock(self.settings.replay_lag_ms)
         self.runtime.rejoin(group)
 
-    def process(self, batch: Batch) -> None:
-        """Encode, write and publish the batch's users, then commit its offsets."""
+    def process(self, batch: Batch) -> bool:
+        """Encode, write and publish the batch's users, then commit its offsets. False:
+        given up (stopping, or the partitions moved), nothing committed."""
         self.in_hand = batch
         self.metrics.batch_messages.observe(batch.messages)
         self.metrics.window_messages.labels(self.encoder.model_version).inc(batch.windows)
         with self.runtime.stage("decode"):
             users = self.decode(batch)
         if not self.encode_and_write(users):
-            return  # stopping, or the partitions moved: nothing is committed
+            return False
         with self.runtime.stage("commit"):
             self.runtime.flush()  # raises DeliveryError: then nothing is committed
             if not self.runtime.revoked:  # else the partitions' new owners read them again
@@ -230,6 +310,7 @@ class EncoderWorker:
                 self.runtime.commit([TopicPartition(topic, p, end)
                                      for p, end in sorted(batch.ends.items())])  # fmt: skip
         self.stats.batches += 1
+        return True
 
     def encode_and_write(self, users: Encoded, as_of_now: bool = False) -> bool:
         """Encode the users, write them to the online store and publish them, in steps of

@@ -59,7 +59,13 @@ class Processing(Protocol):
         """Add records (errors and end-of-partition reports removed) to the batch in hand."""
 
     def process_taken(self) -> None:
-        """Process the batch in hand, if any, and commit it (WorkerRuntime.commit)."""
+        """Process the batch in hand, if any, and commit it (WorkerRuntime.commit); called
+        after every take, whether or not it brought records."""
+
+    def backlog(self) -> bool:
+        """Whether records taken are still waiting after process_taken (the encoder works
+        through its pending users a step at a time): the next take then waits for nothing
+        and gives only what is already fetched."""
 
     def on_assign(self, partitions: list[TopicPartition]) -> None:
         """Make the partitions usable (a stream worker restores their state) before they
@@ -83,10 +89,11 @@ class Processing(Protocol):
 
 @dataclass(frozen=True)
 class Batching:
-    """How a batch is taken. consume() asks for up to ``step`` messages and waits up to
-    ``first_wait_s`` for the first ones; more are taken, up to ``most`` in all, until
-    ``fill_s`` after the first ones came, and beyond that while each call comes back full
-    (the messages are fetched already: the worker is behind)."""
+    """How a batch is taken. consume() waits up to ``first_wait_s`` for the first message
+    (not at all while the processing has a backlog), then asks for up to ``step`` at a
+    time; more are taken, up to ``most`` in all, until ``fill_s`` after the first ones
+    came, and beyond that while each call comes back full (the messages are fetched
+    already: the worker is behind)."""
 
     first_wait_s: float
     fill_s: float
@@ -174,8 +181,8 @@ class WorkerRuntime:
         while not self.stopping.is_set():
             self.metrics.beat()
             self.client_errors.check(self.consumer)
-            if self.take_batch():
-                self.processing.process_taken()
+            self.take_batch()
+            self.processing.process_taken()
             self.processing.between_batches()
             if time.monotonic() >= next_report:
                 log.info("%s: %s", self.name, self.summary())
@@ -219,7 +226,7 @@ class WorkerRuntime:
         # asking for one returns with the first, where asking for a step would wait out
         # first_wait_s whenever fewer than a step arrive (the stream worker's batches took
         # 0.6 s at 1,000 events/s instead of one 0.1-s interval).
-        taken = self._consume(1, batching.first_wait_s)
+        taken = self._consume(1, 0.0 if self.processing.backlog() else batching.first_wait_s)
         if not taken:
             return False
         deadline = time.monotonic() + batching.fill_s

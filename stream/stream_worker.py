@@ -191,6 +191,9 @@ class StreamWorker:
             batch, self.pending = self.pending, []
             self.process(batch)
 
+    def backlog(self) -> bool:
+        return False  # process_taken processes all that was taken
+
     def between_batches(self) -> None:
         pass  # all of a batch's work is in process()
 

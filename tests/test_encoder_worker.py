@@ -27,14 +27,14 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import redis
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Consumer, Message, Producer, TopicPartition
 
 from model import EventWindow, init_model_dir
 from stream import encoder_worker
 from stream.broker import client_config, producer_config
 from stream.codec import AvroCodec
 from stream.config import Settings
-from stream.encoder_worker import EncoderWorker, embedding_values, load_worker
+from stream.encoder_worker import EncoderWorker, Pending, embedding_values, load_worker
 from stream.feast_sink import EmbeddingRows, FeatureSink
 
 from conftest import (
@@ -63,6 +63,37 @@ def test_published_values_are_what_the_avro_codec_writes() -> None:
         "updated_at": int(rows.as_of_ms[i]),
     }) for i in range(3)]
     assert embedding_values(codec.framing.header(), rows) == expected
+
+
+def window_message(partition: int, offset: int, user: str | None) -> Message:
+    """A record of beat.windows as the consumer gives it (user None: a seal, a tombstone)."""
+    return Message(topic="beat.windows", partition=partition, offset=offset,
+                   key=(user or "seal").encode(), value=None if user is None else b"window")
+
+
+def test_pending_users_go_oldest_first_and_commits_stop_at_the_oldest_pending_window() -> None:
+    pending = Pending()
+    pending.add([window_message(0, 0, "a"), window_message(0, 1, "b"),
+                 window_message(1, 0, "c"), window_message(0, 2, "a"),
+                 window_message(1, 1, None)])
+    batch, _ = pending.take_oldest(1)
+    assert [(m.key(), m.offset()) for m in batch.latest.values()] == [(b"a", 2)]  # its newest
+    assert (batch.ends, batch.messages, batch.windows) == ({0: 1, 1: 0}, 5, 4)  # b, c pending
+    batch, taken = pending.take_oldest(5)
+    assert list(batch.latest) == [b"b", b"c"] and batch.ends == {0: 3, 1: 2}  # the seal: done
+    assert not pending
+
+    # A step given up: its users go first again, a window read meanwhile kept as theirs.
+    pending.add([window_message(1, 2, "c"), window_message(0, 3, "d")])
+    pending.put_back(taken)
+    assert [(k, m.offset(), first) for k, (m, first) in pending.users.items()] == [
+        (b"b", 1, 1), (b"c", 2, 0), (b"d", 3, 3)]
+    assert pending.committable() == {0: 1, 1: 0}
+
+    pending.drop({1})  # moved to another member, which reads it again from the commit
+    assert list(pending.users) == [b"b", b"d"] and pending.committable() == {0: 1}
+    pending.put_back({b"e": (window_message(1, 5, "e"), 5)})
+    assert list(pending.users) == [b"b", b"d"]  # partition 1 is no longer held
 
 
 def rss_bytes() -> int:

@@ -167,6 +167,9 @@ class StuckProcessing:
 
     on_revoke = on_lost = on_assign
 
+    def backlog(self) -> bool:
+        return False
+
     def between_batches(self) -> None:
         pass
 
