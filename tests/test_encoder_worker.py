@@ -8,7 +8,6 @@ user's final window (event_count and last_event_time).
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import random
@@ -96,31 +95,39 @@ def test_pending_users_go_oldest_first_and_commits_stop_at_the_oldest_pending_wi
     assert list(pending.users) == [b"b", b"d"]  # partition 1 is no longer held
 
 
-def rss_bytes() -> int:
+# Run in a fresh interpreter: in a process that earlier tests filled with threads and freed
+# blocks, malloc places the blocks in old holes and the measure says little.
+FREED_HEAP = """
+import ctypes, os
+from pathlib import Path
+from stream.encoder_worker import release_freed_heap
+
+def rss_bytes():
     return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+libc = ctypes.CDLL(None)
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+freed, live = [], []
+for _ in range(1_000):  # 100 KB blocks: below the mmap threshold, so on the heap
+    freed.append(libc.malloc(100_000))
+    ctypes.memset(freed[-1], 1, 100_000)
+    live.append(libc.malloc(1_000))  # each keeps the block before it from the heap's top
+for block in freed:
+    libc.free(block)
+before = rss_bytes()
+release_freed_heap()
+print(before - rss_bytes())
+"""
 
 
 @pytest.mark.skipif(encoder_worker._MALLOC_TRIM is None, reason="glibc's malloc_trim only")
 def test_freed_heap_goes_back_to_the_os() -> None:
     """What a soak's encoder lost: blocks freed between blocks that live on stay mapped
     (glibc returns only the heap's top) until release_freed_heap()."""
-    libc = ctypes.CDLL(None)
-    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
-    libc.free.argtypes = [ctypes.c_void_p]
-    freed, live = [], []
-    for _ in range(1_000):  # 100 KB blocks: below the mmap threshold, so on the heap
-        freed.append(libc.malloc(100_000))
-        ctypes.memset(freed[-1], 1, 100_000)
-        live.append(libc.malloc(1_000))
-    try:
-        for block in freed:
-            libc.free(block)
-        before = rss_bytes()
-        encoder_worker.release_freed_heap()
-        assert before - rss_bytes() > 80 << 20  # of the 100 MB freed
-    finally:
-        for block in live:
-            libc.free(block)
+    done = subprocess.run([sys.executable, "-c", FREED_HEAP], capture_output=True, text=True,
+                          check=True, cwd=Path(__file__).parent.parent)
+    assert int(done.stdout.split()[-1]) > 80 << 20  # of the 100 MB freed
 
 
 def test_the_worker_releases_the_freed_heap_after_each_encode(
