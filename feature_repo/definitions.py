@@ -43,7 +43,7 @@ def embedding_view(name: str, **tags: str) -> FeatureView:
                 name="embedding", dtype=Array(Float32),
                 description=f"BEAT embedding, {EMBEDDING_SIZE} floats",
                 # lookalike search: retrieve_online_documents_v2 ranks by cosine distance
-                vector_index=True, vector_length=EMBEDDING_SIZE, vector_search_metric="COSINE",
+                vector_index=True, vector_length=EMBEDDING_SIZE, vector_search_metric="cosine",
             ),
             Field(
                 name="model_version", dtype=String,

@@ -250,7 +250,9 @@ class Settings(BaseSettings):
 
     # Feast
     feature_repo: Path = REPO_ROOT / "feature_repo"
-    online_store: Literal["sqlite", "redis"] = "sqlite"
+    # The online store: sqlite (embedded default), redis, or postgres (Feast's PostgreSQL
+    # store at BEAT_POSTGRES_URL, whose pgvector answers lookalike search in production).
+    online_store: Literal["sqlite", "redis", "postgres"] = "sqlite"
     redis_url: str = "127.0.0.1:6379"
     # Feast's key_ttl_seconds for Redis: a user's key expires this long after its last
     # write, so users gone for good leave the online store; unset keeps keys forever.
@@ -317,7 +319,9 @@ class Settings(BaseSettings):
     def _check_postgres_url(self) -> Settings:
         if not self.postgres_url.get_secret_value().startswith(("postgresql://", "postgres://")):
             raise ValueError("BEAT_POSTGRES_URL must be postgresql://user[:password]@host[:port]"
-                             "/database (read when BEAT_OFFLINE_STORE=postgres)")
+                             "/database, or postgresql://user@/database?host=/socket/dir "
+                             "(read when BEAT_OFFLINE_STORE, BEAT_ONLINE_STORE or "
+                             "BEAT_FEAST_REGISTRY is postgres)")
         return self
 
     @model_validator(mode="after")

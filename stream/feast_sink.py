@@ -1,8 +1,8 @@
 """The Feast side: open the feature store, register feature_repo/, write and read embeddings.
 
 The store's settings come from ``feature_repo/feature_store.yaml`` with the online store
-chosen by ``BEAT_ONLINE_STORE`` (``sqlite`` or ``redis``), and the project and registry
-from beatstream's settings, so tests and demos can each have their own.
+chosen by ``BEAT_ONLINE_STORE`` (``sqlite``, ``redis`` or ``postgres``), and the project
+and registry from beatstream's settings, so tests and demos can each have their own.
 
 Who writes the registry: ``register`` (``beat model publish`` and ``beat model switch``,
 the deploy step), and an encoder serving BEAT_MODEL_DIR into ``user_embedding`` (the
@@ -19,17 +19,23 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import redis
 import yaml
 
 from stream.config import ConfigError, Settings
 from stream.offline_history import HistoryWriter, postgres_config
-from stream.online_writer import OnlineRows, RedisRowWriter, SqliteRowWriter
+from stream.online_writer import (
+    OnlineRows,
+    PostgresRowWriter,
+    RedisRowWriter,
+    SqliteRowWriter,
+)
 
 FEATURE_VIEW = "user_embedding"
 FEATURES = ["embedding", "model_version", "event_count", "last_event_time"]
-# Feast's sqlite online store with a lookalike index (stream/sqlite_vector_store.py)
+# Feast's sqlite and PostgreSQL online stores with lookalike search
+# (stream/sqlite_vector_store.py, stream/postgres_vector_store.py)
 SQLITE_STORE_TYPE = "stream.sqlite_vector_store.VectorSqliteOnlineStore"
+POSTGRES_STORE_TYPE = "stream.postgres_vector_store.VectorPostgreSQLOnlineStore"
 
 
 @dataclass
@@ -61,6 +67,9 @@ def feature_store_yaml(settings: Settings) -> dict:
         config["online_store"] = {"type": "redis", "connection_string": settings.redis_url}
         if settings.redis_key_ttl_seconds is not None:
             config["online_store"]["key_ttl_seconds"] = settings.redis_key_ttl_seconds
+    elif settings.online_store == "postgres":
+        config["online_store"] = {**postgres_config(settings), "type": POSTGRES_STORE_TYPE,
+                                  "vector_enabled": True}
     else:
         config["online_store"] = {"type": SQLITE_STORE_TYPE, "vector_enabled": True,
                                   "path": str(data_dir / "online_store.db")}
@@ -128,8 +137,6 @@ class FeatureSink:
         from feast import FeatureStore
         from feast.errors import FeatureViewNotFoundException
 
-        from stream.sqlite_vector_store import sqlite_module
-
         self.store = register(settings) if deploy else FeatureStore(config=repo_config(settings))
         try:
             self.view = self.store.get_feature_view(view)
@@ -139,16 +146,17 @@ class FeatureSink:
                 "(BEAT_FEAST_DATA_DIR): `beat model publish` registers a version's view"
             ) from None
         self.join_key = self.view.entity_columns[0].name
-        writer = RedisRowWriter if settings.online_store == "redis" else SqliteRowWriter
+        writer = {"redis": RedisRowWriter, "postgres": PostgresRowWriter,
+                  "sqlite": SqliteRowWriter}[settings.online_store]
         self.writer = writer(self.store, self.view)
-        self.where = settings.redis_url if writer is RedisRowWriter else "sqlite"
+        self.where = {"redis": settings.redis_url, "sqlite": "sqlite",
+                      "postgres": "postgres"}[settings.online_store]
         self.history = (HistoryWriter(settings, self.view.name)
                         if settings.offline_store == "postgres" else None)
         if self.history is not None:  # the encoder's wait message names what it waits for
             self.where += f" and history {self.history.table}"
         # Errors that mean "the store is not answering now": the encoder retries them.
-        self.unavailable = (redis.ConnectionError, redis.TimeoutError,
-                            sqlite_module().OperationalError,
+        self.unavailable = (*self.writer.unavailable,
                             *(self.history.unavailable if self.history else ()))
         self._feature_refs = [f"{self.view.name}:{name}" for name in FEATURES]
         # A published version's view (feature_repo/definitions.py) takes its rows only.

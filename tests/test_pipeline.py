@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from pydantic import SecretStr
 
 from model import BeatEncoder, EventWindow, init_model_dir
 from stream.codec import AvroCodec
@@ -64,11 +65,15 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return directory
 
 
-@pytest.mark.parametrize("online_store", ["sqlite", "redis"])
+@pytest.mark.parametrize("online_store", ["sqlite", "redis", "postgres"])
 def test_events_become_windows_and_embeddings_in_feast(
-    settings: Settings, model_dir: Path, online_store: str, tmp_path: Path, redis_url: str
+    settings: Settings, model_dir: Path, online_store: str, tmp_path: Path, redis_url: str,
+    request: pytest.FixtureRequest,
 ) -> None:
     settings = settings.model_copy(update={"online_store": online_store, "redis_url": redis_url})
+    if online_store == "postgres":  # with pgvector, for lookalike search
+        settings = settings.model_copy(
+            update={"postgres_url": SecretStr(request.getfixturevalue("pgvector_url"))})
     events = history()
     expected = expected_windows(events)
     encoder = BeatEncoder.from_pretrained(model_dir, device="cpu")
@@ -155,7 +160,7 @@ def test_events_become_windows_and_embeddings_in_feast(
         assert newest_on_partition <= ms(published[user]["updated_at"]) < newest_on_partition + 1000
     # Different users have different embeddings: the store did not keep one row for all.
     assert not np.allclose(stored["embedding"][0], stored["embedding"][1])
-    if online_store == "sqlite":  # the encoder's rows reached the lookalike index
+    if online_store != "redis":  # the encoder's rows reached the lookalike search
         assert_lookalikes_match_brute_force(settings, users, np.array(stored["embedding"]))
 
 
