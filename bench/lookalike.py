@@ -19,7 +19,9 @@ Then, for --queries users drawn at random, each query user's own embedding as th
 - beat similar: stream.lookalike.similar_users (what `beat similar -k 10` runs: the
   user's embedding read through get_online_features, then the same search);
 - numpy exact: brute-force cosine over the same matrix in memory (one matrix-vector
-  product and a partial sort), the baseline of the same run.
+  product and a partial sort), the baseline of the same run;
+- feast own sql (postgres only, a fifth of the queries): the search by Feast's own
+  PostgreSQL query, which stream/postgres_vector_store.py replaces.
 p50/p99 ms of each, and recall@10 of the store's top 10 (the query user left out) against
 numpy's. Prints a table, writes bench/results/lookalike.json with the load average.
 """
@@ -104,6 +106,17 @@ def sdk_top(sink: FeatureSink, embeddings: np.ndarray, query_user: int) -> list[
     return [int(user[1:]) for _, user in ranked if user != user_id(query_user)][:K]
 
 
+def feast_sql_top(sink: FeatureSink, embeddings: np.ndarray, query_user: int) -> list[int]:
+    """The same search by Feast's own PostgreSQL query (MIN(distance) GROUP BY entity)."""
+    from feast.infra.online_stores.postgres_online_store.postgres import PostgreSQLOnlineStore
+
+    found = PostgreSQLOnlineStore.retrieve_online_documents_v2(
+        sink.store._get_provider().online_store, sink.store.config, sink.view,
+        ["model_version"], embeddings[query_user].tolist(), K + 1, "cosine")
+    users = [key.entity_values[0].string_val for _, key, _ in found]  # nearest first
+    return [int(user[1:]) for user in users if user != user_id(query_user)][:K]
+
+
 def cli_top(sink: FeatureSink, query_user: int) -> list[int]:
     return [int(u.user_id[1:]) for u in similar_users(sink.store, user_id(query_user), K)]
 
@@ -154,6 +167,10 @@ def run_store(store: str, args: argparse.Namespace) -> dict:
     result["feast_sdk"]["recall_at_10"] = recall_at_k(found, exact)
     result["beat_similar"], found = timed(lambda q: cli_top(sink, q), queries)
     result["beat_similar"]["recall_at_10"] = recall_at_k(found, exact)
+    if store == "postgres":  # a second a query: fewer of them
+        few = queries[: args.queries // 5]
+        result["feast_own_sql"], found = timed(lambda q: feast_sql_top(sink, embeddings, q), few)
+        result["feast_own_sql"]["recall_at_10"] = recall_at_k(found, exact[: len(few)])
     return result
 
 
@@ -162,7 +179,9 @@ def print_table(results: dict, stores: list[str]) -> None:
           f"{'recall@10':>9}")
     for store in stores:
         r = results[store]
-        for path in ("numpy_exact", "feast_sdk", "beat_similar"):
+        for path in ("numpy_exact", "feast_sdk", "beat_similar", "feast_own_sql"):
+            if path not in r:
+                continue
             recall = r[path].get("recall_at_10")
             recall = "" if recall is None else f"{recall:.4f}"
             print(f"{store:<8} {r['users']:>7,} {r['dim']:>4}  {path:<13} "

@@ -258,6 +258,11 @@ def cmd_similar(args: argparse.Namespace, settings: Settings) -> int:
     from stream.feast_sink import repo_config
     from stream.lookalike import current_view, similar_users
 
+    if settings.online_store == "redis":
+        print("BEAT_ONLINE_STORE=redis has no vector search (Feast's Redis online store does "
+              "not implement it): lookalike search needs BEAT_ONLINE_STORE=postgres (pgvector) "
+              "or sqlite; README \"Lookalike search\"", file=sys.stderr)
+        return 2
     store = FeatureStore(config=repo_config(settings))
     try:
         found = similar_users(store, args.user_id, args.k)

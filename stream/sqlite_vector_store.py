@@ -176,15 +176,32 @@ class VectorSqliteOnlineStore(SqliteOnlineStore):
             "WHERE embedding MATCH ? AND k = ? ORDER BY distance",
             (sqlite_vec.serialize_float32(embedding), top_k),
         ).fetchall()
-        keys = [bytes.fromhex(key) for key, _ in nearest]
-        rows = _feature_rows(conn, name, keys, requested_features)
-        version = config.entity_key_serialization_version
-        found = []
-        for key, (_, distance) in zip(keys, nearest):
-            features, event_ts = rows.get(key, ({}, None))
-            features["distance"] = ValueProto(float_val=distance)
-            found.append((event_ts, deserialize_entity_key(key, version), features))
-        return in_feast_entity_order(found)
+        nearest = [(bytes.fromhex(key), distance) for key, distance in nearest]
+        rows = _feature_rows(conn, name, [key for key, _ in nearest], requested_features)
+        return documents(nearest, rows, config.entity_key_serialization_version)
+
+
+def documents(
+    nearest: list[tuple[bytes, float]], rows: list[tuple[bytes, str, bytes, datetime | None]],
+    version: int,
+) -> list[tuple[datetime | None, EntityKeyProto, dict[str, ValueProto]]]:
+    """What an online store's retrieve_online_documents_v2 returns: per entity key found
+    (serialized, with its distance), its newest event time (UTC), its key, and its
+    features from rows (entity_key, feature_name, serialized Value, event_ts) with
+    "distance" added; in entity order (in_feast_entity_order)."""
+    features: dict[bytes, dict[str, ValueProto]] = {key: {} for key, _ in nearest}
+    newest: dict[bytes, datetime] = {}
+    for key, name, blob, event_ts in rows:
+        features[key][name] = ValueProto.FromString(blob)
+        if event_ts is not None:
+            event_ts = (event_ts.replace(tzinfo=timezone.utc) if event_ts.tzinfo is None
+                        else event_ts.astimezone(timezone.utc))
+            newest[key] = max(newest.get(key, event_ts), event_ts)
+    found = []
+    for key, distance in nearest:
+        features[key]["distance"] = ValueProto(float_val=distance)
+        found.append((newest.get(key), deserialize_entity_key(key, version), features[key]))
+    return in_feast_entity_order(found)
 
 
 def in_feast_entity_order(documents: list[tuple]) -> list[tuple]:
@@ -231,22 +248,13 @@ def _create_index(conn: sqlite3.Connection, table: str, field: str, length: int)
 
 def _feature_rows(
     conn: sqlite3.Connection, table: str, keys: list[bytes], features: list[str]
-) -> dict[bytes, tuple[dict[str, ValueProto], datetime | None]]:
-    """The requested features of each entity key, and its newest event time (UTC)."""
+) -> list[tuple[bytes, str, bytes, datetime | None]]:
+    """The requested features of the entity keys, as rows for documents()."""
     if not keys:
-        return {}
-    rows = conn.execute(
+        return []
+    return conn.execute(
         f"SELECT entity_key, feature_name, value, event_ts FROM {_quote_id(table)} "
         f"WHERE entity_key IN ({','.join('?' * len(keys))}) "
         f"AND feature_name IN ({','.join('?' * len(features))})",
         [*keys, *features],
     ).fetchall()
-    out: dict[bytes, tuple[dict[str, ValueProto], datetime | None]] = {}
-    for key, name, blob, event_ts in rows:
-        values, newest = out.get(key, ({}, None))
-        values[name] = ValueProto.FromString(blob)
-        if event_ts is not None:
-            event_ts = event_ts.replace(tzinfo=timezone.utc)
-            newest = max(newest, event_ts) if newest else event_ts
-        out[key] = (values, newest)
-    return out

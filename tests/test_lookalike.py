@@ -136,3 +136,12 @@ def test_a_user_without_an_embedding_is_said_plainly(
 
     assert main(["similar", "old-only"]) == 1
     assert "has no embedding in user_embedding_beat_current" in capsys.readouterr().err
+
+
+def test_redis_says_where_lookalike_search_is(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    monkeypatch.setenv("BEAT_ONLINE_STORE", "redis")
+
+    assert main(["similar", "u1"]) == 2
+    assert "BEAT_ONLINE_STORE=postgres" in capsys.readouterr().err
