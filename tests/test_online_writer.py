@@ -128,7 +128,6 @@ def test_a_re_encode_replaces_the_row_and_an_older_write_does_not(
     assert back["event_count"] == second.event_count.tolist()
 
 
-@pytest.mark.parametrize("online_store", ["redis", "sqlite"])
 def postgres_rows(settings: Settings) -> list[tuple]:
     """Every row of the project's user_embedding table, the vector as pgvector's text."""
     import psycopg
@@ -164,6 +163,7 @@ def test_postgres_rows_equal_feasts_own_writer_and_read_back_bit_exact(
     assert back["event_count"] == rows.event_count.tolist()
 
 
+@pytest.mark.parametrize("online_store", ["redis", "sqlite"])
 def test_feast_serve_reads_back_bit_exact(
     tmp_path: Path, online_store: str, redis_url: str
 ) -> None:
