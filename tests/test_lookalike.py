@@ -9,9 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import requests
 
 from stream.cli import main
 from stream.config import Settings, load_settings
+from stream.feast_server import feast_server
 from stream.feast_sink import EmbeddingRows, FeatureSink, register
 from stream.lookalike import similar_users
 from stream.model_versions import ModelVersions, view_name
@@ -127,6 +129,25 @@ def test_feasts_sdk_call_pairs_each_user_with_its_own_distance(two_versions: Set
     for user, distance in expected.items():
         assert distances[user] == pytest.approx(distance, abs=1e-5)
     assert set(response["model_version"]) == {CURRENT}
+
+
+def test_feast_serve_search_answers_the_same(two_versions: Settings, tmp_path: Path) -> None:
+    """Feast's feature server: POST /search with api_version 2 is the same call over HTTP."""
+    settings = two_versions
+    write(settings, CURRENT, rows(KNOWN, CURRENT))
+    with feast_server(settings, tmp_path) as url:
+        response = requests.post(f"{url}/search", timeout=30, json={
+            "features": [f"{view_name(CURRENT)}:model_version"],
+            "query": KNOWN["query"].tolist(), "top_k": 3, "distance_metric": "cosine",
+            "api_version": 2,
+        })
+    response.raise_for_status()
+    body = response.json()
+
+    names = body["metadata"]["feature_names"]
+    column = {name: body["results"][i]["values"] for i, name in enumerate(names)}
+    distances = dict(zip(column["user_id"], column["distance"]))
+    assert distances == pytest.approx({"query": 0.0, "close": 0.1, "middle": 0.4}, abs=1e-5)
 
 
 def test_a_user_without_an_embedding_is_said_plainly(
