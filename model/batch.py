@@ -195,8 +195,14 @@ class EventBatch:
         )
 
     def to(self, device: str | torch.device) -> EventBatch:
+        """On device; from pinned memory (pin_memory) the copy to a GPU is asynchronous."""
         moved = {f.name: getattr(self, f.name).to(device, non_blocking=True) for f in fields(self)}
         return replace(self, **moved)
+
+    def pin_memory(self) -> EventBatch:
+        """In page-locked host memory, which a GPU copies from without a staging copy and
+        without blocking the host (CUDA only)."""
+        return replace(self, **{f.name: getattr(self, f.name).pin_memory() for f in fields(self)})
 
     def inputs(self) -> dict[str, Tensor]:
         """Keyword arguments for Beat.forward."""

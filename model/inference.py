@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -13,6 +15,9 @@ from model.beat import MS_PER_DAY, Beat
 from model.config import BeatConfig
 from model.model_dir import load_model_dir
 from model.vocab import Vocabulary
+
+Item = TypeVar("Item")
+Staged = TypeVar("Staged")
 
 
 def length_batches(lengths: np.ndarray, max_batch: int, bucket_width: int) -> list[np.ndarray]:
@@ -28,6 +33,22 @@ def length_batches(lengths: np.ndarray, max_batch: int, bucket_width: int) -> li
     for same in np.split(order, np.flatnonzero(np.diff(bucket)) + 1):
         batches += [same[i : i + max_batch] for i in range(0, len(same), max_batch)]
     return batches
+
+
+def staged_ahead(items: Sequence[Item], stage: Callable[[Item], Staged]) -> Iterator[Staged]:
+    """stage(item) of each item in order, the next one staged in a background thread while
+    the caller works on the current one: a batch is tokenized and padded (numpy, holding the
+    GIL) while the previous one runs through the model (torch's kernels release the GIL)."""
+    if len(items) < 2:
+        yield from map(stage, items)
+        return
+    with ThreadPoolExecutor(1, thread_name_prefix="beat-stage") as pool:
+        ahead = pool.submit(stage, items[0])
+        for item in items[1:]:
+            current = ahead.result()
+            ahead = pool.submit(stage, item)
+            yield current
+        yield ahead.result()
 
 
 class BeatEncoder:
@@ -95,7 +116,9 @@ class BeatEncoder:
         those; the events cut off count in the user's earlier history (lifetime statistics), so
         a whole history and the stream's window of it give the same embedding. Windows are then
         encoded in length-aware batches (see length_batches), each padded
-        only to its own longest window.
+        only to its own longest window. On a GPU each batch is staged (tokenized, padded, in
+        pinned memory) in a background thread while the previous one runs, and copied to the
+        GPU without blocking the host.
         """
         clipped = [self._clip(window) for window in windows]
         as_of = None  # [N] unix ms, or each window's newest event
@@ -103,14 +126,27 @@ class BeatEncoder:
             as_of = np.broadcast_to(np.asarray(as_of_ms, np.int64), len(windows))
         embeddings = np.empty((len(clipped), self.embedding_size), dtype=np.float32)
         lengths = np.array([len(window) for window in clipped], dtype=np.int64)
-        for rows in length_batches(lengths, self.max_batch, self.bucket_width):
+        batches = length_batches(lengths, self.max_batch, self.bucket_width)
+        on_gpu = self.device.type == "cuda"
+
+        def stage(rows: np.ndarray) -> EventBatch:
             batch = EventBatch.from_windows(
                 [clipped[i] for i in rows],
                 self.actions,
                 self.properties,
                 None if as_of is None else as_of[rows],
             )
-            embeddings[rows] = self.embed(batch).cpu().numpy()
+            return batch.pin_memory() if on_gpu else batch
+
+        # On a GPU the host stages the next batch while the GPU runs this one. On CPU both
+        # would share the same cores: staging ahead there measured 5-15 % slower (one torch
+        # thread, 2 shared cores: the threads contend for the GIL and the cores), so not.
+        staged = staged_ahead(batches, stage) if on_gpu else map(stage, batches)
+        # Results stay on the device until all are queued: one copy back, and no wait on the
+        # GPU between batches (a per-batch .cpu() would make the host wait for each).
+        done = [self.embed(batch) for batch in staged]
+        if done:
+            embeddings[np.concatenate(batches)] = torch.cat(done).cpu().numpy()
         return embeddings
 
     def _clip(self, window: EventWindow) -> EventWindow:

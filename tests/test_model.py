@@ -6,6 +6,7 @@ import dataclasses
 import json
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from model import Beat, BeatConfig, BeatEncoder, EventWindow, Vocabulary, init_model_dir
 from model.batch import EventBatch
 from model.beat import GapEncoding, WindowStatistics, log_bucket
-from model.inference import length_batches
+from model.inference import length_batches, staged_ahead
 from model.vocab import NONE_ID, OOV_ID, PAD_ID
 
 ACTIONS = ["page_view", "search", "add_to_cart", "purchase", "login", "card_payment"]
@@ -364,6 +365,43 @@ def test_encoder_batching_keeps_order_and_matches_one_at_a_time(encoder):
     single = np.concatenate([encoder.encode([window]) for window in windows])
     np.testing.assert_allclose(batched, single, atol=1e-5, rtol=0)
     assert not np.allclose(batched[0], batched[2], atol=1e-3)  # different users differ
+
+
+def test_the_next_batch_is_staged_in_another_thread_while_the_current_one_is_used():
+    staged = {item: threading.Event() for item in range(8)}
+    threads = set()
+
+    def stage(item: int) -> int:
+        threads.add(threading.current_thread().name)
+        staged[item].set()
+        if item == 4:
+            raise ValueError("window 4 is broken")
+        return item * 10
+
+    got = []
+    for value in staged_ahead([0, 1, 2, 3], stage):
+        item = value // 10
+        # While the caller holds this one, the next is staged (a sequential loop would
+        # stage it only after the caller asks for it).
+        assert item == 3 or staged[item + 1].wait(10), f"{item + 1} not staged ahead"
+        got.append(value)
+    assert got == [0, 10, 20, 30] and len(threads) == 1
+    assert threads.pop().startswith("beat-stage")
+    assert list(staged_ahead([7], stage)) == [70]
+    with pytest.raises(ValueError, match="window 4"):  # a staging error reaches the caller
+        list(staged_ahead([3, 4, 5], stage))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_encoding_on_cuda_from_pinned_batches_matches_the_cpu(tiny_dir):
+    rng = np.random.default_rng(3)
+    windows = [make_window(rng, n) for n in (13, 1, 64, 0, 40, 7, 64, 2, 25, 50)]
+    on_cpu = BeatEncoder.from_pretrained(tiny_dir, device="cpu", max_batch=4).encode(windows)
+    on_gpu = BeatEncoder.from_pretrained(tiny_dir, device="cuda", max_batch=4).encode(windows)
+    np.testing.assert_allclose(on_gpu, on_cpu, atol=5e-2, rtol=0)  # bf16 on the GPU
+    cosine = (on_gpu * on_cpu).sum(1) / np.linalg.norm(on_gpu, axis=1) / np.linalg.norm(
+        on_cpu, axis=1)
+    assert cosine.min() > 0.99
 
 
 def test_encoder_reads_the_newest_max_events_within_the_window(encoder):
