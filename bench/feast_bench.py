@@ -7,6 +7,7 @@ import json
 import os
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +50,23 @@ def drop_redis_rows(sink: FeatureSink) -> None:
     keys = list(sink.writer.client.scan_iter(match=b"*" + project))
     if keys:
         sink.writer.client.delete(*keys)
+
+
+def run_per_store(
+    stores: list[str],
+    run_store: Callable[[str], dict],
+    print_table: Callable[[dict, list[str]], None],
+    path: Path,
+    **about: object,
+) -> None:
+    """Run the bench on each store, with the load average before and after, then print its
+    table and write the results (with about: the run's arguments...)."""
+    results: dict = {"load_average_before": os.getloadavg(), **about}
+    for store in stores:
+        results[store] = run_store(store)
+    results["load_average_after"] = os.getloadavg()
+    print_table(results, stores)
+    save_results(results, path)
 
 
 def save_results(results: dict, path: Path) -> None:

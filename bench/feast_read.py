@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
@@ -31,7 +30,7 @@ import requests
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.feast_bench import batches, bench_settings, drop_redis_rows, save_results  # noqa: E402
+from bench.feast_bench import batches, bench_settings, drop_redis_rows, run_per_store  # noqa: E402
 from stream.feast_server import feast_server  # noqa: E402
 from stream.feast_sink import FEATURE_VIEW, FEATURES, FeatureSink, embedding_frame  # noqa: E402
 
@@ -148,14 +147,8 @@ def main() -> None:
     parser.add_argument("--reads", type=int, default=150, help="timed reads per view and size")
     parser.add_argument("--stores", default="redis,sqlite")
     args = parser.parse_args()
-    stores = args.stores.split(",")
-
-    results = {"load_average_before": os.getloadavg()}
-    for store in stores:
-        results[store] = run_store(store, args)
-    results["load_average_after"] = os.getloadavg()
-    print_table(results, stores)
-    save_results(results, RESULTS)
+    run_per_store(args.stores.split(","), lambda store: run_store(store, args), print_table,
+                  RESULTS)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -33,7 +32,7 @@ import pandas as pd
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.feast_bench import batches, bench_settings, drop_redis_rows, save_results  # noqa: E402
+from bench.feast_bench import batches, bench_settings, drop_redis_rows, run_per_store  # noqa: E402
 from stream.feast_sink import FeatureSink, repo_config  # noqa: E402
 
 RESULTS = REPO / "bench" / "results" / "fraud_scorer.json"
@@ -154,14 +153,8 @@ def main() -> None:
     parser.add_argument("--stores", default="redis,sqlite")
     parser.add_argument("--postgres-url", default="postgresql://postgres@127.0.0.1:5432/postgres")
     args = parser.parse_args()
-    stores = args.stores.split(",")
-
-    results: dict = {"load_average_before": os.getloadavg(), "args": vars(args)}
-    for store in stores:
-        results[store] = run_store(store, args)
-    results["load_average_after"] = os.getloadavg()
-    print_table(results, stores)
-    save_results(results, RESULTS)
+    run_per_store(args.stores.split(","), lambda store: run_store(store, args), print_table,
+                  RESULTS, args=vars(args))
 
 
 if __name__ == "__main__":

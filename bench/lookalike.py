@@ -43,7 +43,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.feast_bench import bench_settings, save_results  # noqa: E402
+from bench.feast_bench import bench_settings, run_per_store  # noqa: E402
 from bench.feast_read import PLAIN_VIEW, add_plain_view  # noqa: E402
 from model.config import EMBEDDING_SIZE  # noqa: E402
 from stream.config import Settings  # noqa: E402
@@ -210,14 +210,8 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=200, help="timed queries per path")
     parser.add_argument("--stores", default="sqlite,postgres")
     args = parser.parse_args()
-    stores = args.stores.split(",")
-
-    results: dict = {"load_average_before": os.getloadavg()}
-    for store in stores:
-        results[store] = run_store(store, args)
-    results["load_average_after"] = os.getloadavg()
-    print_table(results, stores)
-    save_results(results, RESULTS)
+    run_per_store(args.stores.split(","), lambda store: run_store(store, args), print_table,
+                  RESULTS)
 
 
 if __name__ == "__main__":
