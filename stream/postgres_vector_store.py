@@ -39,7 +39,7 @@ from psycopg import sql
 from pydantic import field_validator
 
 from stream.feast_sink import POSTGRES_STORE_TYPE
-from stream.sqlite_vector_store import documents, in_feast_entity_order
+from stream.vector_documents import documents, in_feast_entity_order
 
 
 class VectorPostgreSQLOnlineStoreConfig(PostgreSQLOnlineStoreConfig):

@@ -30,13 +30,12 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Sequence
-from datetime import datetime, timezone
+from datetime import datetime
 from functools import cache
 from types import ModuleType
 from typing import Any, Literal
 
 from feast import Entity, FeatureView, RepoConfig
-from feast.infra.key_encoding_utils import deserialize_entity_key
 from feast.infra.online_stores.sqlite import (
     SqliteOnlineStore,
     SqliteOnlineStoreConfig,
@@ -49,6 +48,7 @@ from feast.utils import _get_feature_view_vector_field_metadata
 
 from stream.feast_sink import SQLITE_STORE_TYPE
 from stream.online_writer import float_list_prefix
+from stream.vector_documents import documents
 
 
 class VectorSqliteOnlineStoreConfig(SqliteOnlineStoreConfig):
@@ -179,41 +179,6 @@ class VectorSqliteOnlineStore(SqliteOnlineStore):
         nearest = [(bytes.fromhex(key), distance) for key, distance in nearest]
         rows = _feature_rows(conn, name, [key for key, _ in nearest], requested_features)
         return documents(nearest, rows, config.entity_key_serialization_version)
-
-
-def documents(
-    nearest: list[tuple[bytes, float]], rows: list[tuple[bytes, str, bytes, datetime | None]],
-    version: int,
-) -> list[tuple[datetime | None, EntityKeyProto, dict[str, ValueProto]]]:
-    """What an online store's retrieve_online_documents_v2 returns: per entity key found
-    (serialized, with its distance), its newest event time (UTC), its key, and its
-    features from rows (entity_key, feature_name, serialized Value, event_ts) with
-    "distance" added; in entity order (in_feast_entity_order)."""
-    features: dict[bytes, dict[str, ValueProto]] = {key: {} for key, _ in nearest}
-    newest: dict[bytes, datetime] = {}
-    for key, name, blob, event_ts in rows:
-        features[key][name] = ValueProto.FromString(blob)
-        if event_ts is not None:
-            event_ts = (event_ts.replace(tzinfo=timezone.utc) if event_ts.tzinfo is None
-                        else event_ts.astimezone(timezone.utc))
-            newest[key] = max(newest.get(key, event_ts), event_ts)
-    found = []
-    for key, distance in nearest:
-        features[key]["distance"] = ValueProto(float_val=distance)
-        found.append((newest.get(key), deserialize_entity_key(key, version), features[key]))
-    return in_feast_entity_order(found)
-
-
-def in_feast_entity_order(documents: list[tuple]) -> list[tuple]:
-    """Documents sorted by their entity key's values, the order in which Feast 0.67's
-    FeatureStore.retrieve_online_documents_v2 pairs rows with entities: it sorts the
-    entities (utils._get_unique_entities_from_values) but not the rows, so rows in any
-    other order (nearest first) come back with another entity's features and distance.
-    Readers sort the response by "distance"."""
-    def entity_values(document: tuple) -> tuple:
-        key: EntityKeyProto = document[1]
-        return tuple(getattr(v, v.WhichOneof("val")) for v in key.entity_values)
-    return sorted(documents, key=entity_values)
 
 
 def _create_index(conn: sqlite3.Connection, table: str, field: str, length: int) -> None:
