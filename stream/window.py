@@ -281,6 +281,11 @@ def _checked_record(record: dict) -> tuple[np.ndarray, tuple[int, float, int | N
             f"is not a multiple of {ROW.itemsize}"
         )
     rows = np.frombuffer(events, ROW)
+    if len(record["actions"]) != len(record["properties"]):
+        raise ValueError(
+            f"window of {record['user_id']!r}: {len(record['actions'])} actions "
+            f"for {len(record['properties'])} properties (one of each per symbol)"
+        )
     if len(rows) and int(rows["symbol"].max()) >= len(record["actions"]):
         raise ValueError(
             f"window of {record['user_id']!r} "
