@@ -23,6 +23,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -31,6 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable as benc
 
 from model import Beat, BeatConfig, BeatEncoder, EventBatch, EventWindow, Vocabulary  # noqa: E402
 from model.inference import length_batches  # noqa: E402
+
+if TYPE_CHECKING:
+    from stream.config import Settings
 
 RESULTS = Path(__file__).resolve().parent / "results" / "encoder.json"
 ACTIONS = [f"action_{i}" for i in range(40)]
@@ -158,9 +162,11 @@ def gpu_section(
 
 
 def end_to_end_section(users: int, store: str, threads: int) -> list[dict]:
-    """Windows from a topic through an EncoderWorker (small preset) to the online store and
-    beat.embeddings, against BeatEncoder.encode alone on the same windows (the compute
-    bound); the worker's time per stage says where the rest goes."""
+    """Windows from a topic through an EncoderWorker to the online store and beat.embeddings
+    (on CUDA the default preset, 256 a forward pass; else small, 32), twice on the same
+    topic: decoding the next step's windows ahead (the CUDA default) and not (the CPU's);
+    against BeatEncoder.encode alone on the same windows (the compute bound). The worker's
+    time per stage says where the rest goes."""
     import uuid
 
     from confluent_kafka import Producer
@@ -168,24 +174,25 @@ def end_to_end_section(users: int, store: str, threads: int) -> list[dict]:
     from stream.broker import EmbeddedBroker, ensure_topics, producer_config
     from stream.codec import AvroCodec
     from stream.config import load_settings
-    from stream.encoder_worker import EncoderWorker
-    from stream.feast_sink import FeatureSink
     from stream.window import Window, pack_rows
 
     torch.set_num_threads(threads)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    preset, encode_batch = ("default", 256) if device == "cuda" else ("small", 32)
     rng = np.random.default_rng(2)
-    encoder = make_encoder("small", "cpu", 32, compile=False)
+    encoder = make_encoder(preset, device, encode_batch, compile=False)
     lengths = window_lengths(users, rng, True, encoder.model.config.max_events)
     windows = make_windows(lengths, rng)
     now_ms = int(time.time() * 1000)
     shift = now_ms - max(int(w.event_time_ms[-1]) for w in windows)  # live windows
     run = uuid.uuid4().hex[:8]
+    rows = []
     with EmbeddedBroker() as broker:
         settings = load_settings(
             bootstrap_servers=broker.bootstrap_servers, windows_topic=f"bench.windows.{run}",
             embeddings_topic=f"bench.embeddings.{run}", group_prefix=f"bench-{run}",
             feast_project=f"bench_e2e_{run}", feast_data_dir=Path("/tmp") / f"bench_e2e_{run}",
-            online_store=store, session_timeout_ms=2000,
+            online_store=store, session_timeout_ms=2000, device=device,
         )
         ensure_topics(settings)
         codec, producer = AvroCodec("user_window", settings.windows_topic), Producer(
@@ -193,41 +200,62 @@ def end_to_end_section(users: int, store: str, threads: int) -> list[dict]:
         for i, w in enumerate(windows):
             symbols = sorted(set(zip(w.action.tolist(), w.property.tolist())), key=str)
             index = {pair: k for k, pair in enumerate(symbols)}
-            rows = pack_rows(w.event_time_ms + shift,
-                             np.array([index[p] for p in zip(w.action, w.property)]),
-                             np.arange(len(w), dtype=np.uint32), np.full(len(w), np.nan))
-            window = Window.from_strings(f"u{i:07d}", rows, [a for a, _ in symbols],
+            packed = pack_rows(w.event_time_ms + shift,
+                               np.array([index[p] for p in zip(w.action, w.property)]),
+                               np.arange(len(w), dtype=np.uint32), np.full(len(w), np.nan))
+            window = Window.from_strings(f"u{i:07d}", packed, [a for a, _ in symbols],
                                          [p for _, p in symbols])
             producer.produce(settings.windows_topic, codec.encode(window.to_record(now_ms)),
                              window.user_id.encode())
         producer.flush(30)
-        worker = EncoderWorker(settings, encoder, FeatureSink(settings))
-        thread = threading.Thread(target=worker.run, kwargs={"report_every_s": 1e9}, daemon=True)
-        began = time.perf_counter()
-        thread.start()
-        while worker.stats.users < users:
-            time.sleep(0.05)
-        seconds = time.perf_counter() - began
-        worker.stop()
-        thread.join(30)
+        encoder.encode(windows[:256])  # warm: neither run pays the first forward passes
+        for decode_ahead in (True, False):
+            group = settings.model_copy(update={"group_prefix": f"{settings.group_prefix}-"
+                                                f"{'ahead' if decode_ahead else 'inline'}"})
+            rows.append(worker_run(group, encoder, users, decode_ahead))
+    bound = fastest({"encode": lambda: encoder.encode(windows)}, 1, sync_of(device))["encode"]
+    common = {"device": device, "config": preset, "users": users,
+              "events": int(lengths.sum())}  # fmt: skip
+    for row in rows:
+        row.update(common, events_per_s=common["events"] / row["seconds"])
+    rows.append({**common, "mode": "BeatEncoder.encode alone", "seconds": bound,
+                 "users_per_s": users / bound, "events_per_s": lengths.sum() / bound,
+                 "ms_per_user": 1e3 * bound / users})
+    return rows
+
+
+def worker_run(settings: Settings, encoder: BeatEncoder, users: int, decode_ahead: bool) -> dict:
+    """One EncoderWorker over the topic's users, from the start to the last one written."""
+    from stream.encoder_worker import EncoderWorker
+    from stream.feast_sink import FeatureSink
+
+    worker = EncoderWorker(settings, encoder, FeatureSink(settings), decode_ahead=decode_ahead)
+    thread = threading.Thread(target=worker.run, kwargs={"report_every_s": 1e9}, daemon=True)
+    began = time.perf_counter()
+    thread.start()
+    while worker.stats.users < users:
+        time.sleep(0.05)
+    seconds = time.perf_counter() - began
+    worker.stop()
+    thread.join(30)
     stages = dict(worker.runtime.stages.seconds)
     busy = sum(stages.values())
-    bound = fastest({"encode": lambda: encoder.encode(windows)}, 1, lambda: None)["encode"]
-    row = {
-        "device": "cpu", "config": "small", "mode": f"end-to-end ({store})", "users": users,
-        "events": int(lengths.sum()), "seconds": seconds, "users_per_s": users / seconds,
-        "events_per_s": lengths.sum() / seconds, "ms_per_user": 1e3 * seconds / users,
-        "stage_share": {k: round(v / busy, 3) for k, v in stages.items()},
-        "join_and_idle_s": round(seconds - busy, 2),
-    }
-    model_row = {"device": "cpu", "config": "small", "mode": "BeatEncoder.encode alone",
-                 "users": users, "events": int(lengths.sum()), "seconds": bound,
-                 "users_per_s": users / bound, "events_per_s": lengths.sum() / bound,
-                 "ms_per_user": 1e3 * bound / users}
-    print("end to end, share of the worker's busy time per stage: "
+    mode = (f"end-to-end ({settings.online_store}, "
+            f"{'decode ahead' if decode_ahead else 'decode inline'})")  # fmt: skip
+    row = {"mode": mode, "seconds": seconds, "users_per_s": users / seconds,
+           "ms_per_user": 1e3 * seconds / users,
+           "stage_share": {k: round(v / busy, 3) for k, v in stages.items()},
+           "decode_us_per_user": round(1e6 * stages.get("decode", 0.0) / users, 1),
+           "join_and_idle_s": round(seconds - busy, 2)}  # fmt: skip
+    print(f"{mode}: share of the worker's busy time per stage: "
           + ", ".join(f"{k} {100 * v:.0f} %" for k, v in row["stage_share"].items())
+          + f"; decode {row['decode_us_per_user']} us a user on the worker's thread"
           + f"; group join and waits {row['join_and_idle_s']} s")
-    return [row, model_row]
+    return row
+
+
+def sync_of(device: str) -> Callable[[], None]:
+    return torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
 
 def print_table(rows: list[dict]) -> None:

@@ -85,12 +85,17 @@ def test_bad_events_are_dead_lettered_and_later_events_processed(
                     {"alice": ["alice-0", "alice-4"], "bob": ["bob-5"]}.items()}
 
 
+# decode_ahead: one user a step, each step's successor decoded in a background thread (as
+# on a GPU): a bad window decoded ahead is dead-lettered once, when its step takes it.
+@pytest.mark.parametrize("decode_ahead", [False, True])
 def test_the_encoder_dead_letters_windows_it_cannot_encode(
-    settings: Settings, tmp_path: Path
+    settings: Settings, tmp_path: Path, decode_ahead: bool
 ) -> None:
+    if decode_ahead:
+        settings = settings.model_copy(update={"max_batch": 1})
     init_model_dir(tmp_path / "model", "tiny", ["login"], ["web"], seed=1)
     encoder = BeatEncoder.from_pretrained(tmp_path / "model", device="cpu")
-    worker = EncoderWorker(settings, encoder, FeatureSink(settings))
+    worker = EncoderWorker(settings, encoder, FeatureSink(settings), decode_ahead=decode_ahead)
     now_ms = int(NOW.timestamp() * 1000)
     times = np.array([now_ms - 60_000, now_ms])
     rows = pack_rows(times, np.zeros(2), event_id_hashes(pa.array(["c-1", "c-2"])), np.zeros(2))
@@ -101,6 +106,9 @@ def test_the_encoder_dead_letters_windows_it_cannot_encode(
         (b"dave", codec.encode(Window.empty("dave").to_record(now_ms))),
         (b"erin", codec.encode({**good.to_record(now_ms), "user_id": "erin", "events": bytes(17)})),
         (b"frank", b"\x7bnot a window"),
+        # a symbol's action without its property: once an IndexError that stopped the worker
+        (b"gina", codec.encode({**good.to_record(now_ms), "user_id": "gina", "properties": []})),
+        (b"hank", codec.encode({**good.to_record(now_ms), "user_id": "hank"})),
     ]
     producer = Producer(producer_config(settings))
     for key, value in sends:
@@ -108,18 +116,19 @@ def test_the_encoder_dead_letters_windows_it_cannot_encode(
     producer.flush(10)
 
     with running(worker):
-        dead = read_topic(settings, settings.dead_letter_topic, until=lambda m: len(m) >= 3)
-        published = read_topic(settings, settings.embeddings_topic, until=lambda m: len(m) >= 1)
+        published = read_topic(settings, settings.embeddings_topic, until=lambda m: len(m) >= 2)
+        dead = read_topic(settings, settings.dead_letter_topic, until=lambda m: len(m) >= 4)
 
     reasons = {m.key(): dict(m.headers())["dlq.reason"].decode() for m in dead}
-    assert set(reasons) == {b"dave", b"erin", b"frank"} and len(dead) == 3
+    assert set(reasons) == {b"dave", b"erin", b"frank", b"gina"} and len(dead) == 4
     assert reasons[b"dave"] == "window has no events"
     assert "not a multiple of 16" in reasons[b"erin"]
     assert "not Avro single-object encoded" in reasons[b"frank"]
+    assert reasons[b"gina"].startswith("window of 'gina': 1 actions for 0 properties")
     for message in dead:  # the original bytes, and where they came from
         headers = dict(message.headers())
         assert message.value() == dict(sends)[message.key()]
         assert headers["dlq.topic"].decode() == settings.windows_topic
         assert headers["dlq.partition"] == b"0"
-    assert [m.key() for m in published] == [b"carol"]
-    assert worker.stats.dead_letters == 3
+    assert sorted(m.key() for m in published) == [b"carol", b"hank"]
+    assert worker.stats.dead_letters == 4

@@ -33,8 +33,16 @@ from stream import encoder_worker
 from stream.broker import client_config, producer_config
 from stream.codec import AvroCodec
 from stream.config import Settings
-from stream.encoder_worker import EncoderWorker, Pending, embedding_values, load_worker
+from stream.encoder_worker import (
+    DecodeAhead,
+    EncoderWorker,
+    Pending,
+    decode_window,
+    embedding_values,
+    load_worker,
+)
 from stream.feast_sink import EmbeddingRows, FeatureSink
+from stream.window import Window, pack_rows
 
 from conftest import (
     ACTIONS,
@@ -93,6 +101,44 @@ def test_pending_users_go_oldest_first_and_commits_stop_at_the_oldest_pending_wi
     assert list(pending.users) == [b"b", b"d"] and pending.committable() == {0: 1}
     pending.put_back({b"e": (window_message(1, 5, "e"), 5)})
     assert list(pending.users) == [b"b", b"d"]  # partition 1 is no longer held
+
+
+def test_the_windows_decoded_ahead_are_the_next_steps_and_what_it_would_decode() -> None:
+    codec = AvroCodec("user_window", "beat.windows")
+
+    def window_value(user: str, events: int) -> bytes:
+        times = 1_700_000_000_000 + 1000 * np.arange(events)
+        rows = pack_rows(times, np.arange(events) % 2, np.arange(events), np.full(events, 2.5))
+        window = Window.from_strings(user, rows, ACTIONS[:2], ["web", None])
+        return codec.encode(window.to_record(int(times[-1])))
+
+    def message(offset: int, user: str, value: bytes) -> Message:
+        return Message(topic="beat.windows", partition=0, offset=offset, key=user.encode(),
+                       value=value)
+
+    values = [window_value(f"u{i}", 3 + i) for i in range(4)]
+    pending = Pending()
+    pending.add([message(i, f"u{i}", v) for i, v in enumerate(values)] + [
+        message(4, "bad", b"\x7bnot a window")])
+    pending.take_oldest(1)
+    ahead = DecodeAhead(codec)
+    try:
+        ahead.start(pending.peek_oldest(3))
+        pending.add([message(5, "u2", values[0])])  # u2's newest window: not the one decoded
+        batch, _ = pending.take_oldest(4)
+        decoded = ahead.take()
+    finally:
+        ahead.close()
+    assert sorted(decoded) == [(0, 1), (0, 2), (0, 3)]
+    assert [(m.key(), m.offset()) for m in batch.latest.values()] == [
+        (b"u1", 1), (b"u2", 5), (b"u3", 3), (b"bad", 4)]
+    for (_, offset), (user, window) in decoded.items():
+        again = decode_window(codec, values[offset])
+        assert user == again[0] == f"u{offset}" and len(window) == 3 + offset
+        assert window.event_time_ms.tolist() == again[1].event_time_ms.tolist()
+        assert window.action.tolist() == again[1].action.tolist()
+    assert "not Avro single-object encoded" in decode_window(codec, b"\x7bnot a window")
+    assert ahead.take() == {}  # taken once
 
 
 # Run in a fresh interpreter: in a process that earlier tests filled with threads and freed
