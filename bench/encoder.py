@@ -210,9 +210,10 @@ def end_to_end_section(users: int, store: str, threads: int) -> list[dict]:
         producer.flush(30)
         encoder.encode(windows[:256])  # warm: neither run pays the first forward passes
         for decode_ahead in (True, False):
-            group = settings.model_copy(update={"group_prefix": f"{settings.group_prefix}-"
-                                                f"{'ahead' if decode_ahead else 'inline'}"})
-            rows.append(worker_run(group, encoder, users, decode_ahead))
+            mode = "ahead" if decode_ahead else "inline"
+            rows.append(worker_run(settings.model_copy(update={
+                "group_prefix": f"{settings.group_prefix}-{mode}", "decode_ahead": decode_ahead,
+            }), encoder, users))
     bound = fastest({"encode": lambda: encoder.encode(windows)}, 1, sync_of(device))["encode"]
     common = {"device": device, "config": preset, "users": users,
               "events": int(lengths.sum())}  # fmt: skip
@@ -224,12 +225,12 @@ def end_to_end_section(users: int, store: str, threads: int) -> list[dict]:
     return rows
 
 
-def worker_run(settings: Settings, encoder: BeatEncoder, users: int, decode_ahead: bool) -> dict:
+def worker_run(settings: Settings, encoder: BeatEncoder, users: int) -> dict:
     """One EncoderWorker over the topic's users, from the start to the last one written."""
     from stream.encoder_worker import EncoderWorker
     from stream.feast_sink import FeatureSink
 
-    worker = EncoderWorker(settings, encoder, FeatureSink(settings), decode_ahead=decode_ahead)
+    worker = EncoderWorker(settings, encoder, FeatureSink(settings))
     thread = threading.Thread(target=worker.run, kwargs={"report_every_s": 1e9}, daemon=True)
     began = time.perf_counter()
     thread.start()
@@ -241,7 +242,7 @@ def worker_run(settings: Settings, encoder: BeatEncoder, users: int, decode_ahea
     stages = dict(worker.runtime.stages.seconds)
     busy = sum(stages.values())
     mode = (f"end-to-end ({settings.online_store}, "
-            f"{'decode ahead' if decode_ahead else 'decode inline'})")  # fmt: skip
+            f"{'decode ahead' if settings.decode_ahead else 'decode inline'})")  # fmt: skip
     row = {"mode": mode, "seconds": seconds, "users_per_s": users / seconds,
            "ms_per_user": 1e3 * seconds / users,
            "stage_share": {k: round(v / busy, 3) for k, v in stages.items()},

@@ -242,6 +242,10 @@ class Settings(BaseSettings):
     # Windows per BEAT forward pass: small batches of similar length waste the least
     # padding; on CPU 16-32 measured fastest, on a GPU use hundreds.
     encode_batch: int = Field(32, ge=1)
+    # Decode the next step's windows in a background thread while a step encodes; unset:
+    # on CUDA (the host decodes while the GPU works), not on CPU (the thread takes the
+    # model's CPU: 0.89x measured).
+    decode_ahead: bool | None = None
     max_wait_ms: int = Field(50, ge=0)
     device: str = "cpu"
     # torch CPU threads; 0 lets torch choose. On a CPU shared with other workers, 1 is

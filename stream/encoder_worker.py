@@ -241,13 +241,11 @@ class EncoderWorker:
     """Encodes with one model into one feature view, reading beat.windows as group (default:
     BEAT_GROUP_PREFIX-encoders); with follow, moves to each version made current there.
     Its loop, stop, clients and readiness are the runtime's (stream/runtime.py); it keeps
-    the decode, encode and write stages. decode_ahead (None: when the model is on CUDA)
-    decodes the next step's windows while a step encodes."""
+    the decode, encode and write stages."""
 
     def __init__(
         self, settings: Settings, encoder: BeatEncoder, sink: FeatureSink,
         group: str | None = None, follow: ModelVersions | None = None,
-        decode_ahead: bool | None = None,
     ) -> None:
         self.settings = settings
         self.encoder = encoder
@@ -274,6 +272,7 @@ class EncoderWorker:
         self.stats = EncoderStats()
         self.pending = Pending()  # users read, not encoded yet
         self.in_hand = Batch()  # the batch being processed, for the logs
+        decode_ahead = settings.decode_ahead
         if decode_ahead is None:
             decode_ahead = encoder.device.type == "cuda"
         self.ahead = DecodeAhead(self.window_codec) if decode_ahead else None
@@ -354,16 +353,16 @@ class EncoderWorker:
         self.clock = AsOfClock(self.settings.replay_lag_ms)
         self.runtime.rejoin(group)
 
-    def process(self, batch: Batch) -> bool:
+    def process(self, batch: Batch, upcoming: Batch | None = None) -> bool:
         """Encode, write and publish the batch's users, then commit its offsets. False:
-        given up (stopping, or the partitions moved), nothing committed."""
+        given up (stopping, or the partitions moved), nothing committed. upcoming: the
+        batch that comes next (a backfill's), else the users pending longest."""
         self.in_hand = batch
         self.metrics.batch_messages.observe(batch.messages)
         self.metrics.window_messages.labels(self.encoder.model_version).inc(batch.windows)
         with self.runtime.stage("decode"):
             users = self.decode(batch)
-        if self.ahead and self.pending.users:
-            self.ahead.start(self.pending.peek_oldest(self.settings.max_batch))
+        self.decode_next(upcoming)
         if not self.encode_and_write(users):
             return False
         with self.runtime.stage("commit"):
@@ -393,6 +392,16 @@ class EncoderWorker:
             with self.runtime.stage("publish"):
                 self.publish(rows)
         return True
+
+    def decode_next(self, upcoming: Batch | None = None) -> None:
+        """With decode ahead, start decoding the next step's windows: upcoming's, else those
+        of the users pending longest. Call it after decode() took the last ones."""
+        if not self.ahead:
+            return
+        if upcoming is not None:
+            self.ahead.start(list(upcoming.latest.values()))
+        elif self.pending.users:
+            self.ahead.start(self.pending.peek_oldest(self.settings.max_batch))
 
     def decode(self, batch: Batch) -> Encoded:
         """The batch's newest windows as model inputs (those decoded ahead as they were);

@@ -26,8 +26,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import TypeVar
 
 from confluent_kafka import Message, TopicPartition
 
@@ -37,6 +38,7 @@ from stream.encoder_worker import Batch, EncoderWorker
 from stream.replay import progress_bar
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass
@@ -73,12 +75,24 @@ def latest_windows(
         yield batch
 
 
+def with_next(items: Iterable[T]) -> Iterator[tuple[T, T | None]]:
+    """Each item (never None) with the one after it (None after the last): read one ahead."""
+    iterator = iter(items)
+    current = next(iterator, None)
+    while current is not None:
+        upcoming = next(iterator, None)
+        yield current, upcoming
+        current = upcoming
+
+
 def reencode(
     settings: Settings, worker: EncoderWorker, label: str,
-    handle: Callable[[Batch], None], progress: bool = True,
+    handle: Callable[[Batch, Batch | None], object], progress: bool = True,
 ) -> RefreshSummary:
-    """handle() every batch of newest windows, partition by partition, with a progress bar;
-    the users re-encoded are those the worker wrote meanwhile."""
+    """handle(batch, upcoming) every batch of newest windows, partition by partition, with a
+    progress bar (upcoming: the partition's next batch, read ahead so that a worker that
+    decodes ahead decodes it while this one encodes); the users re-encoded are those the
+    worker wrote meanwhile."""
     began, written = time.monotonic(), worker.stats.users
     topic = settings.windows_topic
     partitions = sorted(worker.consumer.list_topics(topic, timeout=10).topics[topic].partitions)
@@ -89,9 +103,10 @@ def reencode(
     with PartitionReader(settings) as reader, progress_bar(progress, total, label, "users") as bar:
         for number, partition in enumerate(partitions, 1):
             read = 0
-            for batch in latest_windows(reader, topic, partition, settings.max_batch):
+            batches = latest_windows(reader, topic, partition, settings.max_batch)
+            for batch, upcoming in with_next(batches):
                 users += len(batch.latest)
-                handle(batch)
+                handle(batch, upcoming)
                 read = batch.ends[partition] - marks[partition][0]
                 bar(done + read, worker.stats.users - written)
             done += read
@@ -110,8 +125,9 @@ def refresh_idle(
     """Re-encode, as of now, every user whose newest event is more than idle_ms old."""
     cutoff_ms = int(time.time() * 1000) - idle_ms
 
-    def refresh(batch: Batch) -> None:
+    def refresh(batch: Batch, upcoming: Batch | None) -> None:
         users = worker.decode(batch)
+        worker.decode_next(upcoming)
         worker.encode_and_write(
             users.select([w.event_time_ms[-1] < cutoff_ms for w in users.window]), as_of_now=True
         )

@@ -92,10 +92,10 @@ def test_the_encoder_dead_letters_windows_it_cannot_encode(
     settings: Settings, tmp_path: Path, decode_ahead: bool
 ) -> None:
     if decode_ahead:
-        settings = settings.model_copy(update={"max_batch": 1})
+        settings = settings.model_copy(update={"max_batch": 1, "decode_ahead": True})
     init_model_dir(tmp_path / "model", "tiny", ["login"], ["web"], seed=1)
     encoder = BeatEncoder.from_pretrained(tmp_path / "model", device="cpu")
-    worker = EncoderWorker(settings, encoder, FeatureSink(settings), decode_ahead=decode_ahead)
+    worker = EncoderWorker(settings, encoder, FeatureSink(settings))
     now_ms = int(NOW.timestamp() * 1000)
     times = np.array([now_ms - 60_000, now_ms])
     rows = pack_rows(times, np.zeros(2), event_id_hashes(pa.array(["c-1", "c-2"])), np.zeros(2))

@@ -153,7 +153,9 @@ def test_backfill_reads_each_users_newest_window_once_and_commits_the_versions_g
         batches = list(latest_windows(reader, settings.windows_topic, 0, step=2))
     assert [len(b.latest) for b in batches] == [2, 2, 1]  # a step at a time, newest only
     assert batches[-1].ends == {0: 16}  # 15 windows and the seal read
-    done = publish(settings, one, shadow=True, progress=False)
+    # Two users a step, each step's successor decoded while it encodes (as on a GPU).
+    ahead = settings.model_copy(update={"max_batch": 2, "decode_ahead": True})
+    done = publish(ahead, one, shadow=True, progress=False)
 
     assert (done.backfill.users, done.backfill.refreshed) == (9, 9)
     final = feed.final()

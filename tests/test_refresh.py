@@ -30,10 +30,17 @@ def window(user: str, newest_ms: int) -> Window:
     return Window.from_strings(user, rows, ["login"], ["web"])
 
 
-def test_refresh_re_encodes_only_idle_users_as_of_now(settings: Settings, tmp_path: Path) -> None:
+# decode_ahead: a user a step, the second decoded while the first encodes (as on a GPU).
+@pytest.mark.parametrize("decode_ahead", [False, True])
+def test_refresh_re_encodes_only_idle_users_as_of_now(
+    settings: Settings, tmp_path: Path, decode_ahead: bool
+) -> None:
     init_model_dir(tmp_path / "model", "tiny", ["login"], ["web"], seed=1)
     # The tiny preset reads 64 events: the workers' windows must hold as many.
-    settings = settings.model_copy(update={"model_dir": tmp_path / "model", "max_events": 64})
+    settings = settings.model_copy(update={
+        "model_dir": tmp_path / "model", "max_events": 64, "decode_ahead": decode_ahead,
+        "max_batch": 1 if decode_ahead else 1024,
+    })
     ensure_topics(settings)
     now_ms = int(time.time() * 1000)
     quiet, active = window("quiet", now_ms - 10 * DAY_MS), window("active", now_ms - 60_000)
