@@ -171,8 +171,10 @@ def _progress_table(observed: Observed, settings: Settings, phase: str, elapsed_
 def _spawn(args: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen:
     log = open(log_path, "w")
     # Own sessions: a Ctrl-C reaches only the demo, which then stops the children in order.
+    # -P: the working directory stays off sys.path, so a folder there named model/ or
+    # stream/ (`beat model init model`) does not shadow the installed packages.
     return subprocess.Popen(
-        [sys.executable, "-m", "stream.cli", *args],
+        [sys.executable, "-P", "-m", "stream.cli", *args],
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,
