@@ -133,7 +133,8 @@ def soak(args: argparse.Namespace, settings: Settings, workdir: Path) -> tuple[l
         watch = Watch(settings, workers)
         events = SyntheticEvents(n_users=args.users).live(args.rate)
         producer = threading.Thread(
-            target=produce, args=(settings, events, args.rate, args.duration), daemon=True
+            target=produce, args=(settings, events, args.rate, args.duration),
+            kwargs={"live": True}, daemon=True,
         )
         producer.start()
         samples = []

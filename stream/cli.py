@@ -65,7 +65,8 @@ def cmd_produce(args: argparse.Namespace, settings: Settings) -> int:
     check_reachable(settings)
     try:
         batches = _event_batches(args)
-        sent = produce(settings, batches, args.rate, args.duration, args.limit)
+        live = args.synthetic and not args.history_days  # batches stamped with the clock
+        sent = produce(settings, batches, args.rate, args.duration, args.limit, live=live)
     except (ValueError, FileNotFoundError) as err:  # a file that does not fit: said, no traceback
         print(err, file=sys.stderr)
         return 2

@@ -442,7 +442,8 @@ class SyntheticEvents:
     ) -> Iterator[pa.RecordBatch]:
         """An endless stream: one batch per interval_ms of event time, every event in a batch
         stamped with the batch's instant (start, start + interval_ms, ...; start defaults to
-        now), about rate_per_s events per second on average (Poisson per batch).
+        the moment the first batch is drawn), about rate_per_s events per second on average
+        (Poisson per batch).
 
         The generator never sleeps; the caller paces, e.g. sends a batch when the wall clock
         reaches its event_time, so event_time is "now" and freshness can be measured
@@ -455,10 +456,14 @@ class SyntheticEvents:
             raise ValueError(
                 f"live needs rate_per_s > 0 and interval_ms > 0, got {rate_per_s}, {interval_ms}"
             )
-        start_ms = epoch_ms(start if start is not None else datetime.now(UTC))
-        return self._live(rate_per_s, start_ms, interval_ms)
+        return self._live(rate_per_s, start, interval_ms)
 
-    def _live(self, rate_per_s: float, start_ms: int, interval_ms: int) -> Iterator[pa.RecordBatch]:
+    def _live(
+        self, rate_per_s: float, start: datetime | None, interval_ms: int
+    ) -> Iterator[pa.RecordBatch]:
+        # Now is when the first batch is drawn, not when live() was called: a producer that
+        # got ready in between would send every event late by that much.
+        start_ms = epoch_ms(start if start is not None else datetime.now(UTC))
         rng = np.random.default_rng([_LIVE, self.seed & 0xFFFFFFFF, start_ms & 0xFFFFFFFFFFFF])
         id_key = key64(self.seed, _LIVE, start_ms)
         sessions = _OpenSessions(rng, self._persona)
