@@ -463,13 +463,18 @@ class PartitionReader:
 
 
 def read_compacted(
-    settings: Settings, topic: str, partition: int, batch: int = 10_000
+    settings: Settings, topic: str, partition: int, batch: int = 10_000,
+    reader: PartitionReader | None = None,
 ) -> Iterator[dict[bytes, bytes | None]]:
     """A compacted partition from its start to its end, as the newest value per key of each
     consumed batch (None: a tombstone; a later batch overrides an earlier one).
 
-    The end is the consumer's end-of-partition report (see the module docstring).
+    The end is the consumer's end-of-partition report (see the module docstring). With
+    reader, its consumer reads (left open); without, one of its own.
     """
-    with PartitionReader(settings) as reader:
-        for consumed in reader.read(topic, partition, batch=batch):
-            yield {message.key(): message.value() for message in consumed}
+    if reader is None:
+        with PartitionReader(settings) as own:
+            yield from read_compacted(settings, topic, partition, batch, own)
+        return
+    for consumed in reader.read(topic, partition, batch=batch):
+        yield {message.key(): message.value() for message in consumed}

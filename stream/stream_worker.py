@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from confluent_kafka import Consumer, Message, TopicPartition
 
-from stream.broker import SEAL_KEY, dead_letter, read_compacted
+from stream.broker import SEAL_KEY, PartitionReader, dead_letter, read_compacted
 from stream.codec import AvroCodec
 from stream.config import ConfigError, Settings
 from stream.event_columns import EventColumns, EventDecoder
@@ -399,9 +399,15 @@ class StreamWorker:
     # -- partitions come and go ---------------------------------------------------------------
 
     def on_assign(self, partitions: list[TopicPartition]) -> None:
-        for partition in sorted({tp.partition for tp in partitions}):  # of both input topics
-            if partition not in self.stores:
-                self.stores[partition] = self.restore(partition)
+        new = sorted({tp.partition for tp in partitions} - set(self.stores))  # both input topics
+        if not new:
+            return
+        # One reader for them all: a new consumer takes about half a second to fetch its first
+        # record on Tansu (PartitionReader), so a reader per partition made a worker's start
+        # slower by that for each partition it was given.
+        with PartitionReader(self.settings) as reader:
+            for partition in new:
+                self.stores[partition] = self.restore(partition, reader)
 
     def on_revoke(self, partitions: list[TopicPartition]) -> None:
         # Finish and commit what was taken from the partitions before they move.
@@ -420,14 +426,14 @@ class StreamWorker:
             if store is not None:
                 store.close()
 
-    def restore(self, partition: int) -> PartitionStore:
+    def restore(self, partition: int, reader: PartitionReader) -> PartitionStore:
         """A store holding the latest window of every user of the partition, read from
         beat.windows to its end."""
         settings = self.settings
         store = open_store(
             settings.state_store, settings.data_dir, settings.stream_group, partition
         )
-        for latest in read_compacted(settings, settings.windows_topic, partition):
+        for latest in read_compacted(settings, settings.windows_topic, partition, reader=reader):
             for key in [k for k, v in latest.items() if v is None]:  # tombstones and seals
                 store.delete(key)
                 del latest[key]
