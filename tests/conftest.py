@@ -59,6 +59,20 @@ def apache_kafka() -> Iterator[str | None]:
         yield kafka.get_bootstrap_server()
 
 
+@contextmanager
+def embedded_broker() -> Iterator[EmbeddedBroker]:
+    """An EmbeddedBroker for a test, killed at the end: its storage is memory, so there is
+    nothing to save, and a graceful stop waits a second for the test's clients that are still
+    connected (EmbeddedBroker.stop) before it kills anyway."""
+    broker = EmbeddedBroker().start()
+    try:
+        yield broker
+    finally:
+        if broker._process.poll() is None:
+            broker._process.kill()
+        broker._process.wait()
+
+
 @pytest.fixture
 def bootstrap_servers(apache_kafka: str | None) -> Iterator[str]:
     """The broker under test, in this order: KAFKA_BOOTSTRAP_SERVERS, Apache Kafka in
@@ -70,7 +84,7 @@ def bootstrap_servers(apache_kafka: str | None) -> Iterator[str]:
     if shared:
         yield shared
         return
-    with EmbeddedBroker() as broker:
+    with embedded_broker() as broker:
         yield broker.bootstrap_servers
 
 

@@ -30,12 +30,12 @@ import requests
 import yaml
 from confluent_kafka import Producer
 
-from stream.broker import EmbeddedBroker, producer_config
+from stream.broker import producer_config
 from stream.config import REPO_ROOT, load_settings
 from stream.feast_server import free_port
 from stream.model_versions import CURRENT_SERVICE
 
-from conftest import read_topic, wait_for
+from conftest import embedded_broker, read_topic, wait_for
 
 DOCKER = REPO_ROOT / "docker"
 COMPOSE = DOCKER / "compose.yaml"
@@ -156,7 +156,7 @@ def host_stack(tmp_path: Path, redis_url: str) -> Iterator[HostStack]:
         psycopg.connect(POSTGRES_URL, connect_timeout=2).close()
     except psycopg.OperationalError as err:
         pytest.skip(f"no PostgreSQL on 127.0.0.1:5432: {err}")
-    with EmbeddedBroker() as broker:
+    with embedded_broker() as broker:
         stack = HostStack(tmp_path, broker.bootstrap_servers)
         try:
             yield stack

@@ -25,7 +25,15 @@ from stream.config import Settings
 from stream.producer import EventProducer, produce
 from stream.synthetic import SyntheticEvents
 
-from conftest import ACTIONS, REPO, WindowFeed, read_topic, stream_worker, wait_for
+from conftest import (
+    ACTIONS,
+    REPO,
+    WindowFeed,
+    embedded_broker,
+    read_topic,
+    stream_worker,
+    wait_for,
+)
 
 pytestmark = pytest.mark.skipif(
     bool(os.environ.get("KAFKA_BOOTSTRAP_SERVERS")), reason="freezes and kills a broker of its own"
@@ -34,10 +42,8 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture
 def broker() -> Iterator[EmbeddedBroker]:
-    with EmbeddedBroker() as embedded:
+    with embedded_broker() as embedded:  # killed at the end, frozen or not
         yield embedded
-        if embedded._process and embedded._process.poll() is None:
-            embedded._process.send_signal(signal.SIGCONT)  # a frozen one, to stop it
 
 
 @pytest.fixture
