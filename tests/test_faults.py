@@ -203,12 +203,36 @@ def test_a_fatal_client_error_ends_the_worker_at_once_with_code_3(
     group.close()
 
 
-@pytest.mark.parametrize("command", [["topics"], ["stream"]])
-def test_commands_against_a_closed_port_fail_in_one_line(command: list[str]) -> None:
+CLOSED_PORT_COMMANDS = [["topics"], ["stream"]]
+
+
+@pytest.fixture(scope="module")
+def against_a_closed_port() -> dict[str, tuple[int, str]]:
+    """Each command's exit code and stderr against a closed port. They run side by side: each
+    waits out the reachability check's 10 s, and waiting is all they do."""
     env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{_free_port()}"}
-    done = subprocess.run([sys.executable, "-m", "stream.cli", *command], env=env, cwd=REPO,
-                          capture_output=True, text=True, timeout=60)  # fmt: skip
-    assert done.returncode == 3
-    lines = done.stderr.strip().splitlines()
+    processes = {
+        " ".join(command): subprocess.Popen(
+            [sys.executable, "-m", "stream.cli", *command], env=env, cwd=REPO,
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        for command in CLOSED_PORT_COMMANDS
+    }
+    done = {}
+    for name, process in processes.items():
+        try:
+            _, stderr = process.communicate(timeout=60)
+        finally:
+            process.kill()
+        done[name] = (process.returncode, stderr)
+    return done
+
+
+@pytest.mark.parametrize("command", CLOSED_PORT_COMMANDS)
+def test_commands_against_a_closed_port_fail_in_one_line(
+    command: list[str], against_a_closed_port: dict[str, tuple[int, str]]
+) -> None:
+    returncode, stderr = against_a_closed_port[" ".join(command)]
+    assert returncode == 3
+    lines = stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("cannot reach the Kafka broker at 127.0.0.1:")
     assert "check KAFKA_BOOTSTRAP_SERVERS" in lines[0]
