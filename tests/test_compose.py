@@ -121,8 +121,12 @@ class HostStack:
 
     def run(self, name: str, service: dict, command: list[str] | None = None) -> None:
         """A one-shot service (or `docker compose run`), to completion."""
-        process = self.start(name, service, command)
-        assert process.wait(300) == 0, self.log(name)
+        self.start(name, service, command)
+        self.completed(name)
+
+    def completed(self, name: str) -> None:
+        """A started one-shot service, waited for: it must succeed."""
+        assert self.processes[name].wait(300) == 0, self.log(name)
         del self.processes[name]
 
     def healthy(self, name: str, service: dict) -> bool:
@@ -184,11 +188,13 @@ def test_the_compose_services_run_as_host_processes_from_events_to_the_feature_s
 ) -> None:
     services = compose_services()
     stack = host_stack
-    stack.run("topics", services["topics"])
+    stack.start("topics", services["topics"])
     # The operator's step: a model from the trainer (untrained here: training is not the point),
-    # published with the trainer's command into the volume the encoder reads.
+    # published with the trainer's command into the volume the encoder reads. The model is made
+    # while the topics are (nothing in between), the trainer waits for them as in the file.
     subprocess.run([BIN / "beat", "model", "init", tmp_path / "volumes/runs/model", "--synthetic"],
                    check=True, capture_output=True)
+    stack.completed("topics")
     stack.run("trainer", services["trainer"], ["model", "publish", "/data/runs/model"])
 
     replicas = int(with_defaults(str(services["stream-worker"]["deploy"]["replicas"])))
@@ -298,11 +304,12 @@ def test_the_serving_image_needs_nothing_of_the_training_extra() -> None:
         "sys.meta_path.insert(0, Block())\n"
     )
     imports = "".join(f"import {module}\n" for module in SERVING_MODULES)
-    subprocess.run([sys.executable, "-c", blocker + imports], check=True, cwd=REPO_ROOT)
-    done = subprocess.run(
+    serving = subprocess.Popen([sys.executable, "-c", blocker + imports], cwd=REPO_ROOT)
+    done = subprocess.run(  # while the serving modules import
         [sys.executable, "-c", blocker + "from stream.cli import main; sys.exit(main())",
          "pretrain", "--out", "/tmp/never", "--sequences", "/tmp/none.parquet"],
         capture_output=True, text=True, cwd=REPO_ROOT,
     )
+    assert serving.wait(300) == 0
     assert done.returncode == 2
     assert "pip install 'beatstream[train]'" in done.stderr
