@@ -244,7 +244,7 @@ def train_command(sequences_file: Path, out: Path, steps: int, *extra: str) -> l
 def test_a_run_killed_after_a_checkpoint_resumes_to_exactly_the_uninterrupted_weights(
     sequences, tmp_path
 ):
-    steps = 60  # the kill lands around step 5, well before the end
+    steps = 30  # the kill lands around step 5, well before the end
     path = tmp_path / "sequences.parquet"
     write_sequences(sequences, path)
     straight = tmp_path / "straight"
