@@ -20,10 +20,24 @@ REPO = Path(__file__).resolve().parent.parent
 
 def beat(data_dir: Path, *args: str) -> subprocess.CompletedProcess:
     """A `beat` command in a process of its own, as a newcomer types it: no Kafka setting."""
+    return in_background(data_dir, *args).finished()
+
+
+class Started(subprocess.Popen):
+    """A `beat` command started; finished() waits for it as subprocess.run would."""
+
+    def finished(self) -> subprocess.CompletedProcess:
+        stdout, stderr = self.communicate(timeout=120)
+        return subprocess.CompletedProcess(self.args, self.returncode, stdout, stderr)
+
+
+def in_background(data_dir: Path, *args: str) -> Started:
+    """beat(), not waited for: a command that runs while another does (each spends a second or
+    two importing; the pairs run side by side do not depend on each other)."""
     env = {name: value for name, value in os.environ.items() if not name.startswith("KAFKA_")}
     env.update(BEAT_DATA_DIR=str(data_dir), OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    return subprocess.run([sys.executable, "-m", "stream.cli", *args], env=env, cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
+    return Started([sys.executable, "-m", "stream.cli", *args], env=env, cwd=REPO,
+                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 @pytest.mark.broker
@@ -39,12 +53,14 @@ def test_produce_then_pretrain_in_separate_commands(tmp_path: Path) -> None:
                         "--seed", "3")
         assert produced.returncode == 0, produced.stderr
         out = tmp_path / "run"
-        pretrained = beat(data, "pretrain", "--out", str(out), "--preset", "tiny", "--steps", "2",
-                          "--batch-size", "8", "--warmup-steps", "1", "--checkpoint-every", "2")
+        pretraining = in_background(data, "pretrain", "--out", str(out), "--preset", "tiny",
+                                    "--steps", "2", "--batch-size", "8", "--warmup-steps", "1",
+                                    "--checkpoint-every", "2")
+        status = beat(data, "broker", "status")  # while pretrain reads the broker
+        pretrained = pretraining.finished()
         assert pretrained.returncode == 0, pretrained.stderr
         report = json.loads((out / "report.json").read_text())
         assert report["load"]["events"] == int(produced.stdout.split()[1])
-        status = beat(data, "broker", "status")
         assert status.returncode == 0 and record["bootstrap_servers"] in status.stdout
     finally:
         stopped = beat(data, "broker", "stop")
@@ -62,10 +78,11 @@ def test_a_broker_that_died_is_said_with_the_fix(tmp_path: Path) -> None:
     pid = json.loads((data / "broker.json").read_text())["pid"]
     os.kill(pid, signal.SIGKILL)
     time.sleep(0.2)
-    produced = beat(data, "produce", "--synthetic", "--users", "5", "--history-days", "1")
+    producing = in_background(data, "produce", "--synthetic", "--users", "5", "--history-days", "1")
+    assert beat(data, "broker", "status").returncode == 1  # both only read the record
+    produced = producing.finished()
     assert produced.returncode == 2
     assert "not running" in produced.stderr and "beat broker start" in produced.stderr
-    assert beat(data, "broker", "status").returncode == 1
     forgot = beat(data, "broker", "stop")
     assert forgot.returncode == 0 and "not running" in forgot.stdout
     assert not (data / "broker.json").exists()
