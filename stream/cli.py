@@ -377,9 +377,9 @@ def cmd_model_info(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from model.config import PRESETS, BeatConfig
-    from model.pretraining import PretrainConfig
-    from model.train import TrainConfig, add_options
+    from model.config import PRESETS, BeatConfig  # these three import no torch
+    from model.pretrain_config import PretrainConfig
+    from model.train_config import TrainConfig, add_options
 
     parser = argparse.ArgumentParser(
         prog="beat", description="beatstream: fresh BEAT user embeddings in Feast"

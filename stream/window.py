@@ -40,7 +40,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from model.batch import EventWindow
+from model.event_window import EventWindow
 from stream.avro_binary import (
     write_array,
     write_double,
