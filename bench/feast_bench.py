@@ -52,6 +52,16 @@ def drop_redis_rows(sink: FeatureSink) -> None:
         sink.writer.client.delete(*keys)
 
 
+def drop_postgres_schema(settings: Settings, url: str | None = None) -> None:
+    """Drop the PostgreSQL schema of the run's Feast project (its history or online rows);
+    url: the server, else BEAT_POSTGRES_URL."""
+    import psycopg
+
+    url = url or settings.postgres_url.get_secret_value()
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(f'DROP SCHEMA IF EXISTS "{settings.feast_project}" CASCADE')
+
+
 def run_per_store(
     stores: list[str],
     run_store: Callable[[str], dict],

@@ -30,7 +30,7 @@ import pandas as pd
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.feast_bench import save_results  # noqa: E402
+from bench.feast_bench import drop_postgres_schema, save_results  # noqa: E402
 from bench.feast_write import rate  # noqa: E402
 from stream.config import load_settings  # noqa: E402
 from stream.feast_sink import EmbeddingRows, FeatureSink  # noqa: E402
@@ -149,10 +149,7 @@ def main() -> None:
             "feast get_historical_features": feast_join(sink, entities),
         }
     finally:
-        import psycopg
-
-        with psycopg.connect(args.postgres_url, autocommit=True) as conn:
-            conn.execute(f"DROP SCHEMA IF EXISTS {settings.feast_project} CASCADE")
+        drop_postgres_schema(settings, args.postgres_url)
     results["load_average_after"] = os.getloadavg()
     report(results)
 

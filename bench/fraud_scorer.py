@@ -32,7 +32,13 @@ import pandas as pd
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.feast_bench import batches, bench_settings, drop_redis_rows, run_per_store  # noqa: E402
+from bench.feast_bench import (  # noqa: E402
+    batches,
+    bench_settings,
+    drop_postgres_schema,
+    drop_redis_rows,
+    run_per_store,
+)
 from stream.feast_sink import FeatureSink, repo_config  # noqa: E402
 
 RESULTS = REPO / "bench" / "results" / "fraud_scorer.json"
@@ -120,14 +126,7 @@ def run_store(store: str, args: argparse.Namespace) -> dict:
         if store == "redis":
             drop_redis_rows(sink)
         sink.history.close()
-        drop_history(settings)
-
-
-def drop_history(settings: object) -> None:
-    import psycopg
-
-    with psycopg.connect(settings.postgres_url.get_secret_value(), autocommit=True) as conn:
-        conn.execute(f"DROP SCHEMA IF EXISTS {settings.feast_project} CASCADE")
+        drop_postgres_schema(settings)
 
 
 def print_table(results: dict, stores: list[str]) -> None:

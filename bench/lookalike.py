@@ -43,7 +43,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.feast_bench import bench_settings, run_per_store  # noqa: E402
+from bench.feast_bench import bench_settings, drop_postgres_schema, run_per_store  # noqa: E402
 from bench.feast_read import PLAIN_VIEW, add_plain_view  # noqa: E402
 from model.config import EMBEDDING_SIZE  # noqa: E402
 from stream.config import Settings  # noqa: E402
@@ -181,10 +181,7 @@ def remove_rows(settings: Settings) -> None:
     """The run's sqlite file (1.6 GB at 100,000 users) and PostgreSQL schema."""
     shutil.rmtree(settings.feast_data_dir, ignore_errors=True)
     if settings.online_store == "postgres":
-        import psycopg
-
-        with psycopg.connect(settings.postgres_url.get_secret_value(), autocommit=True) as conn:
-            conn.execute(f'DROP SCHEMA IF EXISTS "{settings.feast_project}" CASCADE')
+        drop_postgres_schema(settings)
 
 
 def print_table(results: dict, stores: list[str]) -> None:
